@@ -1,0 +1,3 @@
+from ms_diffusion.diffusion.gaussian import GaussianDiffusion
+
+__all__ = ["GaussianDiffusion"]

@@ -1,0 +1,3 @@
+from ms_diffusion.models.unet import Unet
+
+__all__ = ["Unet"]

@@ -1,0 +1,136 @@
+"""Attention: one dispatch function and the two lucidrains attention layers.
+
+``attention(q, k, v, scale, use_flash)`` is the only place softmax attention is computed.
+On Ascend with ``use_flash`` it calls the fused ``flash_attention_score`` kernel (fp16/bf16);
+everywhere else (CPU, GPU, or flash not requested) a batched matmul + float32 softmax.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ms_diffusion.nn.layers import cast_like, conv2d, to_float32
+from ms_diffusion.nn.norms import ChannelLayerNorm, GroupNorm, RMSNorm
+
+__all__ = ["attention", "flash_attention_available", "Attention", "LinearAttention", "make_channel_norm"]
+
+def flash_attention_available(head_dim: int) -> bool:
+    """True when the Ascend fused kernel can run attention with this head size here."""
+    try:
+        device = ms.get_context("device_target")
+    except Exception:
+        return False
+    return device == "Ascend" and head_dim % 16 == 0 and head_dim <= 256
+
+
+def attention(q, k, v, scale: float, use_flash: bool = False):
+    """softmax(q k^T * scale) v.  q: (B, H, N, D), k/v: (B, H, M, D) -> (B, H, N, D)."""
+    if use_flash:
+        head_num = q.shape[1]
+        dtype = q.dtype if q.dtype in (ms.float16, ms.bfloat16) else ms.float16
+        out = ops.flash_attention_score(q.astype(dtype), k.astype(dtype), v.astype(dtype), head_num,
+                                        scalar_value=scale, input_layout="BNSD")
+        return cast_like(out, q)
+    sim = ops.matmul(q, k.swapaxes(-1, -2))
+    attn = ops.softmax(to_float32(sim) * scale, axis=-1)
+    return ops.matmul(cast_like(attn, v), v)
+
+
+def make_channel_norm(kind: Optional[str], dim: int) -> nn.Cell:
+    """``"rms"`` RMSNorm, ``"group"`` GroupNorm(1, dim), ``"layer"`` channel LayerNorm, None: no norm."""
+    if kind == "rms":
+        return RMSNorm(dim)
+    if kind == "group":
+        return GroupNorm(1, dim)
+    if kind == "layer":
+        return ChannelLayerNorm(dim)
+    raise ValueError(f"unknown norm {kind!r}; choose rms, group or layer")
+
+
+class Attention(nn.Cell):
+    """Multi-head self-attention over the pixels, with learned memory key/values.
+
+    (B, C, H, W) -> (B, C, H, W); the caller adds the residual. ``norm`` is applied to the input
+    ("rms": lucidrains; "group": the MindSpore tutorial's PreNorm). ``num_mem_kv=0`` disables
+    the memory slots (tutorial).
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, num_mem_kv: int = 4,
+                 flash: bool = False, norm: str = "rms"):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head ** -0.5
+        hidden = dim_head * heads
+        self.norm = make_channel_norm(norm, dim)
+        self.num_mem_kv = num_mem_kv
+        if num_mem_kv > 0:
+            self.mem_kv = Parameter(Tensor(np.random.randn(2, heads, num_mem_kv, dim_head).astype(np.float32)),
+                                    name="mem_kv")
+        self.to_qkv = conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = conv2d(hidden, dim, 1)
+        self.use_flash = bool(flash) and flash_attention_available(dim_head)
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        n = h * w
+        qkv = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.dim_head, n)
+        q = qkv[:, 0].swapaxes(-1, -2)  # (b, heads, n, d)
+        k = qkv[:, 1].swapaxes(-1, -2)
+        v = qkv[:, 2].swapaxes(-1, -2)
+        if self.num_mem_kv > 0:
+            mem = cast_like(self.mem_kv, x)
+            mk = ops.broadcast_to(mem[0][None], (b, self.heads, self.num_mem_kv, self.dim_head))
+            mv = ops.broadcast_to(mem[1][None], (b, self.heads, self.num_mem_kv, self.dim_head))
+            k = ops.cat((mk, k), axis=2)
+            v = ops.cat((mv, v), axis=2)
+        out = attention(q, k, v, self.scale, self.use_flash)  # (b, heads, n, d)
+        out = out.swapaxes(-1, -2).reshape(b, self.heads * self.dim_head, h, w)
+        return self.to_out(out)
+
+
+class LinearAttention(nn.Cell):
+    """Linear attention (Shen et al.): softmax over features for q, over positions for k.
+
+    (B, C, H, W) -> (B, C, H, W); the caller adds the residual. lucidrains form by default;
+    the MindSpore tutorial's form is ``norm="group", num_mem_kv=0, out_norm="layer",
+    scale_v_by_positions=True``.
+    """
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, num_mem_kv: int = 4,
+                 norm: str = "rms", out_norm: str = "rms", scale_v_by_positions: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.dim_head = dim_head
+        self.scale = dim_head ** -0.5
+        hidden = dim_head * heads
+        self.norm = make_channel_norm(norm, dim)
+        self.num_mem_kv = num_mem_kv
+        if num_mem_kv > 0:
+            self.mem_kv = Parameter(Tensor(np.random.randn(2, heads, dim_head, num_mem_kv).astype(np.float32)),
+                                    name="mem_kv")
+        self.to_qkv = conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.SequentialCell([conv2d(hidden, dim, 1), make_channel_norm(out_norm, dim)])
+        self.scale_v_by_positions = scale_v_by_positions
+
+    def construct(self, x):
+        b, _, h, w = x.shape
+        n = h * w
+        qkv = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.dim_head, n)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (b, heads, d, n)
+        if self.num_mem_kv > 0:
+            mem = cast_like(self.mem_kv, x)
+            mk = ops.broadcast_to(mem[0][None], (b, self.heads, self.dim_head, self.num_mem_kv))
+            mv = ops.broadcast_to(mem[1][None], (b, self.heads, self.dim_head, self.num_mem_kv))
+            k = ops.cat((mk, k), axis=-1)
+            v = ops.cat((mv, v), axis=-1)
+        q = cast_like(ops.softmax(to_float32(q), axis=-2), x) * self.scale
+        k = cast_like(ops.softmax(to_float32(k), axis=-1), x)
+        if self.scale_v_by_positions:
+            v = v / n
+        context = ops.matmul(k, v.swapaxes(-1, -2))          # (b, heads, d, e)
+        out = ops.matmul(context.swapaxes(-1, -2), q)        # (b, heads, e, n)
+        return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))

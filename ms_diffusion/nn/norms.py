@@ -1,0 +1,84 @@
+"""Normalisations over the channel axis of NCHW tensors, computed in float32.
+
+Parameters follow MindSpore's names where MindSpore has the layer (``gamma``/``beta`` for
+GroupNorm) and lucidrains' ``g`` for RMSNorm / channel LayerNorm.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ms_diffusion.nn.layers import cast_like, to_float32
+
+__all__ = ["RMSNorm", "ChannelLayerNorm", "GroupNorm"]
+
+
+class RMSNorm(nn.Cell):
+    """x / max(||x||_2 over C, 1e-12) * g * sqrt(C) (lucidrains). (B, C, H, W) -> same."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.scale = float(dim) ** 0.5
+        self.g = Parameter(Tensor(np.ones((1, dim, 1, 1), np.float32)), name="g")
+
+    def construct(self, x):
+        h = to_float32(x)
+        # max(||x||, 1e-12) == sqrt(max(||x||^2, 1e-24)), as torch.nn.functional.normalize
+        inv = ops.rsqrt(ops.maximum((h * h).sum(axis=1, keepdims=True), 1e-24))
+        return cast_like(h * inv * (self.g * self.scale), x)
+
+
+class ChannelLayerNorm(nn.Cell):
+    """(x - mean_C) / sqrt(var_C + eps) * g (+ b); biased variance. (B, C, H, W) -> same."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.g = Parameter(Tensor(np.ones((1, dim, 1, 1), np.float32)), name="g")
+        self.has_bias = bias
+        if bias:
+            self.b = Parameter(Tensor(np.zeros((1, dim, 1, 1), np.float32)), name="b")
+
+    def construct(self, x):
+        h = to_float32(x)
+        mean = h.mean(axis=1, keep_dims=True)
+        d = h - mean
+        var = (d * d).mean(axis=1, keep_dims=True)
+        out = d * ops.rsqrt(var + self.eps) * self.g
+        if self.has_bias:
+            out = out + self.b
+        return cast_like(out, x)
+
+
+class GroupNorm(nn.Cell):
+    """torch.nn.GroupNorm semantics on (B, C, *spatial), in float32; params ``gamma``/``beta``.
+
+    Written with reductions rather than MindSpore's GroupNorm kernel: same math, and on CPU
+    the reductions are several times faster (see bench/ops_profile.py).
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.gamma = Parameter(Tensor(np.ones((num_channels,), np.float32)), name="gamma")
+            self.beta = Parameter(Tensor(np.zeros((num_channels,), np.float32)), name="beta")
+
+    def construct(self, x):
+        h = to_float32(x)
+        shape = h.shape
+        g = h.reshape(shape[0], self.num_groups, -1)
+        mean = g.mean(axis=2, keep_dims=True)
+        d = g - mean
+        var = (d * d).mean(axis=2, keep_dims=True)
+        out = (d * ops.rsqrt(var + self.eps)).reshape(shape)
+        if self.affine:
+            bshape = (1, self.num_channels) + (1,) * (len(shape) - 2)
+            out = out * self.gamma.reshape(bshape) + self.beta.reshape(bshape)
+        return cast_like(out, x)

@@ -1,0 +1,57 @@
+"""Load the PyTorch anchors for parity tests without their heavy package-level imports.
+
+denoising-diffusion-pytorch's package ``__init__`` imports its Trainer stack (torchvision, accelerate,
+pytorch_fid). Its ``Unet`` / ``GaussianDiffusion`` module needs only torch, einops, scipy and
+ema-pytorch, so we stub the Trainer-only modules and load that one file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+
+def _stub(name: str, **attrs) -> None:
+    if name in sys.modules:
+        return
+    try:
+        importlib.import_module(name)
+        return
+    except Exception:
+        pass
+    mod = types.ModuleType(name)
+    for key, value in attrs.items():
+        setattr(mod, key, value)
+    sys.modules[name] = mod
+
+
+def lucidrains():
+    """The ``denoising_diffusion_pytorch.denoising_diffusion_pytorch`` module (skips if not installed)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("einops")
+    spec = importlib.util.find_spec("denoising_diffusion_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("denoising-diffusion-pytorch is not installed")
+    root = Path(list(spec.submodule_search_locations)[0])
+    name = "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
+    if name in sys.modules:
+        return sys.modules[name]
+    _stub("torchvision", transforms=types.SimpleNamespace(), utils=types.SimpleNamespace())
+    _stub("accelerate", Accelerator=object)
+    _stub("ema_pytorch", EMA=object)
+    pkg = types.ModuleType("denoising_diffusion_pytorch")
+    pkg.__path__ = [str(root)]
+    sys.modules.setdefault("denoising_diffusion_pytorch", pkg)
+    for sub in ("version", "attend", "denoising_diffusion_pytorch"):
+        full = f"denoising_diffusion_pytorch.{sub}"
+        if full in sys.modules:
+            continue
+        s = importlib.util.spec_from_file_location(full, root / f"{sub}.py")
+        module = importlib.util.module_from_spec(s)
+        sys.modules[full] = module
+        s.loader.exec_module(module)
+    torch.set_num_threads(2)
+    return sys.modules[name]
