@@ -104,12 +104,18 @@ def make_beta_schedule(name: str, timesteps: int, **kwargs) -> np.ndarray:
         raise ValueError(f"timesteps must be a positive integer, got {timesteps!r}")
     fn = BETA_SCHEDULES[name]
     try:
-        return fn(int(timesteps), **kwargs)
+        betas = fn(int(timesteps), **kwargs)
     except TypeError as err:
         import inspect
         allowed = [p for p in inspect.signature(fn).parameters if p != "timesteps"]
         raise ValueError(f"bad parameters {sorted(kwargs)} for beta schedule {name!r}; "
                          f"it takes {allowed}") from err
+    if not (np.all(betas > 0) and np.all(betas < 1)):
+        hint = (" (lucidrains' 'linear' scales betas by 1000/T, so it needs T > 20; use 'sqrt_linear' for "
+                "unscaled betas)" if name == "linear" else "")
+        raise ValueError(f"beta schedule {name!r} with T={timesteps} and {kwargs or 'default parameters'} gives "
+                         f"betas in [{betas.min():.4g}, {betas.max():.4g}], outside (0, 1){hint}")
+    return betas
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:

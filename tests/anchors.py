@@ -32,13 +32,13 @@ def lucidrains():
     """The ``denoising_diffusion_pytorch.denoising_diffusion_pytorch`` module (skips if not installed)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("einops")
+    name = "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.find_spec("denoising_diffusion_pytorch")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("denoising-diffusion-pytorch is not installed")
     root = Path(list(spec.submodule_search_locations)[0])
-    name = "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
-    if name in sys.modules:
-        return sys.modules[name]
     _stub("torchvision", transforms=types.SimpleNamespace(), utils=types.SimpleNamespace())
     _stub("accelerate", Accelerator=object)
     _stub("ema_pytorch", EMA=object)

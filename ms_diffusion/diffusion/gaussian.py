@@ -212,9 +212,11 @@ class GaussianDiffusion(nn.Cell):
                 - self._extract(self.sqrt_recipm1_alphas_cumprod, t, nd) * noise)
 
     def predict_noise_from_start(self, x_t, t, x0):
+        # (x_t - sqrt(abar) x0) / sqrt(1 - abar): equal to lucidrains' (x_t / sqrt(abar) - x0) /
+        # sqrt(1 / abar - 1) but finite at zero terminal SNR (abar = 0)
         nd = x_t.ndim
-        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, nd) * x_t - x0)
-                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, nd))
+        return ((x_t - self._extract(self.sqrt_alphas_cumprod, t, nd) * x0)
+                / self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd))
 
     def predict_v(self, x_start, t, noise):
         nd = x_start.ndim

@@ -41,7 +41,8 @@ def ddim_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np
     x0 = None
     for i, (t, tp) in enumerate(tqdm(list(zip(ts, prev)), desc="DDIM", disable=not progress, leave=False)):
         t, tp = int(t), int(tp)
-        eps, x0 = denoise(x, t, x0 if self_condition else None)
+        out = denoise(x, t, x0 if self_condition else None)
+        eps, x0 = out[0], out[1]
         alpha_prev = float(abar[tp]) if tp >= 0 else float(final_alpha_cumprod)
         a, c, sigma = ddim_coefficients(float(abar[t]), alpha_prev, eta)
         x = a * x0 + c * eps
