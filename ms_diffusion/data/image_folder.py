@@ -1,0 +1,197 @@
+"""A folder of image files (recursive), optionally with one subfolder per class.
+
+Layout and labels:
+
+* images under class subfolders ``root/<class>/**/*.png`` -> labels are the indices of the sorted
+  class-folder names (``num_classes`` = number of such folders);
+* images directly in ``root`` (a "flat" folder, possibly with more images in subfolders) -> no
+  labels: every label is 0 and ``num_classes`` is None.
+
+Extensions .jpg .jpeg .png .bmp .tif .tiff (any case); names starting with "." are ignored. Any PIL
+mode (gray, RGB, RGBA, palette, 16-bit, CMYK) is converted to the requested channels.
+
+Every file is decoded once up front by ``DecodeImage`` -- the very function the pipeline decodes
+with (PIL) -- so a file that passes the scan cannot fail later and a damaged file is found before
+training starts, never mid-epoch (see ``transforms`` for why not MindSpore's C++ decoder). Unusable files (undecodable, or smaller than
+``image_size`` in either dimension) raise one ``BadDataError`` listing them, or with
+``skip_bad=True`` are left out and counted.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+import mindspore.dataset as ds
+import mindspore.dataset.vision as vision
+
+from ms_diffusion.data.source import BadDataError, DataNotFoundError, ImageSource, PathLike, resolve_workers
+from ms_diffusion.data.transforms import DecodeImage, Size, SizeLike, as_channels, as_size, resize_crop_ops
+
+__all__ = ["ImageFolderSource", "scan_image_folder", "FolderScan", "IMAGE_EXTENSIONS", "DEFAULT_FOLDER_IMAGE_SIZE"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: ``image_size`` when the caller gives none.
+DEFAULT_FOLDER_IMAGE_SIZE = 64
+_LISTED = 10  # bad files named in an error message or warning
+
+
+@dataclass
+class FolderScan:
+    """What ``scan_image_folder`` found: usable files (sorted) with labels, and what it left out."""
+
+    root: Path
+    files: List[Path]
+    labels: np.ndarray  # int32 (len(files),)
+    class_names: Optional[List[str]]
+    skipped: List[Tuple[Path, str]] = field(default_factory=list)  # (file, reason)
+    ignored: int = 0  # files without a supported extension
+
+
+def _walk(root: Path) -> Tuple[List[Path], int]:
+    """Candidate image files under ``root`` (relative, sorted) and the count of other files."""
+    candidates, ignored, seen = [], 0, set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a symlink loop or a folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                candidates.append(Path(folder, name).relative_to(root))
+            else:
+                ignored += 1
+    return sorted(candidates), ignored
+
+
+def _problem(path: Path, min_hw: Size, decode: DecodeImage) -> Optional[str]:
+    """Why ``path`` cannot be used (decoding it fully, exactly as the pipeline will), or None if it is fine."""
+    try:
+        width, height = decode(np.fromfile(path, dtype=np.uint8)).size
+    except Exception as exc:  # PIL raises many types on damaged files (OSError, SyntaxError, struct.error, ...)
+        return f"cannot be decoded ({type(exc).__name__}: {exc})"
+    if height < min_hw[0] or width < min_hw[1]:
+        return f"is {width}x{height} (WxH), smaller than the requested {min_hw[1]}x{min_hw[0]}"
+    return None
+
+
+def scan_image_folder(root: PathLike, image_size: SizeLike, *, channels: int = 3, skip_bad: bool = False,
+                      num_workers: Optional[int] = None) -> FolderScan:
+    """List, label and validate the images under ``root``; see the module docstring for the rules.
+
+    Raises ``DataNotFoundError`` for a missing folder or one without supported images, and
+    ``BadDataError`` naming unusable files unless ``skip_bad`` (then they are in ``skipped``).
+    """
+    root = Path(root).expanduser()
+    size = as_size(image_size)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataNotFoundError(f"image folder {root} {what}; pass --data-dir pointing at a folder of images")
+    candidates, ignored = _walk(root)
+    if not candidates:
+        others = f" ({ignored} other files found)" if ignored else " (it is empty)"
+        raise DataNotFoundError(f"image folder {root} has no images with a supported extension "
+                                f"({' '.join(IMAGE_EXTENSIONS)}){others}; point --data-dir at your images")
+
+    flat = any(len(rel.parts) == 1 for rel in candidates)
+    class_names = None if flat else sorted({rel.parts[0] for rel in candidates})
+    class_ids = {name: i for i, name in enumerate(class_names or [])}
+
+    with ThreadPoolExecutor(max_workers=resolve_workers(num_workers)) as pool:  # PIL decodes without the GIL
+        decode = DecodeImage(channels)
+        problems = list(pool.map(lambda rel: _problem(root / rel, size, decode), candidates))
+
+    files, labels, skipped = [], [], []
+    for rel, problem in zip(candidates, problems):
+        if problem is None:
+            files.append(root / rel)
+            labels.append(0 if flat else class_ids[rel.parts[0]])
+        else:
+            skipped.append((root / rel, problem))
+    if skipped and (not skip_bad or not files):
+        listing = "".join(f"  {path}: {why}\n" for path, why in skipped[:_LISTED])
+        more = f"  ... and {len(skipped) - _LISTED} more\n" if len(skipped) > _LISTED else ""
+        if files:
+            fix = ("Fix: remove or replace these files, lower image_size, or pass skip_bad=True to leave them "
+                   "out (they are counted and reported).")
+        else:
+            fix = "No usable image is left: check the folder, or lower image_size if the images are small."
+        raise BadDataError(f"image folder {root}: {len(skipped)} of {len(candidates)} images cannot be used "
+                           f"at size {size[1]}x{size[0]} (WxH):\n{listing}{more}{fix}")
+    if skipped:
+        logger.warning("image folder %s: skipped %d of %d images (skip_bad=True):\n%s", root, len(skipped),
+                       len(candidates), "\n".join(f"  {p}: {why}" for p, why in skipped[:_LISTED]))
+    return FolderScan(root=root, files=files, labels=np.asarray(labels, dtype=np.int32),
+                      class_names=class_names, skipped=skipped, ignored=ignored)
+
+
+class _EncodedFiles:
+    """Random-access source for ``GeneratorDataset``: (file bytes uint8 (n,), label int32 ())."""
+
+    def __init__(self, files: Sequence[Path], labels: np.ndarray, report: Callable[[BadDataError], None]):
+        self.files, self.labels, self.report = list(files), labels, report
+
+    def __getitem__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+        path = self.files[index]
+        try:
+            raw = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            error = BadDataError(f"{path} could not be read during training ({exc}); it changed after the "
+                                 f"scan at start-up: restore it, or restart to scan again")
+            self.report(error)
+            raise error from exc
+        return raw, self.labels[index]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class ImageFolderSource(ImageSource):
+    """Images from a folder (see the module docstring), decoded, converted, resized and cropped in the pipeline.
+
+    Yields images float32 (B, C, H, W) in [0, 1] and labels int32 (B,) (class ids, or 0 without
+    class folders). ``image_size`` defaults to 64, ``channels`` to 3.
+    """
+
+    title = "Image folder"
+
+    def __init__(self, data_dir: PathLike, *, image_size: Optional[SizeLike] = None, channels: Optional[int] = None,
+                 random_flip: bool = False, seed: int = 0, num_shards: int = 1, shard_id: int = 0,
+                 num_workers: Optional[int] = None, skip_bad: bool = False):
+        size = as_size(DEFAULT_FOLDER_IMAGE_SIZE if image_size is None else image_size)
+        channels = as_channels(3 if channels is None else channels)
+        self.scan = scan_image_folder(data_dir, size, channels=channels, skip_bad=skip_bad, num_workers=num_workers)
+        notes = []
+        if self.scan.skipped:
+            notes.append(f"skipped {len(self.scan.skipped)} unusable file(s) (skip_bad)")
+        if self.scan.ignored:
+            notes.append(f"ignored {self.scan.ignored} non-image file(s)")
+        super().__init__(total_samples=len(self.scan.files), channels=channels, image_size=size,
+                         num_classes=None if self.scan.class_names is None else len(self.scan.class_names),
+                         class_names=self.scan.class_names, origin=str(self.scan.root), random_flip=random_flip,
+                         seed=seed, num_shards=num_shards, shard_id=shard_id, num_workers=num_workers, notes=notes)
+
+    @property
+    def skipped(self) -> List[Tuple[Path, str]]:
+        """Files left out by ``skip_bad``, with the reason."""
+        return self.scan.skipped
+
+    def _pipeline(self, sampler: ds.Sampler) -> ds.Dataset:
+        files = _EncodedFiles(self.scan.files, self.scan.labels, self._report_failure)
+        data = ds.GeneratorDataset(files, ["image", "label"], sampler=sampler, num_parallel_workers=1,
+                                   python_multiprocessing=False)
+        image_ops = ([DecodeImage(self.channels)] + resize_crop_ops(None, self.image_size, pil=True)
+                     + [vision.ToTensor()])
+        return data.map(image_ops, input_columns="image", num_parallel_workers=self.num_workers)
