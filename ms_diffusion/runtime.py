@@ -11,6 +11,7 @@ keep oneDNN's own choice, or set ``ONEDNN_MAX_CPU_ISA`` yourself (it is then lef
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import random
@@ -46,6 +47,23 @@ class RuntimeInfo:
     onednn_isa: Optional[str]
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C++ logging included) for the duration."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def available_device(preferred: str = "auto") -> str:
     """The device to run on: ``preferred`` if MindSpore was built for it, else the best available."""
     import mindspore as ms
@@ -59,8 +77,9 @@ def available_device(preferred: str = "auto") -> str:
         if dev == "CPU":
             return dev
         try:
-            if ms.hal.is_available(dev):
-                return dev
+            with _quiet_stderr():  # the probe logs a missing-plugin line for every backend not installed
+                if ms.hal.is_available(dev):
+                    return dev
         except Exception:  # hal missing or probe failed: treat as unavailable
             pass
     if wanted:

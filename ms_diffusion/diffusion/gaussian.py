@@ -25,9 +25,11 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_diffusion.diffusion.assignment import linear_sum_assignment, pairwise_distances
+from ms_diffusion.nn.layers import to_float32
 from ms_diffusion.runtime import maybe_jit
-from ms_diffusion.samplers import SAMPLER_NAMES, run_sampler
+from ms_diffusion.samplers import ddim_invert, resolve_sampler, run_sampler
 from ms_diffusion.samplers.base import gaussian, make_rng
+from ms_diffusion.samplers.thresholding import check_threshold, clip_x0, resolve_clip
 from ms_diffusion.schedules import NoiseSchedule, make_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = ["GaussianDiffusion", "OBJECTIVES", "LOSS_TYPES"]
@@ -237,24 +239,44 @@ class GaussianDiffusion(nn.Cell):
                 self._extract(self.posterior_log_variance_clipped, t, nd))
 
     def _split_output(self, model_output):
+        model_output = to_float32(model_output)  # a mixed-precision network's output; the loss stays fp32
         if self.learned_variance:
             return model_output[:, : self.channels], model_output[:, self.channels:]
         return model_output, None
 
     def output_to_eps_x0(self, x, t, out, clip_x_start: bool = False, rederive_pred_noise: bool = False):
-        """(pred_noise, pred_x_start) from the model's prediction of its objective."""
+        """(pred_noise, pred_x_start) from the model's prediction of its objective at timesteps t (B,)."""
+        nd = x.ndim
+        alpha = self._extract(self.sqrt_alphas_cumprod, t, nd)
+        sigma = self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd)
+        return self._eps_x0_at(x, out, alpha, sigma, "static" if clip_x_start else "none",
+                               rederive_pred_noise=rederive_pred_noise)
+
+    def _eps_x0_at(self, x, out, alpha, sigma, clip: str = "none", threshold_ratio: float = 0.995,
+                   sample_max_value: float = 1.0, rederive_pred_noise: bool = False):
+        """(eps, x0) from the model output ``out`` for x = alpha x0 + sigma eps (alpha, sigma broadcast to x).
+
+        x0 is clipped per ``clip`` (see ``samplers.thresholding``); eps is then re-derived from the
+        clipped x0 (always for pred_x0 / pred_v, as lucidrains; for pred_noise if ``rederive_pred_noise``).
+        The v conversion never divides, so it stays finite at zero SNR (alpha = 0) and for clean
+        data (sigma = 0).
+        """
+        eps = None
         if self.objective == "pred_noise":
-            pred_noise = out
-            x_start = self.predict_start_from_noise(x, t, out)
-            if clip_x_start:
-                x_start = ops.clamp(x_start, -1.0, 1.0)
-                if rederive_pred_noise:
-                    pred_noise = self.predict_noise_from_start(x, t, x_start)
-            return pred_noise, x_start
-        x_start = out if self.objective == "pred_x0" else self.predict_start_from_v(x, t, out)
-        if clip_x_start:
-            x_start = ops.clamp(x_start, -1.0, 1.0)
-        return self.predict_noise_from_start(x, t, x_start), x_start
+            eps = out
+            x0 = (x - sigma * out) / alpha
+        elif self.objective == "pred_x0":
+            x0 = out
+        else:
+            x0 = alpha * x - sigma * out
+            eps = alpha * out + sigma * x
+        if clip != "none":
+            x0 = clip_x0(x0, clip, threshold_ratio, sample_max_value)
+            if self.objective != "pred_noise" or rederive_pred_noise:
+                eps = None
+        if eps is None:
+            eps = (x - alpha * x0) / sigma
+        return eps, x0
 
     def model_predictions(self, x, t, x_self_cond=None, classes=None, clip_x_start: bool = False,
                           rederive_pred_noise: bool = False):
@@ -407,73 +429,130 @@ class GaussianDiffusion(nn.Cell):
 
     # ------------------------------------------------------------------ sampling
 
-    def _raw_prediction(self, x, t, x_self_cond, classes, guidance_scale: float, guidance_rescale: float):
-        """Model output at (x, t); with guidance, the conditional and null-class passes run as one batch."""
-        if guidance_scale == 1.0 or classes is None:
-            return self.model(x, t, x_self_cond, classes)
+    def _raw_prediction(self, x, t, x_self_cond, classes, guidance_scale, guidance_rescale, guided: bool,
+                        rescaled: bool):
+        """Model output at (x, t) split into (prediction (B, C, H, W), learned-variance fraction or None).
+
+        With ``guided`` the conditional and null-class passes run as one batch of 2B and combine as
+        uncond + s (cond - uncond) (Ho & Salimans); with ``rescaled`` the result's per-sample std is
+        pulled towards the conditional one's by phi = ``guidance_rescale`` (Lin et al. 2023,
+        diffusers ``rescale_noise_cfg``). Guidance acts on the mean prediction only; a learned
+        variance comes from the conditional pass (GLIDE). ``guidance_scale`` / ``guidance_rescale``
+        are 0-d tensors, so changing them does not recompile.
+        """
+        if not guided:
+            return self._split_output(self.model(x, t, x_self_cond, classes))
         b = x.shape[0]
+        classes = classes.astype(ms.int32)
         null = ops.full_like(classes, self.num_classes, dtype=ms.int32)
         sc = None if x_self_cond is None else ops.cat((x_self_cond, x_self_cond), axis=0)
-        both = self.model(ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), sc,
-                          ops.cat((classes.astype(ms.int32), null), axis=0))
-        cond, uncond = both[:b], both[b:]
-        guided = uncond + guidance_scale * (cond - uncond)
-        if guidance_rescale > 0:
-            # Lin et al. 2023: match the guided output's std to the conditional one's
-            axes = tuple(range(1, guided.ndim))
-            ratio = cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True)
-            guided = guidance_rescale * guided * ratio + (1.0 - guidance_rescale) * guided
-        return guided
+        out, var_frac = self._split_output(self.model(ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), sc,
+                                                      ops.cat((classes, null), axis=0)))
+        cond, uncond = out[:b], out[b:]
+        guided_out = uncond + guidance_scale * (cond - uncond)
+        if rescaled:
+            axes = tuple(range(1, guided_out.ndim))
+            ratio = cond.std(axis=axes, keepdims=True) / guided_out.std(axis=axes, keepdims=True)
+            guided_out = guidance_rescale * (guided_out * ratio) + (1.0 - guidance_rescale) * guided_out
+        return guided_out, (None if var_frac is None else var_frac[:b])
 
-    def _predict(self, x, t, x_self_cond, classes, guidance_scale: float, guidance_rescale: float, clip: bool):
-        out, var_frac = self._split_output(self._raw_prediction(x, t, x_self_cond, classes, guidance_scale,
-                                                                guidance_rescale))
-        eps, x0 = self.output_to_eps_x0(x, t, out, clip, True)
+    def _predict(self, x, t, x_self_cond, classes, alpha, sigma, guidance_scale, guidance_rescale, guided: bool,
+                 rescaled: bool, clip: str, threshold_ratio: float, sample_max_value: float):
+        """(eps, x0[, log_var]) at (x, t), converted at level x = alpha x0 + sigma eps (0-d tensors)."""
+        out, var_frac = self._raw_prediction(x, t, x_self_cond, classes, guidance_scale, guidance_rescale, guided,
+                                             rescaled)
+        eps, x0 = self._eps_x0_at(x, out, alpha, sigma, clip, threshold_ratio, sample_max_value, True)
         if var_frac is None:
             return eps, x0
         return eps, x0, self.learned_log_variance(t, var_frac, x.ndim)
 
-    def denoiser(self, batch_size: int, classes: Optional[ms.Tensor] = None, guidance_scale: float = 1.0,
-                 guidance_rescale: float = 0.0, clip_denoised: Optional[bool] = None):
-        """``denoise(x, t, x_self_cond) -> (eps, x0[, log_var])`` for the samplers, compiled once.
+    def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
+                 guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
+                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0):
+        """``denoise(x, t, x_self_cond=None, alpha_cumprod=None) -> (eps, x0[, log_var])`` for the samplers.
 
-        The network call and the conversion to (eps, x0) run as one jit-compiled graph reused for
-        every timestep (t is a tensor input).
+        The contract is in ``ms_diffusion.samplers.base``. The network call, guidance, the conversion
+        to (eps, x0) and clipping run as one jit-compiled graph, compiled once per configuration and
+        reused for every timestep (t, the level coefficients and the guidance weights are tensors).
+        ``classes`` (B,) int in [0, num_classes) for a class-conditional model (None: unconditional);
+        ``guidance_scale`` != 1 runs classifier-free guidance; ``clip_denoised``: True / "static"
+        clips x0 to [-1, 1], "dynamic" applies Imagen's dynamic thresholding (``threshold_ratio``
+        quantile, ``sample_max_value``), False / "none" nothing; None uses the constructor's choice.
         """
-        if self.num_classes is not None and classes is not None and np.shape(classes) != (batch_size,):
-            raise ValueError(f"classes must have shape ({batch_size},), got {np.shape(classes)}")
-        if guidance_scale != 1.0 and (self.num_classes is None or classes is None):
+        if self.num_classes is not None and classes is not None:
+            cls_np = np.asarray(classes.asnumpy() if isinstance(classes, Tensor) else classes)
+            if cls_np.shape != (batch_size,):
+                raise ValueError(f"classes must have shape ({batch_size},), got {cls_np.shape}")
+            if cls_np.size and (cls_np.min() < 0 or cls_np.max() > self.num_classes):
+                raise ValueError(f"classes must lie in [0, {self.num_classes - 1}] ({self.num_classes} is the "
+                                 f"null class), got {cls_np.min()}..{cls_np.max()}")
+        guided = float(guidance_scale) != 1.0
+        if guided and (self.num_classes is None or classes is None):
             raise ValueError("guidance_scale != 1 needs a class-conditional model (Unet(num_classes=...)) "
                              "and classes to guide towards")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
+        if guidance_rescale > 0 and not guided:
+            raise ValueError("guidance_rescale only acts on guided sampling: set guidance_scale != 1 too")
+        clip = resolve_clip(clip_denoised, self.clip_denoised)
+        if clip == "dynamic":
+            check_threshold(threshold_ratio, sample_max_value)
         if self._predict_fn is None:
             self._predict_fn = maybe_jit(self._predict)
-        clip = self.clip_denoised if clip_denoised is None else bool(clip_denoised)
-        cls = None if classes is None else Tensor(np.asarray(classes, np.int32))
         fn = self._predict_fn
-        t_cache: Dict[int, ms.Tensor] = {}
+        cls = None if classes is None or self.num_classes is None else Tensor(cls_np.astype(np.int32))
+        scale = Tensor(np.float32(guidance_scale))
+        rescale = Tensor(np.float32(guidance_rescale))
+        consts = (guided, float(guidance_rescale) > 0.0, clip, float(threshold_ratio), float(sample_max_value))
+        abar = self.schedule.alphas_cumprod
+        cache: Dict[Tuple[int, Optional[float]], Tuple[Tensor, Tensor, Tensor]] = {}
 
-        def denoise(x, t: int, x_self_cond=None):
-            if t not in t_cache:
-                t_cache[t] = Tensor(np.full((batch_size,), t, np.int32))
-            return fn(x, t_cache[t], x_self_cond, cls, float(guidance_scale), float(guidance_rescale), clip)
+        def denoise(x, t: int, x_self_cond=None, alpha_cumprod: Optional[float] = None):
+            key = (int(t), alpha_cumprod)
+            if key not in cache:
+                if not 0 <= key[0] < self.num_timesteps:
+                    raise ValueError(f"timestep {t} outside [0, {self.num_timesteps - 1}]")
+                ac = float(abar[key[0]]) if alpha_cumprod is None else float(alpha_cumprod)
+                cache[key] = (Tensor(np.full((batch_size,), key[0], np.int32)), Tensor(np.float32(math.sqrt(ac))),
+                              Tensor(np.float32(math.sqrt(1.0 - ac))))
+            tt, alpha, sigma = cache[key]
+            return fn(x, tt, x_self_cond, cls, alpha, sigma, scale, rescale, *consts)
 
         return denoise
+
+    def _sampler_options(self, name: str, eta: Optional[float], options: Dict) -> Dict:
+        """Options for ``run_sampler``: the diffusion's spacing and DDIM eta, then the caller's."""
+        merged = {"spacing": self.ddim_timestep_spacing}
+        if eta is not None:
+            merged["eta"] = eta
+        elif name == "ddim":
+            merged["eta"] = self.ddim_sampling_eta
+        merged.update(options)
+        if merged.get("x0") is not None:  # the known image of inpainting, given like training images
+            merged["x0"] = self.normalize(merged["x0"] if isinstance(merged["x0"], Tensor)
+                                          else Tensor(np.asarray(merged["x0"], np.float32)))
+        return merged
 
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, seed=None,
                sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-               x_T: Optional[ms.Tensor] = None, log_every_t: Optional[int] = None, progress: bool = False,
-               **sampler_options) -> ms.Tensor:
+               clip_denoised: Optional[Union[bool, str]] = None, x_T: Optional[ms.Tensor] = None,
+               log_every_t: Optional[int] = None, progress: bool = False, **sampler_options) -> ms.Tensor:
         """Generate ``batch_size`` images (B, C, H, W) in [0, 1] (model space if not auto_normalize).
 
         Default sampler as lucidrains: DDIM with ``sampling_timesteps`` steps and
         ``ddim_sampling_eta`` when fewer steps than training timesteps, else ancestral DDPM.
+        ``sampler`` is any of ``samplers.SAMPLER_NAMES`` with ``steps`` network evaluations (PLMS
+        adds one); further options (``order``, ``karras``, ``temperature``, ``mask`` + ``x0``
+        inpainting with x0 given like training images, ...) go to the sampler. ``classes``,
+        ``guidance_scale``, ``guidance_rescale``, ``clip_denoised`` (True / False / "dynamic", with
+        ``threshold_ratio`` and ``sample_max_value``): see ``denoiser``.
         ``return_all_timesteps`` returns (B, S + 1, C, H, W) from noise to image.
         ``seed`` (int or numpy Generator) makes the result reproducible.
         """
         result = self.sample_with_trajectory(batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
                                              classes=classes, guidance_scale=guidance_scale,
-                                             guidance_rescale=guidance_rescale, x_T=x_T,
+                                             guidance_rescale=guidance_rescale, clip_denoised=clip_denoised, x_T=x_T,
                                              log_every_t=(1 if return_all_timesteps else 0) if log_every_t is None
                                              else log_every_t, progress=progress, **sampler_options)
         if return_all_timesteps:
@@ -484,25 +563,42 @@ class GaussianDiffusion(nn.Cell):
     def sample_with_trajectory(self, batch_size: int = 16, *, seed=None, sampler: Optional[str] = None,
                                steps: Optional[int] = None, eta: Optional[float] = None,
                                classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
-                               guidance_rescale: float = 0.0, x_T: Optional[ms.Tensor] = None,
-                               log_every_t: int = 0, progress: bool = False, **sampler_options):
+                               guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
+                               threshold_ratio: float = 0.995, sample_max_value: float = 1.0,
+                               x_T: Optional[ms.Tensor] = None, log_every_t: int = 0, progress: bool = False,
+                               **sampler_options):
         """Like ``sample`` but returns the sampler's ``SampleResult`` (model space, with trajectory)."""
+        name = resolve_sampler(sampler or ("ddim" if self.is_ddim_sampling else "ddpm"))
         rng = make_rng(seed)
         shape = (batch_size, self.channels) + self.image_size
         if x_T is None:
             x_T = gaussian(rng, shape)
         elif tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        name = sampler or ("ddim" if self.is_ddim_sampling else "ddpm")
-        if name not in SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLER_NAMES}")
         if steps is None:
             steps = self.sampling_timesteps if name != "ddpm" else self.num_timesteps
-        denoise = self.denoiser(batch_size, classes, guidance_scale, guidance_rescale)
-        options = dict(spacing=self.ddim_timestep_spacing, eta=self.ddim_sampling_eta if eta is None else eta)
-        options.update(sampler_options)
+        denoise = self.denoiser(batch_size, classes, guidance_scale, guidance_rescale, clip_denoised,
+                                threshold_ratio, sample_max_value)
         return run_sampler(name, denoise, self.schedule, x_T, rng, steps=steps, self_condition=self.self_condition,
-                           log_every_t=log_every_t, progress=progress, **options)
+                           log_every_t=log_every_t, progress=progress,
+                           **self._sampler_options(name, eta, sampler_options))
+
+    def invert(self, img: ms.Tensor, *, steps: Optional[int] = None, classes: Optional[Sequence[int]] = None,
+               guidance_scale: float = 1.0, guidance_rescale: float = 0.0, progress: bool = False,
+               **inversion_options) -> ms.Tensor:
+        """DDIM inversion of images (B, C, H, W) in [0, 1] (or [-1, 1] without auto_normalize) to noise.
+
+        Returns model-space noise (B, C, H, W) that ``sample(x_T=..., sampler="ddim", steps=...)`` with
+        the same steps, eta = 0 and the same classes maps back to (approximately) the images: the
+        starting point for editing. ``steps`` default ``sampling_timesteps``; the grid is the
+        diffusion's DDIM spacing unless ``spacing`` is given. No clipping (see ``ddim_invert``).
+        """
+        self.check_images(img.shape)
+        options = {"spacing": self.ddim_timestep_spacing}
+        options.update(inversion_options)
+        denoise = self.denoiser(img.shape[0], classes, guidance_scale, guidance_rescale, clip_denoised=False)
+        return ddim_invert(denoise, self.schedule, self.normalize(img), steps=steps or self.sampling_timesteps,
+                           self_condition=self.self_condition, progress=progress, **options).sample
 
     def interpolate(self, x1: ms.Tensor, x2: ms.Tensor, t: Optional[int] = None, lam: float = 0.5,
                     seed=None) -> ms.Tensor:
@@ -519,5 +615,6 @@ class GaussianDiffusion(nn.Cell):
         xt2 = self.q_sample(x2, tb, gaussian(rng, x2.shape))
         img = (1.0 - lam) * xt1 + lam * xt2
         denoise = self.denoiser(b)
+        # lucidrains: the mix is at level t and is denoised from step t - 1 down to 0
         return run_sampler("ddpm", denoise, self.schedule, img, rng, timesteps=list(range(t - 1, -1, -1)),
                            self_condition=self.self_condition).sample

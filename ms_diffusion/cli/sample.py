@@ -1,0 +1,114 @@
+"""``python sample.py --ckpt RUN_OR_CKPT [--sampler ddim --steps 50 --num 64 --out grid.png --gif denoise.gif]``."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import yaml
+
+from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, run_command
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("sample.py", "Generate images from a trained ms_diffusion checkpoint.")
+    p.add_argument("--ckpt", required=True,
+                   help="a run folder (its newest checkpoint), a step_*.ckpt file or a model.safetensors export")
+    p.add_argument("--weights", default="ema", choices=("ema", "online"), help="EMA weights (default) or raw ones")
+    p.add_argument("--sampler", default=None,
+                   help="ddpm, ddim, plms or dpmpp (default: the config's sample.sampler, else the diffusion's)")
+    p.add_argument("--steps", type=int, default=None, help="network evaluations (DDPM: all training steps)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM noise (0 deterministic, 1 DDPM-like)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="sampler-specific option, e.g. --option order=2 --option karras=true --option spacing=trailing")
+    p.add_argument("--num", type=int, default=None, help="number of images (default: config sample.num)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per network batch")
+    p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same images)")
+    p.add_argument("--class", dest="class_label", type=int, default=None,
+                   help="class id for a class-conditional model (default: unconditional / all classes in turn)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight (1 = off)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (Lin et al.), 0 = off")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--gif", default=None, help="also write an animated GIF of the denoising of the first batch")
+    p.add_argument("--npz", default=None, help="also write the raw images (N, C, H, W) in [0, 1] to this .npz")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row")
+    p.add_argument("--no-progress", action="store_true")
+    add_runtime_args(p)
+    return p
+
+
+def _parse_options(items: List[str]) -> Dict[str, Any]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--option {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ms_diffusion import runtime
+    from ms_diffusion.imageio import save_gif, save_grid
+    from ms_diffusion.pipeline import generate, load_diffusion
+
+    for name in ("num", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    runtime.setup(args.device or "auto", args.mode or "graph")
+    cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights)
+    s = cfg.sample
+    num = args.num or s.num
+    batch = args.batch_size or min(s.batch_size, num)
+    seed = s.seed if args.seed is None else args.seed
+    label = s.class_label if args.class_label is None else args.class_label
+    num_classes = getattr(diffusion, "num_classes", None)
+    classes = None
+    if label is not None:
+        if num_classes is None:
+            raise UsageError("--class needs a class-conditional model (this checkpoint's model has no num_classes)")
+        if not 0 <= label < num_classes:
+            raise UsageError(f"--class must lie in [0, {num_classes - 1}], got {label}")
+        classes = [label] * num
+    elif num_classes is not None:
+        classes = [i % num_classes for i in range(num)]  # one of each class in turn
+    guidance = s.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    if guidance != 1.0 and classes is None:
+        raise UsageError("--guidance-scale needs a class-conditional model")
+    options = _parse_options(args.options)
+    frames = max(s.gif_frames, 2) if args.gif else 0
+    sampler = args.sampler or s.sampler
+    start = time.perf_counter()
+    out = generate(diffusion, num, batch_size=batch, seed=seed, sampler=sampler, steps=args.steps or s.steps,
+                   eta=args.eta if args.eta is not None else s.eta, classes=classes, guidance_scale=guidance,
+                   guidance_rescale=s.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale,
+                   gif_frames=frames, progress=not args.no_progress, **options)
+    elapsed = time.perf_counter() - start
+    scale = max(1, 64 // out.images.shape[-1])
+    grid = save_grid(out.images, args.out, nrow=args.nrow, scale=scale)
+    print(f"{num} images from {meta['path']} (step {meta.get('step')}, {args.weights} weights) in {elapsed:.1f} s "
+          f"({elapsed / num * 1000:.0f} ms/image) -> {grid}")
+    if args.gif:
+        gif = save_gif(out.frames, args.gif, nrow=args.nrow, scale=scale)
+        print(f"denoising animation ({len(out.frames)} frames) -> {gif}")
+    if args.npz:
+        path = Path(args.npz)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, images=out.images, classes=np.asarray(classes if classes is not None else []),
+                            seed=seed)
+        print(f"raw images -> {path}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""``python train.py [--config X.yaml] [--set section.key=value ...] [--resume]``."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+import yaml
+
+from ms_diffusion.cli.common import add_runtime_args, make_parser, run_command
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = make_parser("train.py", "Train a diffusion model. With no arguments: the default Fashion-MNIST config.")
+    p.add_argument("--config", default=None,
+                   help="YAML config: a path or the name of a shipped config in configs/ (default: fashion_mnist_fast)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=2e-4 (repeatable)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (overrides data.data_dir)")
+    p.add_argument("--out-dir", default=None, help="run folder for checkpoints, logs and samples (default runs/<name>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue from CKPT, or from the newest checkpoint in the run folder if no path is given")
+    p.add_argument("--steps", type=int, default=None, help="number of optimizer updates (overrides train.num_steps)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-device batch size (overrides train.batch_size)")
+    p.add_argument("--amp", default=None, choices=("O0", "O1", "O2", "O3"), help="mixed precision level")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    add_runtime_args(p)
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> List[str]:
+    out = list(args.overrides)
+    for flag, key in (("data_dir", "data.data_dir"), ("out_dir", "out_dir"), ("steps", "train.num_steps"),
+                      ("batch_size", "train.batch_size"), ("amp", "train.amp"), ("seed", "seed"),
+                      ("device", "device"), ("mode", "mode")):
+        value = getattr(args, flag)
+        if value is not None:
+            out.append(f"{key}={value}")
+    if args.no_progress:
+        out.append("train.progress=false")
+    return out
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ms_diffusion import runtime
+    from ms_diffusion.config import build_data_source, build_diffusion, load_config
+    from ms_diffusion.training.distributed import init_data_parallel
+
+    cfg = load_config(args.config, _overrides(args))
+    info = runtime.setup(cfg.device, cfg.mode, cfg.seed)
+    dist = init_data_parallel()
+    diffusion = build_diffusion(cfg)
+    ema_diffusion = build_diffusion(cfg)
+    source = build_data_source(cfg, diffusion, shard_id=dist.rank, num_shards=dist.world_size)
+    out_dir = cfg.run_dir
+    if dist.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        n_params = sum(int(p.size) for p in diffusion.trainable_params())
+        print(f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {info.device} ({info.mode} mode"
+              f"{', oneDNN ISA ' + info.onednn_isa if info.onednn_isa else ''}), {dist.world_size} worker(s)")
+        print(f"data: {source.describe() if hasattr(source, 'describe') else source}")
+        print(f"run folder: {out_dir}")
+
+    from ms_diffusion.training import Trainer
+
+    def sample_fn(ema, n):
+        s = cfg.sample
+        return ema.sample(batch_size=n, seed=s.seed, sampler=s.sampler, steps=s.steps, eta=s.eta).asnumpy()
+
+    trainer = Trainer(diffusion, ema_diffusion, source, cfg.train, out_dir, meta={"config": cfg.to_dict()},
+                      seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, grad_reducer=dist.grad_reducer(
+                          diffusion.trainable_params()), sample_fn=sample_fn)
+    summary = trainer.fit(resume=args.resume)
+    if dist.rank == 0:
+        print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['img_per_s']:.1f} img/s, "
+              f"{summary['overflows']} skipped overflow step(s); checkpoints in {out_dir / 'checkpoints'}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    return run_command(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
