@@ -131,6 +131,17 @@ def test_gz_in_data_dir_is_decompressed_next_to_it(isolated):
     np.testing.assert_array_equal(labels, data["train"][1][src.epoch_indices(0)[:50]])
 
 
+def test_read_only_gz_data_dir_is_unpacked_into_a_folder_of_its_own(isolated, monkeypatch):
+    folder = isolated / "ro"
+    data = write_fashion_mnist(folder, gz=True)
+    write_fashion_mnist(isolated / "root" / "fashion-mnist", seed=5)  # other data in the default folder
+    monkeypatch.setattr(fm, "_writable", lambda path: path != folder)  # as if read-only (tests may run as root)
+    src = FashionMnistSource(folder, num_workers=1)
+    assert not (folder / "raw").exists()
+    assert src.folder.parent == isolated / "root" / "unpacked" and src.folder.name.startswith("fashion-mnist-")
+    np.testing.assert_array_equal(collect(src, 0, 25)[1], data["train"][1][src.epoch_indices(0)])
+
+
 def test_default_folder_from_env_var_and_from_working_directory(isolated, tmp_cwd, monkeypatch):
     write_fashion_mnist(isolated / "root" / "fashion-mnist")
     assert FashionMnistSource().folder == isolated / "root" / "fashion-mnist"

@@ -3,7 +3,9 @@
 Where the data comes from, in order (``locate_fashion_mnist``):
 
 1. ``data_dir`` when given -- raw or gzipped IDX files in it or up to two folders below it; an
-   error if there are none (no fallback: the user asked for that folder);
+   error if there are none (no fallback: the user asked for that folder). Gzipped files are
+   decompressed into ``<their folder>/raw`` (or, read-only, ``$MS_DIFFUSION_DATA/unpacked/...``):
+   MindSpore would also try to read a .gz lying beside the raw file;
 2. the default data folder ``$MS_DIFFUSION_DATA/fashion-mnist`` (``./data/fashion-mnist``);
 3. the Debian package location (``apt-get install dataset-fashion-mnist``), whose gzipped files
    are decompressed once into the default data folder (MindSpore reads only uncompressed IDX);
@@ -17,6 +19,7 @@ headers and sizes are checked before MindSpore reads them.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import struct
@@ -29,11 +32,13 @@ import mindspore.dataset as ds
 import mindspore.dataset.transforms as dtrans
 import mindspore.dataset.vision as vision
 
-from ms_diffusion.data.source import BadDataError, DataError, DataNotFoundError, ImageSource, PathLike, data_root
+from ms_diffusion.data.source import (DEFAULT_DATA_ROOT, BadDataError, DataError, DataNotFoundError, ImageSource,
+                                      PathLike, data_root)
 from ms_diffusion.data.transforms import SizeLike, array_channel_ops, as_channels, as_size, resize_crop_ops
 
 __all__ = ["FashionMnistSource", "locate_fashion_mnist", "default_fashion_mnist_dir", "FASHION_MNIST_URL",
-           "FASHION_MNIST_URL_ENV", "DEBIAN_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES", "FASHION_MNIST_SPLITS"]
+           "FASHION_MNIST_URL_ENV", "DEBIAN_FASHION_MNIST_DIR", "DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES",
+           "FASHION_MNIST_SPLITS"]
 
 #: The archive of the MindSpore "Diffusion Model" tutorial (Fashion-MNIST as raw IDX files).
 FASHION_MNIST_URL = "https://mindspore-website.obs.cn-north-4.myhuaweicloud.com/notebook/datasets/dataset.zip"
@@ -43,6 +48,8 @@ FASHION_MNIST_URL_ENV = "MS_DIFFUSION_FASHION_MNIST_URL"
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 #: Folder name of Fashion-MNIST under the data root.
 FASHION_MNIST_DIRNAME = "fashion-mnist"
+#: The default data folder when $MS_DIFFUSION_DATA is unset (see ``default_fashion_mnist_dir``).
+DEFAULT_FASHION_MNIST_DIR = os.path.join(DEFAULT_DATA_ROOT, FASHION_MNIST_DIRNAME)
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
@@ -193,11 +200,17 @@ def _materialise(src: Path, split: str, dest: Path) -> Tuple[Path, str]:
     return dest, (" and ".join(sorted(actions)) + f" from {src}") if actions else ""
 
 
-def _unpack_dir(src: Path, default: Path) -> Path:
-    """Where raw copies of the files in ``src`` go: ``src/raw`` if ``src`` is writable, else the default folder."""
-    if not os.access(src, os.W_OK | os.X_OK):
-        return default
-    return src / "raw"
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _unpack_dir(src: Path) -> Path:
+    """Where raw copies of the files in ``src`` go: ``src/raw`` if ``src`` is writable, else a folder of the
+    data root named after ``src`` (never a folder that could already hold another copy's files)."""
+    if _writable(src):
+        return src / "raw"
+    key = hashlib.sha1(str(src.resolve()).encode()).hexdigest()[:12]
+    return Path(data_root()) / "unpacked" / f"{FASHION_MNIST_DIRNAME}-{key}"
 
 
 def _download(url: str, dest: Path, split: str) -> None:
@@ -243,7 +256,7 @@ def locate_fashion_mnist(data_dir: Optional[PathLike] = None, split: str = "trai
                 f"Fashion-MNIST {split} data not found: --data-dir {given} {why}. Expected {wanted} "
                 f"(optionally .gz). Point --data-dir at the folder holding them, or leave it out to use "
                 f"{default} / the Debian package / the download.")
-        folder, done = _materialise(found, split, _unpack_dir(found, default))
+        folder, done = _materialise(found, split, _unpack_dir(found))
         return folder, str(folder) + (f" ({done})" if done else "")
 
     looked: List[str] = []
@@ -251,7 +264,7 @@ def locate_fashion_mnist(data_dir: Optional[PathLike] = None, split: str = "trai
     for folder, label in ((default, "default data folder"), (debian, "Debian package dataset-fashion-mnist")):
         found = _find_idx_dir(folder, names)
         if found is not None:  # never write under the system folder, even when we could (root)
-            dest = default if folder == debian else _unpack_dir(found, default)
+            dest = default if folder == debian else _unpack_dir(found)
             folder, done = _materialise(found, split, dest)
             return folder, str(folder) + (f" ({done})" if done else "")
         looked.append(f"{folder} ({label}): {'no ' + wanted if folder.is_dir() else 'does not exist'}")

@@ -12,9 +12,10 @@ mode (gray, RGB, RGBA, palette, 16-bit, CMYK) is converted to the requested chan
 
 Every file is decoded once up front by ``DecodeImage`` -- the very function the pipeline decodes
 with (PIL) -- so a file that passes the scan cannot fail later and a damaged file is found before
-training starts, never mid-epoch (see ``transforms`` for why not MindSpore's C++ decoder). Unusable files (undecodable, or smaller than
-``image_size`` in either dimension) raise one ``BadDataError`` listing them, or with
-``skip_bad=True`` are left out and counted.
+training starts, never mid-epoch (see ``transforms`` for why not MindSpore's C++ decoder).
+Unusable files (undecodable, or smaller than ``image_size`` in either dimension) raise one
+``BadDataError`` listing them, or with ``skip_bad=True`` are left out and counted. Every rank
+scans the whole folder, so all ranks agree on the file list.
 """
 from __future__ import annotations
 
