@@ -1,0 +1,365 @@
+"""LatentDiffusion (Rombach et al. 2022): GaussianDiffusion in the latent space of a frozen AutoencoderKL.
+
+    ldm = LatentDiffusion(autoencoder, unet, conditioning_key="crossattn",
+                          cond_stage_model=ClassEmbedder(embed_dim=64, n_classes=10), scale_by_std=True)
+    ldm.maybe_init_scale_factor(first_batch, global_step=0)     # once, before training
+    loss = ldm(images, labels)                                 # images (B, C, H, W) in [0, 1]
+    imgs = ldm.sample(16, classes=labels, guidance_scale=3.0)  # (16, C, H, W) in [0, 1]
+
+The diffusion objective, schedules, loss options (l_simple_weight, original_elbo_weight,
+per-timestep learned logvar, ...) and the samplers are GaussianDiffusion's: the network it sees is
+``LatentDenoiser``, an adapter with GaussianDiffusion's contract ``model(x, t, x_self_cond, cond)``
+around ldm's ``UNetModel`` and an optional conditioning stage. How each conditioning key routes
+``cond`` (the slot GaussianDiffusion calls ``classes``):
+
+* ``None``: unconditional, ``unet(z_t, t)``.
+* ``"concat"``: cond (B, Cc, h, w) is concatenated to z_t along channels (unet in_channels = z + Cc).
+* ``"crossattn"``: with a ``ClassEmbedder``, cond are labels (B,) -> context (B, 1, D); otherwise cond
+  is the context (B, M, D) itself (or goes through ``cond_stage_model``). ``unet(z_t, t, context)``.
+* ``"hybrid"``: cond = (c_concat, c_crossattn), both of the above.
+* ``"adm"``: cond are labels (B,) -> ``unet(z_t, t, y=labels)``; build the UNetModel with
+  ``num_classes = N + 1``.
+
+Class labels live in [0, N]; N is the null class used for label dropout (``cond_drop_prob``) and
+classifier-free guidance, exactly as for ``Unet(num_classes=N)``.
+
+Parameter names match an ldm LatentDiffusion checkpoint: ``model.diffusion_model.*`` (the
+UNetModel), ``first_stage_model.*``, ``scale_factor``, ``logvar``; only the conditioning stage sits
+at ``model.cond_stage_model.*`` (ldm: ``cond_stage_model.*``).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from ms_diffusion.diffusion.gaussian import GaussianDiffusion
+from ms_diffusion.models.autoencoder import AutoencoderKL
+from ms_diffusion.models.distributions import DiagonalGaussianDistribution, gaussian_sample, split_moments
+from ms_diffusion.models.unet_ldm import UNetModel
+from ms_diffusion.runtime import maybe_jit
+
+__all__ = ["LatentDiffusion", "LatentDenoiser", "ClassEmbedder", "CONDITIONING_KEYS", "LDM_DIFFUSION_DEFAULTS"]
+
+CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
+
+# ldm's LatentDiffusion configs: eps prediction, "linear" (= our ldm_linear) betas 0.0015..0.0155,
+# DDIM on the uniform grid, no clipping of x0 in latent space
+LDM_DIFFUSION_DEFAULTS: Dict[str, Any] = {
+    "timesteps": 1000,
+    "objective": "pred_noise",
+    "beta_schedule": "ldm_linear",
+    "schedule_fn_kwargs": {"beta_start": 0.0015, "beta_end": 0.0155},
+    "ddim_timestep_spacing": "uniform",
+    "clip_denoised": False,
+}
+
+
+class ClassEmbedder(nn.Cell):
+    """Labels (B,) int in [0, n_classes] -> context tokens (B, 1, embed_dim); row n_classes is the null class.
+
+    ldm's ``ClassEmbedder`` (``embedding`` = nn.Embedding) plus the null row for classifier-free
+    guidance (an ldm checkpoint has ``n_classes`` rows: append one when converting).
+    """
+
+    def __init__(self, embed_dim: int, n_classes: int = 1000):
+        super().__init__()
+        if n_classes < 1 or embed_dim < 1:
+            raise ValueError(f"ClassEmbedder needs n_classes >= 1 and embed_dim >= 1, got {n_classes}, {embed_dim}")
+        self.n_classes = int(n_classes)
+        self.embed_dim = int(embed_dim)
+        self.embedding = nn.Embedding(n_classes + 1, embed_dim)
+
+    def construct(self, labels):
+        return self.embedding(labels.astype(ms.int32))[:, None, :]
+
+
+class LatentDenoiser(nn.Cell):
+    """GaussianDiffusion's network contract around ``UNetModel``: ``construct(x, t, x_self_cond=None, cond=None)``.
+
+    x: (B, channels, h, w) noisy latents; t: (B,) int; x_self_cond is ignored (ldm has no
+    self-conditioning); cond as the module docstring describes. Returns (B, out_dim, h, w).
+    Exposes ``channels``, ``out_dim``, ``self_condition``, ``num_classes`` (N, or None when
+    ``cond`` is not class labels) and ``cond_drop_prob``.
+    """
+
+    def __init__(self, unet: UNetModel, conditioning_key: Optional[str] = None,
+                 cond_stage_model: Optional[nn.Cell] = None, cond_drop_prob: float = 0.1,
+                 latent_channels: Optional[int] = None):
+        super().__init__()
+        if conditioning_key not in CONDITIONING_KEYS:
+            raise ValueError(f"unknown conditioning_key {conditioning_key!r}; choose one of {CONDITIONING_KEYS}")
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must lie in [0, 1], got {cond_drop_prob}")
+        concat = conditioning_key in ("concat", "hybrid")
+        cross = conditioning_key in ("crossattn", "hybrid")
+        if concat and latent_channels is None:
+            raise ValueError(f"conditioning_key={conditioning_key!r} needs latent_channels (the unet's in_channels "
+                             f"are latent channels + conditioning channels)")
+        self.channels = int(latent_channels if latent_channels is not None else unet.in_channels)
+        if concat and self.channels >= unet.in_channels:
+            raise ValueError(f"concat conditioning needs unet in_channels ({unet.in_channels}) > latent_channels "
+                             f"({self.channels})")
+        if not concat and self.channels != unet.in_channels:
+            raise ValueError(f"latent_channels={self.channels} differs from the unet's in_channels "
+                             f"{unet.in_channels} without concat conditioning")
+        if cross and not unet.use_spatial_transformer:
+            raise ValueError(f"conditioning_key={conditioning_key!r} needs UNetModel(use_spatial_transformer=True, "
+                             f"context_dim=...)")
+        if conditioning_key == "adm" and unet.num_classes is None:
+            raise ValueError("conditioning_key='adm' needs UNetModel(num_classes=N + 1): N classes and the null class")
+        if conditioning_key != "adm" and unet.num_classes is not None:
+            raise ValueError("the unet has class embeddings (num_classes) but conditioning_key is not 'adm'")
+        if cond_stage_model is not None and not cross:
+            raise ValueError("a cond_stage_model is only used with conditioning_key 'crossattn' or 'hybrid'")
+
+        self.diffusion_model = unet   # ldm's DiffusionWrapper name: parameters are model.diffusion_model.*
+        self.conditioning_key = conditioning_key
+        self.concat = concat
+        self.cross = cross
+        self.has_cond_stage = cond_stage_model is not None
+        if self.has_cond_stage:
+            self.cond_stage_model = cond_stage_model
+        self.out_dim = int(unet.out_channels)
+        self.self_condition = False
+        if conditioning_key == "adm":
+            self.num_classes = int(unet.num_classes) - 1
+        elif conditioning_key == "crossattn" and isinstance(cond_stage_model, ClassEmbedder):
+            self.num_classes = cond_stage_model.n_classes
+        else:
+            self.num_classes = None
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError("class conditioning needs at least one class besides the null class")
+        self.cond_drop_prob = float(cond_drop_prob) if self.num_classes is not None else 0.0
+        self.tensor_conditioning = conditioning_key is not None and self.num_classes is None
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.diffusion_model
+
+    def check_input_shape(self, shape: Sequence[int]) -> None:
+        if len(shape) != 4 or shape[1] != self.channels:
+            raise ValueError(f"latents must be (batch, {self.channels}, h, w), got {tuple(shape)}")
+        f = self.diffusion_model.downsample_factor
+        if shape[2] % f or shape[3] % f:
+            raise ValueError(f"latent size {shape[2]}x{shape[3]} is not divisible by the unet's {f}; change the "
+                             f"image size or the unet's channel_mult")
+
+    def _context(self, c):
+        return self.cond_stage_model(c) if self.has_cond_stage else c
+
+    def construct(self, x, t, x_self_cond=None, cond=None):
+        key = self.conditioning_key
+        if key is None:
+            return self.diffusion_model(x, t)
+        if self.num_classes is not None and cond is None:
+            cond = ops.fill(ms.int32, (x.shape[0],), self.num_classes)
+        if cond is None:
+            raise ValueError(f"conditioning_key={key!r} needs a conditioning input")
+        if key == "concat":
+            return self.diffusion_model(ops.cat((x, cond), axis=1), t)
+        if key == "crossattn":
+            return self.diffusion_model(x, t, self._context(cond))
+        if key == "hybrid":
+            return self.diffusion_model(ops.cat((x, cond[0]), axis=1), t, self._context(cond[1]))
+        return self.diffusion_model(x, t, None, cond)
+
+
+class LatentDiffusion(GaussianDiffusion):
+    """Diffusion on ``scale_factor * z``, z ~ q(z | x) of a frozen ``AutoencoderKL``.
+
+    ``construct(img, cond=None, times=None, noise=None, posterior_noise=None, cond_drop_prob=None,
+    loss_reduction="mean")`` -> loss; img (B, C, H, W) in [0, 1] (``auto_normalize``, default) or
+    [-1, 1]; ``times`` / ``noise`` (latent-shaped) / ``posterior_noise`` (latent-shaped) are drawn
+    in the graph when omitted, or on the host with ``training_inputs``. ``sample`` returns images
+    in [0, 1] (or [-1, 1]). Diffusion options not given take ``LDM_DIFFUSION_DEFAULTS``; any
+    GaussianDiffusion keyword is accepted (``learn_logvar``, ``l_simple_weight``,
+    ``original_elbo_weight``, ``sampling_timesteps``, ...).
+
+    ``scale_factor`` is a non-trainable Parameter, so checkpoints carry it; with ``scale_by_std``
+    call ``maybe_init_scale_factor(batch, global_step)`` on the first batch (it sets 1 / std of the
+    latents of that batch at step 0, as ldm does, and nothing on resume).
+    """
+
+    def __init__(self, first_stage_model: AutoencoderKL, unet: UNetModel, *, image_size: Optional[int] = None,
+                 conditioning_key: Optional[str] = None, cond_stage_model: Optional[nn.Cell] = None,
+                 cond_drop_prob: float = 0.1, latent_channels: Optional[int] = None, scale_factor: float = 1.0,
+                 scale_by_std: bool = False, auto_normalize: bool = True, **diffusion_kwargs):
+        if "model" in diffusion_kwargs:
+            raise ValueError("LatentDiffusion builds its own denoiser from `unet`; do not pass `model`")
+        if diffusion_kwargs.get("immiscible"):
+            raise ValueError("immiscible noise assignment is not supported for latent diffusion")
+        if diffusion_kwargs.get("self_condition"):
+            raise ValueError("self-conditioning is not supported for latent diffusion")
+        if scale_factor <= 0:
+            raise ValueError(f"scale_factor must be positive, got {scale_factor}")
+        image_size = int(first_stage_model.ddconfig["resolution"] if image_size is None else image_size)
+        f = first_stage_model.downsample_factor
+        if image_size % f:
+            raise ValueError(f"image_size {image_size} is not divisible by the autoencoder's factor {f}")
+        latent_channels = first_stage_model.embed_dim if latent_channels is None else latent_channels
+        if latent_channels != first_stage_model.embed_dim:
+            raise ValueError(f"latent_channels={latent_channels} but the autoencoder's embed_dim is "
+                             f"{first_stage_model.embed_dim}")
+        denoiser = LatentDenoiser(unet, conditioning_key, cond_stage_model, cond_drop_prob,
+                                  latent_channels if conditioning_key in ("concat", "hybrid") else None)
+        if denoiser.channels != first_stage_model.embed_dim:
+            raise ValueError(f"the unet denoises {denoiser.channels}-channel latents but the autoencoder's "
+                             f"embed_dim is {first_stage_model.embed_dim}")
+        options = dict(LDM_DIFFUSION_DEFAULTS)
+        options.update(diffusion_kwargs)
+        super().__init__(denoiser, image_size=image_size // f, auto_normalize=False, **options)
+        self.first_stage_model = first_stage_model
+        for p in first_stage_model.get_parameters():
+            p.requires_grad = False
+        first_stage_model.set_train(False)
+        self.conditioning_key = conditioning_key
+        self.pixel_size = (image_size, image_size)
+        self.images_auto_normalize = bool(auto_normalize)
+        self.scale_by_std = bool(scale_by_std)
+        self.scale_factor = Parameter(Tensor(float(scale_factor), ms.float32), name="scale_factor",
+                                      requires_grad=False)
+        self._decode_fn = None
+
+    # ------------------------------------------------------------------ modes and images
+
+    def set_train(self, mode: bool = True):
+        """Train the denoiser; the first stage stays in evaluation mode (ldm's ``disabled_train``)."""
+        super().set_train(mode)
+        self.first_stage_model.set_train(False)
+        return self
+
+    def normalize_images(self, img):
+        return img * 2.0 - 1.0 if self.images_auto_normalize else img
+
+    def unnormalize_images(self, x):
+        return (x + 1.0) * 0.5 if self.images_auto_normalize else x
+
+    def check_pixel_images(self, shape: Sequence[int]) -> None:
+        self.first_stage_model.check_input_shape(shape)
+        if tuple(shape[2:]) != self.pixel_size:
+            raise ValueError(f"images are {shape[2]}x{shape[3]} but the latent diffusion was built for "
+                             f"{self.pixel_size[0]}x{self.pixel_size[1]}; resize the data or set image_size")
+
+    # ------------------------------------------------------------------ first stage
+
+    def encode_first_stage(self, x) -> DiagonalGaussianDistribution:
+        """Images (B, C, H, W) in [-1, 1] -> q(z | x) (unscaled latents)."""
+        return self.first_stage_model.encode(x)
+
+    def get_first_stage_encoding(self, moments, noise=None):
+        """Posterior moments (B, 2z, h, w) -> scale_factor * z with z ~ q(z | x) (noise: (B, z, h, w) or None)."""
+        mean, logvar = split_moments(moments)
+        return self.scale_factor * gaussian_sample(mean, logvar, noise)
+
+    def decode_first_stage(self, z):
+        """Scaled latents (B, z, h, w) -> images (B, C, H, W), nominally [-1, 1]."""
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def measure_scale_factor(self, images, noise=None) -> float:
+        """Set ``scale_factor`` = 1 / std of the (unscaled) sampled latents of ``images``; return it.
+
+        images (B, C, H, W) as given to the loss; std is the unbiased std over all elements (ldm).
+        """
+        img = images if isinstance(images, Tensor) else Tensor(np.asarray(images, np.float32))
+        self.check_pixel_images(img.shape)
+        moments = self.first_stage_model.encode_moments(self.normalize_images(img))
+        mean, logvar = split_moments(moments)
+        z = gaussian_sample(mean, logvar, noise).asnumpy().astype(np.float64)
+        std = float(z.std(ddof=1))
+        if not np.isfinite(std) or std <= 0:
+            raise ValueError(f"cannot set scale_factor from a latent std of {std}")
+        self.scale_factor.set_data(Tensor(np.float32(1.0 / std)))
+        return 1.0 / std
+
+    def maybe_init_scale_factor(self, images, global_step: int, noise=None) -> bool:
+        """With ``scale_by_std``, measure the scale on the first training batch (step 0). True if it did."""
+        if not self.scale_by_std or int(global_step) != 0:
+            return False
+        self.measure_scale_factor(images, noise)
+        return True
+
+    # ------------------------------------------------------------------ training
+
+    def construct(self, img, cond=None, times=None, noise=None, posterior_noise=None, cond_drop_prob=None,
+                  loss_reduction: str = "mean"):
+        self.check_pixel_images(img.shape)
+        moments = self.first_stage_model.encode_moments(self.normalize_images(img))
+        z = ops.stop_gradient(self.get_first_stage_encoding(moments, posterior_noise))
+        return super().construct(z, cond, times, noise, False, cond_drop_prob, loss_reduction)
+
+    def latent_shape(self, batch_size: int) -> tuple:
+        return (batch_size, self.channels) + self.image_size
+
+    def training_inputs(self, images: np.ndarray, rng: np.random.Generator,
+                        classes: Optional[np.ndarray] = None) -> Dict[str, object]:
+        """GaussianDiffusion's host-drawn batch inputs for latents, plus ``posterior_noise``.
+
+        Returns numpy ``times`` (B,), latent-shaped ``noise`` and ``posterior_noise``, and the
+        labels after dropout in ``classes`` (class-conditional models; None otherwise). Pass them
+        to the loss with ``cond_drop_prob=0.0``.
+        """
+        shape = self.latent_shape(int(np.shape(images)[0]))
+        out = super().training_inputs(np.zeros(shape, np.float32), rng, classes)
+        out["posterior_noise"] = rng.standard_normal(shape).astype(np.float32)
+        out.pop("self_cond", None)
+        return out
+
+    # ------------------------------------------------------------------ sampling
+
+    def decode_to_images(self, z) -> ms.Tensor:
+        """Scaled latents -> images clipped to [-1, 1] and mapped like the training images ([0, 1] by default)."""
+        if self._decode_fn is None:
+            self._decode_fn = maybe_jit(self.decode_first_stage)
+        return self.unnormalize_images(ops.clamp(self._decode_fn(z), -1.0, 1.0))
+
+    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, cond=None,
+               return_latents: bool = False, **kwargs) -> ms.Tensor:
+        """Generate ``batch_size`` images (B, C, H, W) in [0, 1] (or [-1, 1] without auto_normalize).
+
+        Class-conditional models take ``classes`` (B,) (and ``guidance_scale``); other conditionings
+        take ``cond`` (a tensor, or the (c_concat, c_crossattn) pair for "hybrid"). Every
+        ``GaussianDiffusion.sample`` option applies (sampler, steps, eta, seed, x_T in latent
+        space, ...). ``return_all_timesteps`` decodes every step: (B, S + 1, C, H, W).
+        ``return_latents`` returns the scaled latents (B, z, h, w) undecoded.
+        """
+        if cond is not None:
+            if not hasattr(GaussianDiffusion, "model_condition"):
+                raise ValueError("sampling with concat / hybrid / context conditioning needs "
+                                 "GaussianDiffusion.denoiser to pass conditions through a `model_condition` hook, "
+                                 "which this version lacks; class-conditional and unconditional sampling work")
+            if not self.model.tensor_conditioning:
+                raise ValueError("this model is unconditional or class-conditional: pass `classes`, not `cond`")
+            if "classes" in kwargs:
+                raise ValueError("pass either `cond` or `classes`")
+            kwargs["classes"] = cond
+        elif self.model.tensor_conditioning:
+            raise ValueError(f"conditioning_key={self.conditioning_key!r} needs `cond` to sample")
+        latents = super().sample(batch_size, return_all_timesteps, **kwargs)
+        if return_latents:
+            return latents
+        if return_all_timesteps:
+            b, s = latents.shape[:2]
+            frames = self.decode_to_images(latents.reshape((b * s,) + tuple(latents.shape[2:])))
+            return frames.reshape((b, s) + tuple(frames.shape[1:]))
+        return self.decode_to_images(latents)
+
+    def model_condition(self, classes, batch_size: int):
+        """The conditioning tensor(s) the denoiser receives at sampling time.
+
+        Class labels are checked and converted by GaussianDiffusion; tensor conditionings
+        (concat maps (B, Cc, h, w), cross-attention contexts (B, M, D), hybrid pairs) must have
+        ``batch_size`` rows and pass through unchanged.
+        """
+        if not self.model.tensor_conditioning or classes is None:
+            return super().model_condition(classes, batch_size)
+        parts = classes if isinstance(classes, (tuple, list)) else (classes,)
+        if self.conditioning_key == "hybrid" and len(parts) != 2:
+            raise ValueError("hybrid conditioning takes cond=(c_concat, c_crossattn)")
+        tensors = tuple(p if isinstance(p, Tensor) else Tensor(np.asarray(p, np.float32)) for p in parts)
+        for p in tensors:
+            if p.shape[0] != batch_size:
+                raise ValueError(f"the conditioning has {p.shape[0]} rows for a batch of {batch_size}")
+        return tensors if self.conditioning_key == "hybrid" else tensors[0]
