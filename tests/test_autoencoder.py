@@ -196,7 +196,8 @@ def test_autoencoder_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     ref = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2,
                                   block_out_channels=(32, 64), layers_per_block=1, sample_size=16).eval()
     with torch.no_grad():  # non-trivial norms so gamma/beta mix-ups show
         for name, p in ref.named_parameters():

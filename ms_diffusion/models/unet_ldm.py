@@ -54,7 +54,7 @@ def make_upsample(channels: int, use_conv: bool, out_channels: Optional[int] = N
 
 
 class Downsample(nn.Cell):
-    """x1/2: 3x3 stride-2 conv with padding 1 (param ``op``) or 2x2 average pooling. (B, C, H, W) -> (B, C', H/2, W/2)."""
+    """x1/2: 3x3 stride-2 conv, padding 1 (param ``op``), or 2x2 average pooling. (B, C, H, W) -> (B, C', H/2, W/2)."""
 
     def __init__(self, channels: int, use_conv: bool, out_channels: Optional[int] = None):
         super().__init__()
@@ -72,7 +72,7 @@ class Downsample(nn.Cell):
 
 
 class ResBlock(nn.Cell):
-    """ldm ResBlock: GroupNorm-SiLU-conv, + time embedding (added, or FiLM scale/shift), GroupNorm-SiLU-dropout-zero conv.
+    """ldm ResBlock: GroupNorm-SiLU-conv, + time embedding (added, or FiLM scale/shift), GroupNorm-SiLU-dropout-conv.
 
     x (B, C, H, W), emb (B, emb_channels) -> (B, out_channels, H', W') with H' = H, 2H (up) or H/2 (down).
     """
