@@ -75,7 +75,7 @@ def test_loss_and_gradients_for_every_conditioning_key(key):
     if key == "crossattn":
         assert any(p.name == "model.cond_stage_model.embedding.embedding_table" for p in params)
     times, noise, pnoise = _inputs(ldm)
-    loss, grads = ms.value_and_grad(ldm, None, params)(_images(), _cond(key), times, noise, pnoise, 0.0)
+    loss, grads = ms.value_and_grad(ldm, None, params)(_images(), _cond(key), times, noise, False, 0.0, "mean", pnoise)
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert all(np.isfinite(g.asnumpy()).all() for g in grads)
     assert any(np.abs(g.asnumpy()).max() > 0 for g in grads)
@@ -87,7 +87,7 @@ def test_loss_is_its_definition_and_label_dropout_uses_the_null_class():
     x = _images()
     times, noise, pnoise = _inputs(ldm, 1)
     labels = _cond("crossattn")
-    loss = float(ldm(x, labels, times, noise, pnoise, 0.0))
+    loss = float(ldm(x, labels, times, noise, False, 0.0, "mean", pnoise))
 
     moments = ldm.first_stage_model.encode_moments(x * 2.0 - 1.0).asnumpy()
     mean, logvar = np.split(moments, 2, axis=1)
@@ -99,8 +99,8 @@ def test_loss_is_its_definition_and_label_dropout_uses_the_null_class():
     np.testing.assert_allclose(loss, np.mean((eps - noise.asnumpy()) ** 2), rtol=1e-4)
 
     null = ms.Tensor(np.full((B,), 3, np.int32))
-    dropped = float(ldm(x, labels, times, noise, pnoise, 1.0))
-    np.testing.assert_allclose(dropped, float(ldm(x, null, times, noise, pnoise, 0.0)), rtol=1e-6)
+    dropped = float(ldm(x, labels, times, noise, False, 1.0, "mean", pnoise))
+    np.testing.assert_allclose(dropped, float(ldm(x, null, times, noise, False, 0.0, "mean", pnoise)), rtol=1e-6)
     assert abs(dropped - loss) > 1e-7
 
 
@@ -134,8 +134,11 @@ def test_training_inputs_and_graph_mode_equal_pynative():
     inputs = ldm.training_inputs(x.asnumpy(), np.random.default_rng(0), np.array([1, 2]))
     assert inputs["noise"].shape == inputs["posterior_noise"].shape == (B, 4, 8, 8)
     assert inputs["times"].shape == (B,) and set(inputs["classes"]) <= {1, 2, 3}
-    args = (x, ms.Tensor(inputs["classes"]), ms.Tensor(inputs["times"]), ms.Tensor(inputs["noise"]),
-            ms.Tensor(inputs["posterior_noise"]), 0.0)
+    assert inputs["self_cond"] is False
+    args = (x, ms.Tensor(inputs["classes"]), ms.Tensor(inputs["times"]), ms.Tensor(inputs["noise"]), False, 0.0,
+            "mean", ms.Tensor(inputs["posterior_noise"]))
+    # the Trainer's call for GaussianDiffusion works unchanged (posterior noise then drawn in the graph)
+    assert np.isfinite(float(ldm(x, args[1], args[2], args[3], inputs["self_cond"], 0.0)))
     params = ldm.trainable_params()
     step = ms.value_and_grad(ldm, None, params)
     eager_loss, eager_grads = step(*args)

@@ -170,10 +170,12 @@ class LatentDenoiser(nn.Cell):
 class LatentDiffusion(GaussianDiffusion):
     """Diffusion on ``scale_factor * z``, z ~ q(z | x) of a frozen ``AutoencoderKL``.
 
-    ``construct(img, cond=None, times=None, noise=None, posterior_noise=None, cond_drop_prob=None,
-    loss_reduction="mean")`` -> loss; img (B, C, H, W) in [0, 1] (``auto_normalize``, default) or
-    [-1, 1]; ``times`` / ``noise`` (latent-shaped) / ``posterior_noise`` (latent-shaped) are drawn
-    in the graph when omitted, or on the host with ``training_inputs``. ``sample`` returns images
+    ``construct(img, cond=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
+    loss_reduction="mean", posterior_noise=None)`` -> loss: GaussianDiffusion's signature (so a
+    trainer calls both alike) plus ``posterior_noise``; img (B, C, H, W) in [0, 1]
+    (``auto_normalize``, default) or [-1, 1]; ``times`` / ``noise`` (latent-shaped) /
+    ``posterior_noise`` (latent-shaped) are drawn in the graph when omitted, or on the host with
+    ``training_inputs``; ``self_cond`` is accepted and ignored (ldm has no self-conditioning). ``sample`` returns images
     in [0, 1] (or [-1, 1]). Diffusion options not given take ``LDM_DIFFUSION_DEFAULTS``; any
     GaussianDiffusion keyword is accepted (``learn_logvar``, ``l_simple_weight``,
     ``original_elbo_weight``, ``sampling_timesteps``, ...).
@@ -283,8 +285,8 @@ class LatentDiffusion(GaussianDiffusion):
 
     # ------------------------------------------------------------------ training
 
-    def construct(self, img, cond=None, times=None, noise=None, posterior_noise=None, cond_drop_prob=None,
-                  loss_reduction: str = "mean"):
+    def construct(self, img, cond=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
+                  loss_reduction: str = "mean", posterior_noise=None):
         self.check_pixel_images(img.shape)
         moments = self.first_stage_model.encode_moments(self.normalize_images(img))
         z = ops.stop_gradient(self.get_first_stage_encoding(moments, posterior_noise))
@@ -297,14 +299,13 @@ class LatentDiffusion(GaussianDiffusion):
                         classes: Optional[np.ndarray] = None) -> Dict[str, object]:
         """GaussianDiffusion's host-drawn batch inputs for latents, plus ``posterior_noise``.
 
-        Returns numpy ``times`` (B,), latent-shaped ``noise`` and ``posterior_noise``, and the
-        labels after dropout in ``classes`` (class-conditional models; None otherwise). Pass them
-        to the loss with ``cond_drop_prob=0.0``.
+        Returns numpy ``times`` (B,), latent-shaped ``noise`` and ``posterior_noise``, the labels
+        after dropout in ``classes`` (class-conditional models; None otherwise) and ``self_cond``
+        (always False). Pass them to the loss with ``cond_drop_prob=0.0``.
         """
         shape = self.latent_shape(int(np.shape(images)[0]))
         out = super().training_inputs(np.zeros(shape, np.float32), rng, classes)
         out["posterior_noise"] = rng.standard_normal(shape).astype(np.float32)
-        out.pop("self_cond", None)
         return out
 
     # ------------------------------------------------------------------ sampling
