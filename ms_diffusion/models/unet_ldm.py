@@ -150,12 +150,13 @@ class AttentionBlock(nn.Cell):
         b, c, h, w = x.shape
         n = h * w
         qkv = self.qkv(self.norm(x))
-        if self.new_order:
-            qkv = qkv.reshape(b, 3, self.num_heads, self.head_dim, n)
-            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-        else:
-            qkv = qkv.reshape(b, self.num_heads, 3, self.head_dim, n)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        # ops.chunk rather than strided slicing (several times faster on MindSpore CPU)
+        if self.new_order:   # [q | k | v], each split into heads
+            q, k, v = ops.chunk(qkv.reshape(b, 3 * c, n), 3, axis=1)
+        else:                # heads, each [q | k | v]
+            q, k, v = ops.chunk(qkv.reshape(b * self.num_heads, 3 * self.head_dim, n), 3, axis=1)
+        shape = (b, self.num_heads, self.head_dim, n)
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         out = attention(q.swapaxes(-1, -2), k.swapaxes(-1, -2), v.swapaxes(-1, -2), self.head_dim ** -0.5,
                         self.use_flash)                                       # (b, heads, n, d)
         out = out.swapaxes(-1, -2).reshape(b, c, h, w)
