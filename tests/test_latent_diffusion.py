@@ -68,8 +68,10 @@ def _inputs(ldm, seed=0):
 
 @pytest.mark.parametrize("key", [None, "concat", "crossattn", "crossattn_context", "hybrid", "adm"])
 def test_loss_and_gradients_for_every_conditioning_key(key):
-    ldm = _build(key)
+    ldm = _build(key, **({"learn_logvar": True, "original_elbo_weight": 0.1} if key is None else {}))
     params = ldm.trainable_params()
+    if key is None:   # GaussianDiffusion's per-timestep learned logvar and ELBO term carry over
+        assert any(p.name == "logvar" and p.shape == (100,) for p in params)
     assert params and not any("first_stage_model" in p.name for p in params)
     assert any(p.name.startswith("model.diffusion_model.input_blocks") for p in params)
     if key == "crossattn":
