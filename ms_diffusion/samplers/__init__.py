@@ -1,10 +1,29 @@
 """Samplers: pure loops over a denoiser ``(x, t, x_self_cond) -> (eps, x0)`` and a NoiseSchedule.
 
-``run_sampler(name, ...)`` is the one entry point the diffusion classes and ``sample.py`` use.
+``run_sampler(name, ...)`` is the one entry point the diffusion classes and ``sample.py`` use;
+``SAMPLER_NAMES`` lists the samplers it runs (noise -> data). ``ddim_invert`` runs the other way
+(data -> noise) for editing. The contract every sampler relies on is in ``samplers.base``, the
+options every sampler shares (self-conditioning, inpainting, trajectory, callback, progress) in
+``samplers.loop``.
+
+======== =================================================== ========================================
+name     sampler                                             options beyond the loop's
+======== =================================================== ========================================
+ddpm     ancestral DDPM, all T steps or a subset              steps, timesteps, spacing, steps_offset,
+                                                             temperature, noise_dropout
+ddim     DDIM                                                steps, timesteps, prev_timesteps, spacing,
+                                                             steps_offset, eta, final_alpha_cumprod,
+                                                             temperature, noise_dropout
+plms     PLMS (ldm) = PNDM with skip_prk_steps (diffusers)   steps, timesteps, prev_timesteps, spacing,
+                                                             steps_offset, final_alpha_cumprod
+dpmpp    DPM-Solver++ multistep                              steps, timesteps, spacing, steps_offset,
+                                                             order, lower_order_final, karras
+======== =================================================== ========================================
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import inspect
+from typing import Any, Callable, Dict
 
 import mindspore as ms
 import numpy as np
@@ -12,37 +31,57 @@ import numpy as np
 from ms_diffusion.samplers.base import Denoise, SampleResult, Trajectory, gaussian, make_rng
 from ms_diffusion.samplers.ddim import ddim_sample
 from ms_diffusion.samplers.ddpm import ddpm_sample
-from ms_diffusion.schedules import NoiseSchedule, sampling_timesteps
+from ms_diffusion.samplers.dpm_solver import dpmpp_sample
+from ms_diffusion.samplers.inversion import ddim_invert
+from ms_diffusion.samplers.levels import NoiseLevel
+from ms_diffusion.samplers.loop import LOOP_OPTIONS
+from ms_diffusion.samplers.plms import plms_sample
+from ms_diffusion.samplers.thresholding import CLIP_MODES, clip_x0, resolve_clip
+from ms_diffusion.schedules import NoiseSchedule
 
-__all__ = ["SAMPLER_NAMES", "run_sampler", "ddpm_sample", "ddim_sample", "SampleResult", "Trajectory",
-           "make_rng", "gaussian"]
+__all__ = ["SAMPLER_NAMES", "SAMPLER_ALIASES", "run_sampler", "sampler_options", "resolve_sampler",
+           "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "ddim_invert",
+           "SampleResult", "Trajectory", "NoiseLevel", "make_rng", "gaussian", "CLIP_MODES", "clip_x0", "resolve_clip"]
 
-SAMPLER_NAMES = ("ddpm", "ddim")
+_SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "plms": plms_sample,
+    "dpmpp": dpmpp_sample,
+}
+SAMPLER_NAMES = tuple(_SAMPLERS)
+SAMPLER_ALIASES = {"pndm": "plms", "dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm_solver++": "dpmpp",
+                   "dpm-solver++": "dpmpp"}
 
 
-def run_sampler(name: str, denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator, *,
-                steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None, eta: float = 0.0,
-                spacing: str = "lucidrains", steps_offset: int = 0, final_alpha_cumprod: float = 1.0,
-                self_condition: bool = False, log_every_t: int = 0, callback=None,
-                progress: bool = False) -> SampleResult:
+def resolve_sampler(name: str) -> str:
+    """The canonical sampler name for ``name`` (case-insensitive, aliases allowed); ValueError if unknown."""
+    key = str(name).lower()
+    key = SAMPLER_ALIASES.get(key, key)
+    if key not in _SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLER_NAMES} "
+                         f"(aliases: {', '.join(sorted(SAMPLER_ALIASES))})")
+    return key
+
+
+def sampler_options(name: str) -> tuple:
+    """The keyword options sampler ``name`` accepts (its own and the shared loop options)."""
+    fn = _SAMPLERS[resolve_sampler(name)]
+    own = [p.name for p in inspect.signature(fn).parameters.values()
+           if p.kind == inspect.Parameter.KEYWORD_ONLY]
+    return tuple(own) + LOOP_OPTIONS
+
+
+def run_sampler(name: str, denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator,
+                **options: Any) -> SampleResult:
     """Sample with sampler ``name`` from noise ``x`` (B, C, H, W); returns the result in model space.
 
-    ``steps`` network evaluations on the ``spacing`` grid (see ``schedules.sampling_timesteps``),
-    or explicit descending ``timesteps``.
+    ``options`` are the sampler's keyword arguments (see the table in this module's docstring and
+    each sampler's docstring); an option the sampler does not take is a ValueError naming it.
     """
-    T = schedule.num_timesteps
-    common = dict(self_condition=self_condition, log_every_t=log_every_t, callback=callback, progress=progress)
-    if name == "ddpm":
-        if timesteps is None and steps not in (None, T):
-            raise ValueError(f"ancestral DDPM runs all {T} steps; for {steps} steps use sampler='ddim' "
-                             f"(eta=1 gives DDPM-like noise)")
-        return ddpm_sample(denoise, schedule, x, rng, timesteps=timesteps, **common)
-    if name == "ddim":
-        if timesteps is not None:
-            ts = np.asarray(timesteps, dtype=np.int64)
-            prev = np.append(ts[1:], -1)
-        else:
-            ts, prev = sampling_timesteps(T, steps or T, spacing, steps_offset)
-        return ddim_sample(denoise, schedule, x, rng, timesteps=ts, prev_timesteps=prev, eta=eta,
-                           final_alpha_cumprod=final_alpha_cumprod, **common)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLER_NAMES}")
+    key = resolve_sampler(name)
+    allowed = sampler_options(key)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"sampler {key!r} does not take option(s) {unknown}; it takes {sorted(allowed)}")
+    return _SAMPLERS[key](denoise, schedule, x, rng, **options)
