@@ -466,6 +466,23 @@ class GaussianDiffusion(nn.Cell):
             return eps, x0
         return eps, x0, self.learned_log_variance(t, var_frac, x.ndim)
 
+    def model_condition(self, classes, batch_size: int) -> Optional[Tensor]:
+        """The conditioning the denoiser passes to the network at sampling time (its 4th input).
+
+        Class labels (B,) int32 in [0, num_classes] (num_classes is the null class) for a
+        class-conditional model, None otherwise. Subclasses with other conditionings override it
+        (``LatentDiffusion``: concat maps, cross-attention contexts).
+        """
+        if classes is None or self.num_classes is None:
+            return None
+        labels = np.asarray(classes.asnumpy() if isinstance(classes, Tensor) else classes)
+        if labels.shape != (batch_size,):
+            raise ValueError(f"classes must have shape ({batch_size},), got {labels.shape}")
+        if labels.size and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(f"classes must lie in [0, {self.num_classes - 1}] ({self.num_classes} is the "
+                             f"null class), got {labels.min()}..{labels.max()}")
+        return Tensor(labels.astype(np.int32))
+
     def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
                  guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
                  threshold_ratio: float = 0.995, sample_max_value: float = 1.0):
@@ -474,20 +491,15 @@ class GaussianDiffusion(nn.Cell):
         The contract is in ``ms_diffusion.samplers.base``. The network call, guidance, the conversion
         to (eps, x0) and clipping run as one jit-compiled graph, compiled once per configuration and
         reused for every timestep (t, the level coefficients and the guidance weights are tensors).
-        ``classes`` (B,) int in [0, num_classes) for a class-conditional model (None: unconditional);
-        ``guidance_scale`` != 1 runs classifier-free guidance; ``clip_denoised``: True / "static"
+        ``classes``: the network's conditioning through ``model_condition`` (class labels (B,) in
+        [0, num_classes) for a class-conditional model; None: unconditional); ``guidance_scale``
+        != 1 runs classifier-free guidance; ``clip_denoised``: True / "static"
         clips x0 to [-1, 1], "dynamic" applies Imagen's dynamic thresholding (``threshold_ratio``
         quantile, ``sample_max_value``), False / "none" nothing; None uses the constructor's choice.
         """
-        if self.num_classes is not None and classes is not None:
-            cls_np = np.asarray(classes.asnumpy() if isinstance(classes, Tensor) else classes)
-            if cls_np.shape != (batch_size,):
-                raise ValueError(f"classes must have shape ({batch_size},), got {cls_np.shape}")
-            if cls_np.size and (cls_np.min() < 0 or cls_np.max() > self.num_classes):
-                raise ValueError(f"classes must lie in [0, {self.num_classes - 1}] ({self.num_classes} is the "
-                                 f"null class), got {cls_np.min()}..{cls_np.max()}")
+        cond = self.model_condition(classes, batch_size)
         guided = float(guidance_scale) != 1.0
-        if guided and (self.num_classes is None or classes is None):
+        if guided and (self.num_classes is None or cond is None):
             raise ValueError("guidance_scale != 1 needs a class-conditional model (Unet(num_classes=...)) "
                              "and classes to guide towards")
         if not 0.0 <= guidance_rescale <= 1.0:
@@ -500,7 +512,6 @@ class GaussianDiffusion(nn.Cell):
         if self._predict_fn is None:
             self._predict_fn = maybe_jit(self._predict)
         fn = self._predict_fn
-        cls = None if classes is None or self.num_classes is None else Tensor(cls_np.astype(np.int32))
         scale = Tensor(np.float32(guidance_scale))
         rescale = Tensor(np.float32(guidance_rescale))
         consts = (guided, float(guidance_rescale) > 0.0, clip, float(threshold_ratio), float(sample_max_value))
@@ -516,7 +527,7 @@ class GaussianDiffusion(nn.Cell):
                 cache[key] = (Tensor(np.full((batch_size,), key[0], np.int32)), Tensor(np.float32(math.sqrt(ac))),
                               Tensor(np.float32(math.sqrt(1.0 - ac))))
             tt, alpha, sigma = cache[key]
-            return fn(x, tt, x_self_cond, cls, alpha, sigma, scale, rescale, *consts)
+            return fn(x, tt, x_self_cond, cond, alpha, sigma, scale, rescale, *consts)
 
         return denoise
 

@@ -68,7 +68,8 @@ class SamplingLoop:
         """Record the starting sample x (B, C, H, W) at timestep t; checks the inpainting shapes."""
         if self.known is not None:
             if tuple(self.known.shape) != tuple(x.shape):
-                raise ValueError(f"inpainting x0 has shape {tuple(self.known.shape)} but the sample is {tuple(x.shape)}")
+                raise ValueError(f"inpainting x0 has shape {tuple(self.known.shape)} but the sample is "
+                                 f"{tuple(x.shape)}")
             try:
                 np.broadcast_shapes(tuple(self.mask.shape), tuple(x.shape))
             except ValueError:
