@@ -327,10 +327,6 @@ class LatentDiffusion(GaussianDiffusion):
         ``return_latents`` returns the scaled latents (B, z, h, w) undecoded.
         """
         if cond is not None:
-            if not hasattr(GaussianDiffusion, "model_condition"):
-                raise ValueError("sampling with concat / hybrid / context conditioning needs "
-                                 "GaussianDiffusion.denoiser to pass conditions through a `model_condition` hook, "
-                                 "which this version lacks; class-conditional and unconditional sampling work")
             if not self.model.tensor_conditioning:
                 raise ValueError("this model is unconditional or class-conditional: pass `classes`, not `cond`")
             if "classes" in kwargs:
@@ -348,7 +344,7 @@ class LatentDiffusion(GaussianDiffusion):
         return self.decode_to_images(latents)
 
     def model_condition(self, classes, batch_size: int):
-        """The conditioning tensor(s) the denoiser receives at sampling time.
+        """The conditioning tensor(s) the denoiser receives at sampling time (GaussianDiffusion's hook).
 
         Class labels are checked and converted by GaussianDiffusion; tensor conditionings
         (concat maps (B, Cc, h, w), cross-attention contexts (B, M, D), hybrid pairs) must have
