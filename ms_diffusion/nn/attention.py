@@ -26,17 +26,33 @@ def flash_attention_available(head_dim: int) -> bool:
     return device == "Ascend" and head_dim % 16 == 0 and head_dim <= 256
 
 
-def attention(q, k, v, scale: float, use_flash: bool = False):
-    """softmax(q k^T * scale) v.  q: (B, H, N, D), k/v: (B, H, M, D) -> (B, H, N, D)."""
+_BMM_T_A = ops.BatchMatMul(transpose_a=True)
+_BMM_T_B = ops.BatchMatMul(transpose_b=True)
+
+
+def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bool = False):
+    """softmax(q k^T * scale) v over the last-but-one (token) axis.
+
+    ``channels_first=False``: q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D).
+    ``channels_first=True``:  q (B, H, D, N), k/v (B, H, D, M) -> (B, H, D, N), the layout a 1x1
+    convolution produces; no transposes are made on the matmul path (transpose flags instead).
+    """
     if use_flash:
+        if channels_first:
+            q, k, v = q.swapaxes(-1, -2), k.swapaxes(-1, -2), v.swapaxes(-1, -2)
         head_num = q.shape[1]
         dtype = q.dtype if q.dtype in (ms.float16, ms.bfloat16) else ms.float16
         out = ops.flash_attention_score(q.astype(dtype), k.astype(dtype), v.astype(dtype), head_num,
                                         scalar_value=scale, input_layout="BNSD")
-        return cast_like(out, q)
-    sim = ops.matmul(q, k.swapaxes(-1, -2))
-    attn = ops.softmax(to_float32(sim) * scale, axis=-1)
-    return ops.matmul(cast_like(attn, v), v)
+        out = cast_like(out, q)
+        return out.swapaxes(-1, -2) if channels_first else out
+    if channels_first:
+        sim = _BMM_T_A(q, k)                                   # (B, H, N, M)
+        attn = cast_like(ops.softmax(to_float32(sim) * scale, axis=-1), v)
+        return _BMM_T_B(v, attn)                               # (B, H, D, N)
+    sim = _BMM_T_B(q, k)
+    attn = cast_like(ops.softmax(to_float32(sim) * scale, axis=-1), v)
+    return ops.matmul(attn, v)
 
 
 def make_channel_norm(kind: Optional[str], dim: int) -> nn.Cell:
@@ -77,19 +93,18 @@ class Attention(nn.Cell):
     def construct(self, x):
         b, _, h, w = x.shape
         n = h * w
-        qkv = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.dim_head, n)
-        q = qkv[:, 0].swapaxes(-1, -2)  # (b, heads, n, d)
-        k = qkv[:, 1].swapaxes(-1, -2)
-        v = qkv[:, 2].swapaxes(-1, -2)
+        # chunk, not qkv[:, i]: strided slicing is several times slower on MindSpore CPU
+        q, k, v = ops.chunk(self.to_qkv(self.norm(x)), 3, axis=1)
+        q = q.reshape(b, self.heads, self.dim_head, n)        # (b, heads, d, n)
+        k = k.reshape(b, self.heads, self.dim_head, n)
+        v = v.reshape(b, self.heads, self.dim_head, n)
         if self.num_mem_kv > 0:
-            mem = cast_like(self.mem_kv, x)
-            mk = ops.broadcast_to(mem[0][None], (b, self.heads, self.num_mem_kv, self.dim_head))
-            mv = ops.broadcast_to(mem[1][None], (b, self.heads, self.num_mem_kv, self.dim_head))
-            k = ops.cat((mk, k), axis=2)
-            v = ops.cat((mv, v), axis=2)
-        out = attention(q, k, v, self.scale, self.use_flash)  # (b, heads, n, d)
-        out = out.swapaxes(-1, -2).reshape(b, self.heads * self.dim_head, h, w)
-        return self.to_out(out)
+            mem = cast_like(self.mem_kv, x).swapaxes(-1, -2)  # (2, heads, d, m)
+            shape = (b, self.heads, self.dim_head, self.num_mem_kv)
+            k = ops.cat((ops.broadcast_to(mem[0][None], shape), k), axis=-1)
+            v = ops.cat((ops.broadcast_to(mem[1][None], shape), v), axis=-1)
+        out = attention(q, k, v, self.scale, self.use_flash, channels_first=True)
+        return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 
 class LinearAttention(nn.Cell):
@@ -119,18 +134,21 @@ class LinearAttention(nn.Cell):
     def construct(self, x):
         b, _, h, w = x.shape
         n = h * w
-        qkv = self.to_qkv(self.norm(x)).reshape(b, 3, self.heads, self.dim_head, n)
-        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # (b, heads, d, n)
+        q, k, v = ops.chunk(self.to_qkv(self.norm(x)), 3, axis=1)
+        q = q.reshape(b, self.heads, self.dim_head, n)        # (b, heads, d, n)
+        k = k.reshape(b, self.heads, self.dim_head, n)
+        v = v.reshape(b, self.heads, self.dim_head, n)
         if self.num_mem_kv > 0:
-            mem = cast_like(self.mem_kv, x)
-            mk = ops.broadcast_to(mem[0][None], (b, self.heads, self.dim_head, self.num_mem_kv))
-            mv = ops.broadcast_to(mem[1][None], (b, self.heads, self.dim_head, self.num_mem_kv))
-            k = ops.cat((mk, k), axis=-1)
-            v = ops.cat((mv, v), axis=-1)
-        q = cast_like(ops.softmax(to_float32(q), axis=-2), x) * self.scale
+            mem = cast_like(self.mem_kv, x)                    # (2, heads, d, m)
+            shape = (b, self.heads, self.dim_head, self.num_mem_kv)
+            k = ops.cat((ops.broadcast_to(mem[0][None], shape), k), axis=-1)
+            v = ops.cat((ops.broadcast_to(mem[1][None], shape), v), axis=-1)
+        # softmax over the feature axis, taken on the last axis: MindSpore CPU's softmax (and its
+        # gradient) over a middle axis is ~2x slower than transposing there and back
+        q = cast_like(ops.softmax(to_float32(q).swapaxes(-1, -2), axis=-1), x).swapaxes(-1, -2) * self.scale
         k = cast_like(ops.softmax(to_float32(k), axis=-1), x)
         if self.scale_v_by_positions:
             v = v / n
-        context = ops.matmul(k, v.swapaxes(-1, -2))          # (b, heads, d, e)
-        out = ops.matmul(context.swapaxes(-1, -2), q)        # (b, heads, e, n)
+        context = _BMM_T_B(k, v)                               # (b, heads, d, e)
+        out = _BMM_T_A(context, q)                             # (b, heads, e, n)
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))

@@ -58,23 +58,30 @@ class EMA:
         online_params = dict(online.parameters_and_names())
         shadow_params = dict(shadow.parameters_and_names())
         pairs: List[Tuple[Parameter, Parameter]] = []
+        buffers: List[Tuple[Parameter, Parameter]] = []
         for name, p in online_params.items():
-            if not p.requires_grad:
-                continue
             if name not in shadow_params or tuple(shadow_params[name].shape) != tuple(p.shape):
                 raise ValueError(f"EMA copy has no parameter matching {name!r} {tuple(p.shape)}")
+            # trainable weights are averaged; the rest (e.g. a measured latent scale_factor, a fixed
+            # logvar) is copied as is, like ema-pytorch's buffers
+            (pairs if p.requires_grad else buffers).append((shadow_params[name], p))
             shadow_params[name].requires_grad = False
-            pairs.append((shadow_params[name], p))
         self.shadow_params = ms.ParameterTuple([s for s, _ in pairs])
         self.online_params = ms.ParameterTuple([o for _, o in pairs])
+        self.shadow_buffers = ms.ParameterTuple([s for s, _ in buffers])
+        self.online_buffers = ms.ParameterTuple([o for _, o in buffers])
         self._hyper = ops.HyperMap()
         self._lerp_fn = maybe_jit(self._lerp_all)
         self._copy_fn = maybe_jit(self._copy_all)
 
     def _lerp_all(self, decay):
+        if self.shadow_buffers:
+            self._hyper(_copy, self.shadow_buffers, self.online_buffers)
         return self._hyper(ops.partial(_lerp, decay), self.shadow_params, self.online_params)
 
     def _copy_all(self):
+        if self.shadow_buffers:
+            self._hyper(_copy, self.shadow_buffers, self.online_buffers)
         return self._hyper(_copy, self.shadow_params, self.online_params)
 
     def current_decay(self, updates: int) -> float:

@@ -131,8 +131,11 @@ class Trainer:
         scaler = make_loss_scaler(scale_kind, self.cfg.loss_scale_init, self.cfg.loss_scale_factor,
                                   self.cfg.loss_scale_window)
 
-        def loss_fn(images, times, noise, classes, self_cond):
-            return diffusion(images, classes, times, noise, self_cond, 0.0)
+        def loss_fn(images, times, noise, classes, self_cond, posterior_noise):
+            if posterior_noise is None:
+                return diffusion(images, classes, times, noise, self_cond, 0.0)
+            # latent diffusion: the first stage's posterior sample is host-drawn too (exact resume)
+            return diffusion(images, classes, times, noise, self_cond, 0.0, "mean", posterior_noise)
 
         self.step_fn = TrainStep(loss_fn, self.optimizer, grad_accum=self.cfg.grad_accum,
                                  clip_grad_norm=self.cfg.clip_grad_norm, loss_scaler=scaler, grad_reducer=grad_reducer)
@@ -278,8 +281,10 @@ class Trainer:
                 images, labels = next(batches)
                 inputs = self.diffusion.training_inputs(images, self.rng, labels if self.conditional else None)
                 classes = Tensor(inputs["classes"]) if inputs["classes"] is not None else None
+                posterior = inputs.get("posterior_noise")
                 loss, norm, finite = self.step_fn(Tensor(images), Tensor(inputs["times"]), Tensor(inputs["noise"]),
-                                                  classes, inputs["self_cond"])
+                                                  classes, inputs["self_cond"],
+                                                  None if posterior is None else Tensor(posterior))
                 window.append(loss)
                 if norm is None:
                     continue  # accumulating micro-batches
