@@ -14,6 +14,7 @@ config can only name registered classes (no dotted-path imports).
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import difflib
@@ -113,7 +114,7 @@ def _coerce(value, annotation, where: str):
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(annotation)}")
-    if origin in (tuple, list, typing.Sequence, Sequence) or annotation in (tuple, list):
+    if origin in (tuple, list, collections.abc.Sequence) or annotation in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         if args and origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -124,7 +125,7 @@ def _coerce(value, annotation, where: str):
             return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
         item = args[0] if args else Any
         return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, typing.Dict, Mapping) or annotation is dict:
+    if origin in (dict, collections.abc.Mapping) or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)

@@ -86,5 +86,5 @@ def current_lr(optimizer: nn.Optimizer) -> float:
     """The learning rate the next update will use (evaluated eagerly; for logging)."""
     lr = optimizer.learning_rate
     if isinstance(lr, LearningRateSchedule):
-        return float(lr(optimizer.global_step).asnumpy())
+        return float(lr(optimizer.global_step).asnumpy().reshape(-1)[0])
     return float(Tensor(lr).asnumpy().reshape(-1)[0])

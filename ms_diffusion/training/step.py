@@ -135,7 +135,9 @@ class TrainStep:
 def make_loss_scaler(kind: str, init_scale: float = 2.0 ** 16, factor: float = 2.0, window: int = 1000):
     """``"dynamic"`` (MindSpore's DynamicLossScaler), ``"static"`` (fixed scale) or ``"none"``."""
     if kind == "dynamic":
-        return DynamicLossScaler(init_scale, factor, window)
+        if float(factor) != int(factor) or int(factor) < 2:
+            raise ValueError(f"loss_scale_factor must be an integer >= 2 for dynamic loss scaling, got {factor}")
+        return DynamicLossScaler(float(init_scale), int(factor), int(window))
     if kind == "static":
         return StaticLossScaler(init_scale)
     if kind == "none":

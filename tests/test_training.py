@@ -1,0 +1,204 @@
+"""Train step, loss scaling, accumulation, clipping, LR schedules, EMA, atomic checkpoints, mixed precision."""
+import math
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn, ops
+from mindspore.amp import DynamicLossScaler
+
+from ms_diffusion import GaussianDiffusion, Unet
+from ms_diffusion.training import EMA, TrainConfig, Trainer, TrainStep, build_lr_schedule
+from ms_diffusion.training.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, prune_checkpoints,
+                                              save_checkpoint)
+from ms_diffusion.training.optim import current_lr
+
+
+def _dense(seed=0):
+    ms.set_seed(seed)
+    np.random.seed(seed)
+    return nn.Dense(4, 3)
+
+
+def _mse(net):
+    def loss_fn(x, y):
+        d = net(x) - y
+        return (d * d).mean()
+    return loss_fn
+
+
+def _data(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return Tensor(rng.standard_normal((n, 4)).astype(np.float32)), Tensor(rng.standard_normal((n, 3)).astype(np.float32))
+
+
+def test_overflow_skips_update_and_halves_scale():
+    net = _dense()
+    opt = nn.Adam(net.trainable_params(), learning_rate=0.1)
+    step = TrainStep(_mse(net), opt, loss_scaler=DynamicLossScaler(1024.0, 2, 1000))
+    x, y = _data()
+    before = net.weight.asnumpy().copy()
+    loss, norm, finite = step(x * np.float32(np.inf), y)        # non-finite gradients
+    assert not bool(finite.asnumpy())
+    np.testing.assert_array_equal(net.weight.asnumpy(), before)  # update skipped
+    assert step.loss_scale == 512.0
+    assert int(opt.global_step.asnumpy().reshape(-1)[0]) == 0                    # the LR schedule did not advance
+    loss, norm, finite = step(x, y)
+    assert bool(finite.asnumpy()) and np.abs(net.weight.asnumpy() - before).max() > 0
+    assert step.loss_scale == 512.0 and int(opt.global_step.asnumpy().reshape(-1)[0]) == 1
+
+
+def test_loss_scaling_does_not_change_the_update():
+    x, y = _data()
+    results = []
+    for scaler in (None, DynamicLossScaler(2.0 ** 12, 2, 1000)):
+        net = _dense()
+        opt = nn.SGD(net.trainable_params(), learning_rate=0.1)
+        step = TrainStep(_mse(net), opt, loss_scaler=scaler)
+        loss, _, _ = step(x, y)
+        results.append((float(loss.asnumpy()), net.weight.asnumpy().copy()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)   # the returned loss is unscaled
+    np.testing.assert_allclose(results[0][1], results[1][1], rtol=1e-6, atol=1e-7)
+
+
+def test_accumulation_equals_one_big_batch():
+    x, y = _data(8)
+    net_a = _dense()
+    step_a = TrainStep(_mse(net_a), nn.Adam(net_a.trainable_params(), learning_rate=0.05))
+    step_a(x, y)
+    net_b = _dense()
+    step_b = TrainStep(_mse(net_b), nn.Adam(net_b.trainable_params(), learning_rate=0.05), grad_accum=2)
+    loss, norm, finite = step_b(x[:4], y[:4])
+    assert norm is None and finite is None                       # first micro-batch: no update yet
+    np.testing.assert_array_equal(net_b.weight.asnumpy(), _dense().weight.asnumpy())
+    loss, norm, finite = step_b(x[4:], y[4:])
+    assert bool(finite.asnumpy())
+    np.testing.assert_allclose(net_b.weight.asnumpy(), net_a.weight.asnumpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_by_global_norm():
+    x, y = _data()
+    net = _dense()
+    opt = nn.SGD(net.trainable_params(), learning_rate=1.0)
+    w0 = [p.asnumpy().copy() for p in net.trainable_params()]
+    ref = _dense()
+    grads = ms.grad(_mse(ref), grad_position=None, weights=ref.trainable_params())(x, y)
+    raw_norm = math.sqrt(sum(float((g.asnumpy() ** 2).sum()) for g in grads))
+    step = TrainStep(_mse(net), opt, clip_grad_norm=0.1)
+    _, norm, _ = step(x, y)
+    assert float(norm.asnumpy()) == pytest.approx(raw_norm, rel=1e-5)   # the norm before clipping is reported
+    delta = math.sqrt(sum(float(((p.asnumpy() - w) ** 2).sum()) for p, w in zip(net.trainable_params(), w0)))
+    assert delta == pytest.approx(0.1, rel=1e-4)                        # SGD lr 1: the step is the clipped grad
+
+
+def test_lr_schedules():
+    net = _dense()
+    sched = build_lr_schedule("cosine", 1e-3, warmup_steps=10, total_steps=110, min_lr=1e-5)
+    expected = {0: 1e-4, 4: 5e-4, 9: 1e-3, 10: 1e-3, 60: 1e-5 + 0.5 * (1e-3 - 1e-5), 110: 1e-5, 500: 1e-5}
+    for step, value in expected.items():
+        assert float(sched(Tensor(step, ms.int32)).asnumpy()) == pytest.approx(value, rel=1e-5)
+    const = build_lr_schedule("constant", 2e-4, warmup_steps=4)
+    assert [round(float(const(Tensor(s, ms.int32)).asnumpy()), 8) for s in (0, 1, 3, 9)] == [5e-5, 1e-4, 2e-4, 2e-4]
+    opt = nn.Adam(net.trainable_params(), learning_rate=sched)
+    assert current_lr(opt) == pytest.approx(1e-4, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown lr_schedule"):
+        build_lr_schedule("step", 1e-3)
+
+
+def test_ema_warmups_match_the_anchors():
+    online, shadow = _dense(0), _dense(1)
+    # ema-pytorch: decay 1 - (1 + k / inv_gamma) ** -power after update_after_step, k counted from there
+    ema = EMA(online, shadow, decay=0.999, warmup="inv_gamma", inv_gamma=1.0, power=2 / 3, update_after_step=2,
+              update_every=1)
+    assert ema.current_decay(3) == 0.0
+    assert ema.current_decay(4) == pytest.approx(1 - 2 ** (-2 / 3))
+    assert ema.current_decay(10 ** 9) == 0.999
+    ldm = EMA(_dense(2), _dense(3), decay=0.9999, warmup="ldm")
+    assert ldm.current_decay(1) == pytest.approx(2 / 11) and ldm.current_decay(10 ** 7) == 0.9999
+    # the update rule: shadow <- shadow - (1 - d) (shadow - online), after copying during warm-up
+    for _ in range(3):
+        ema.update()
+    np.testing.assert_array_equal(shadow.weight.asnumpy(), online.weight.asnumpy())
+    before = shadow.weight.asnumpy().copy()
+    online.weight.set_data(online.weight + 1.0)
+    ema.update()                                    # 4th update: decay(4)
+    d = ema.current_decay(4)
+    np.testing.assert_allclose(shadow.weight.asnumpy(), before - (1 - d) * (before - online.weight.asnumpy()),
+                               rtol=1e-6)
+    assert ema.state() == {"step": 4}
+
+
+def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "step_00000001.ckpt"
+    save_checkpoint(path, {"w": np.arange(6, dtype=np.float32)}, {"step": 1})
+    good = path.read_bytes()
+
+    real_save = ms.save_checkpoint
+
+    def crashing_save(items, name, **kwargs):
+        real_save(items, name, **kwargs)
+        with open(name, "r+b") as f:                 # half-written file, then the "power cut"
+            f.truncate(os.path.getsize(name) // 2)
+        raise OSError("simulated crash while writing")
+
+    monkeypatch.setattr(ms, "save_checkpoint", crashing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(path, {"w": np.zeros(6, dtype=np.float32)}, {"step": 2})
+    assert path.read_bytes() == good                 # the old checkpoint is intact
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]   # no temporary left behind
+    monkeypatch.undo()
+    arrays, meta = load_checkpoint(path)
+    np.testing.assert_array_equal(arrays["w"], np.arange(6, dtype=np.float32))
+    assert meta == {"step": 1}
+
+
+def test_checkpoint_listing_pruning_and_errors(tmp_path):
+    for step in (1, 5, 12, 30):
+        save_checkpoint(tmp_path / f"step_{step:08d}.ckpt", {"w": np.full(2, step, np.float32)}, {"step": step})
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 5, 12, 30]
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [12, 30]
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt or not a MindSpore checkpoint"):
+        load_checkpoint(tmp_path / "broken.ckpt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+class FixedBatches:
+    """An ImageSource serving the same few images every epoch (for optimisation tests)."""
+
+    def __init__(self, images, labels=None):
+        self.images = images
+        self.labels = np.zeros(len(images), np.int32) if labels is None else labels
+        self.num_samples = len(images)
+
+    def batches_per_epoch(self, batch_size):
+        return self.num_samples // batch_size
+
+    def epoch(self, epoch, batch_size, start_batch=0):
+        for b in range(start_batch, self.batches_per_epoch(batch_size)):
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            yield self.images[sl], self.labels[sl]
+
+
+def _tiny_diffusion():
+    return GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1), image_size=8, timesteps=100,
+                             objective="pred_noise", beta_schedule="cosine")
+
+
+@pytest.mark.parametrize("amp", ["O2"])
+def test_mixed_precision_training_has_finite_decreasing_loss(amp, tmp_path):
+    ms.set_seed(0)
+    images = np.random.default_rng(0).random((8, 1, 8, 8)).astype(np.float32)
+    cfg = TrainConfig(num_steps=30, batch_size=8, lr=3e-3, amp=amp, log_every=1, save_every=1000, sample_every=0,
+                      num_samples=0, export_safetensors=False, progress=False, ema_update_after_step=0)
+    trainer = Trainer(_tiny_diffusion(), _tiny_diffusion(), FixedBatches(images), cfg, tmp_path)
+    assert trainer.step_fn.loss_scale == 65536.0           # auto: dynamic loss scaling with amp
+    trainer.fit()
+    import json
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert trainer.diffusion.model.init_conv.weight.dtype == ms.float32   # master weights stay fp32
