@@ -1,0 +1,162 @@
+"""Reference features of real data, cached on disk per dataset, split, data and feature extractor.
+
+Cache folder: ``$MS_DIFFUSION_CACHE/metrics`` if that variable is set, else
+``~/.cache/ms_diffusion/metrics``. One ``.npz`` per reference holds the real features (N, D)
+float32, their mean and covariance (float64) and a JSON description. Its file name is
+
+    ref-<dataset>-<split>-<data fingerprint>-<extractor name>-<weights sha256[:16]>-<count>-v1.npz
+
+so new weights (a different SHA-256), different data files or a different image count never reuse
+old statistics. Files are written under a temporary name and renamed (atomic); delete the folder
+to clear the cache. The memorisation check caches the nearest-training-image distances of
+held-out images the same way (``memo-...npz``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from ms_diffusion.metrics.data import DatasetArrays, load_dataset_arrays
+from ms_diffusion.metrics.features import FeatureExtractor
+from ms_diffusion.metrics.frechet import GaussianStats, gaussian_stats
+from ms_diffusion.metrics.neighbours import nearest_training_distances
+
+__all__ = ["cache_dir", "Reference", "reference_features", "memorization_reference", "CACHE_ENV", "CACHE_VERSION"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+CACHE_ENV = "MS_DIFFUSION_CACHE"
+CACHE_VERSION = 1
+_MEMO: Dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    """``$MS_DIFFUSION_CACHE/metrics``, else ``~/.cache/ms_diffusion/metrics``."""
+    root = os.environ.get(CACHE_ENV)
+    return (Path(root).expanduser() if root else Path.home() / ".cache" / "ms_diffusion") / "metrics"
+
+
+@dataclass
+class Reference:
+    """Real-data features (N, D) float32 and their Gaussian statistics, with where they came from."""
+
+    features: np.ndarray
+    stats: GaussianStats
+    dataset: str
+    split: str
+    count: int
+    extractor_key: str
+    fingerprint: str
+    path: Optional[Path]
+
+    def describe(self) -> str:
+        return f"{self.dataset} {self.split} ({self.count} images)"
+
+
+def _atomic_savez(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _subset(n: int, count: Optional[int], seed: int) -> np.ndarray:
+    if count is None or count >= n:
+        return np.arange(n)
+    if count < 2:
+        raise ValueError(f"the reference needs at least 2 images, got {count}")
+    return np.sort(np.random.default_rng(seed).choice(n, int(count), replace=False))
+
+
+def reference_features(extractor: FeatureExtractor, dataset: str = "fashion_mnist", split: str = "train", *,
+                       data_dir: Optional[PathLike] = None, max_images: Optional[int] = None, seed: int = 0,
+                       use_cache: bool = True, refresh: bool = False, data: Optional[DatasetArrays] = None,
+                       log: Optional[Callable[[str], None]] = None) -> Reference:
+    """Features and statistics of ``split`` of ``dataset`` under ``extractor``, from the cache when possible.
+
+    ``max_images`` takes a fixed random subset (``seed``) instead of the whole split (useful with
+    Inception on a CPU). ``data`` passes already-loaded arrays of that split.
+    """
+    if data is None:
+        h, w = (extractor.input_shape[1:] if extractor.input_shape is not None else (None, None))
+        size = None if h is None else h
+        channels = None if extractor.input_shape is None else extractor.input_shape[0]
+        data = load_dataset_arrays(dataset, split, data_dir=data_dir, image_size=size, channels=channels)
+    idx = _subset(len(data.images), max_images, seed)
+    count = len(idx)
+    name = (f"ref-{data.dataset}-{split}-{data.fingerprint}-{extractor.key}-"
+            f"{count}{'' if count == len(data.images) else f's{seed}'}-v{CACHE_VERSION}.npz")
+    path = cache_dir() / name
+    if use_cache and not refresh:
+        if name in _MEMO:
+            return _MEMO[name]  # type: ignore[return-value]
+        if path.is_file():
+            try:
+                with np.load(path) as z:
+                    ref = Reference(features=z["features"], stats=GaussianStats(z["mu"], z["sigma"], int(z["count"])),
+                                    dataset=data.dataset, split=split, count=int(z["count"]),
+                                    extractor_key=extractor.key, fingerprint=data.fingerprint, path=path)
+                _MEMO[name] = ref
+                return ref
+            except (OSError, KeyError, ValueError) as err:  # a damaged cache file: recompute it
+                if log:
+                    log(f"ignoring unreadable cache file {path} ({err})")
+    if log:
+        log(f"computing {extractor.name} features of {count} {data.dataset} {split} images (cached afterwards)")
+    feats = extractor(data.images[idx])
+    stats = gaussian_stats(feats, allow_singular=True)
+    ref = Reference(features=feats, stats=stats, dataset=data.dataset, split=split, count=count,
+                    extractor_key=extractor.key, fingerprint=data.fingerprint, path=path if use_cache else None)
+    if use_cache:
+        info = {"dataset": data.dataset, "split": split, "origin": data.origin, "extractor": extractor.key,
+                "weights": extractor.weights_path, "count": count, "version": CACHE_VERSION}
+        _atomic_savez(path, features=feats, mu=stats.mu, sigma=stats.sigma, count=np.int64(count),
+                      info=np.array(json.dumps(info)))
+        _MEMO[name] = ref
+    return ref
+
+
+def memorization_reference(dataset: str, image_shape: Tuple[int, int, int], *, data_dir: Optional[PathLike] = None,
+                           held_out_split: str = "test", num_held_out: int = 2000, seed: int = 0,
+                           use_cache: bool = True, log: Optional[Callable[[str], None]] = None
+                           ) -> Tuple[DatasetArrays, np.ndarray]:
+    """Training images at ``image_shape`` (C, H, W) and the nearest-training-image RMS distances (M,) of
+    ``num_held_out`` held-out images (cached), for calibrating the memorisation threshold."""
+    c, h, w = image_shape
+    if h != w:
+        raise ValueError(f"the memorisation check needs square images, got {h}x{w}")
+    train = load_dataset_arrays(dataset, "train", data_dir=data_dir, image_size=h, channels=c)
+    held = load_dataset_arrays(dataset, held_out_split, data_dir=data_dir, image_size=h, channels=c)
+    idx = _subset(len(held.images), num_held_out, seed)
+    name = (f"memo-{train.dataset}-{train.fingerprint}-{held_out_split}-{held.fingerprint}-{c}x{h}x{w}-"
+            f"{len(idx)}-v{CACHE_VERSION}.npz")
+    path = cache_dir() / name
+    if use_cache and name in _MEMO:
+        return train, _MEMO[name]  # type: ignore[return-value]
+    if use_cache and path.is_file():
+        try:
+            with np.load(path) as z:
+                dist = z["distances"]
+            _MEMO[name] = dist
+            return train, dist
+        except (OSError, KeyError, ValueError):
+            pass
+    if log:
+        log(f"computing nearest-training-image distances of {len(idx)} held-out {held_out_split} images "
+            f"(cached afterwards)")
+    dist = nearest_training_distances(held.images[idx], train.images)
+    if use_cache:
+        _atomic_savez(path, distances=dist)
+        _MEMO[name] = dist
+    return train, dist
