@@ -222,7 +222,7 @@ def test_classifier_checkpoint_round_trip_and_errors(tmp_path):
 
 def test_shipped_classifier_loads():
     net, meta = load_classifier()
-    assert meta["test_accuracy"] >= 0.90 and net.config.feature_dim == 64
+    assert meta["test_accuracy"] >= 0.90 and net.config.feature_dim == 96
 
 
 # --------------------------------------------------------------------------------------------- reference cache / CLI
@@ -303,6 +303,7 @@ def test_evaluate_cli_end_to_end(tmp_path, fake_fmnist, capsys):
     images, _ = _two_class_images(rng, 40)
     train_images = np.fromfile(fake_fmnist / "train-images-idx3-ubyte", np.uint8, offset=16).reshape(-1, 1, 28, 28)
     images[:4] = train_images[:4] / 255.0  # four copies of training images
+    images = (np.round(images * 255) / 255).astype(np.float32)  # exactly representable as 8-bit PNGs
     np.savez(tmp_path / "s.npz", images=images)
     code, out, err = _cli(["--samples", str(tmp_path / "s.npz"), "--dataset", "fashion-mnist", "--data-dir",
                            str(fake_fmnist), "--classifier-weights", str(ckpt), "--json", str(tmp_path / "r.json"),
@@ -325,7 +326,7 @@ def test_evaluate_cli_end_to_end(tmp_path, fake_fmnist, capsys):
     code, out2, err = _cli(["--samples", str(folder), "--data-dir", str(fake_fmnist), "--classifier-weights",
                             str(ckpt), "--metric", "fd", "--num", "40", "--bootstrap", "0"], capsys)
     assert code == 0, err
-    assert f"{result['fd']:.3g}"[:3] in out2 and "KID" not in out2
+    assert f"FD (classifier features)  {result['fd']:.4g}" in out2 and "KID" not in out2
 
 
 def test_evaluate_cli_errors(tmp_path, fake_fmnist, capsys):
