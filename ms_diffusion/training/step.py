@@ -7,11 +7,10 @@ shrinks (``mindspore.amp.DynamicLossScaler``); the optimizer's step count does n
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import mindspore as ms
-import numpy as np
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, nn, ops
 from mindspore.amp import DynamicLossScaler, StaticLossScaler, all_finite
 
 from ms_diffusion.runtime import maybe_jit
@@ -49,11 +48,14 @@ class TrainStep:
 
     ``inputs`` are Tensors (or None / Python constants, which specialise the compiled graph).
     ``loss_scaler`` None means no scaling (fp32); ``grad_reducer`` (e.g. nn.DistributedGradReducer)
-    averages gradients across data-parallel ranks before the finiteness check.
+    averages gradients across data-parallel ranks before the finiteness check. With ``has_aux``
+    ``loss_fn`` returns ``(loss, *aux)`` (only ``loss`` is differentiated) and the step returns
+    ``(loss, grad_norm, finite, aux)``, aux the tuple of the remaining outputs of this micro-batch.
     """
 
     def __init__(self, loss_fn: Callable, optimizer: nn.Optimizer, *, grad_accum: int = 1,
-                 clip_grad_norm: Optional[float] = None, loss_scaler=None, grad_reducer: Optional[nn.Cell] = None):
+                 clip_grad_norm: Optional[float] = None, loss_scaler=None, grad_reducer: Optional[nn.Cell] = None,
+                 has_aux: bool = False):
         if grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
         self.optimizer = optimizer
@@ -63,12 +65,15 @@ class TrainStep:
         self.scaler = loss_scaler if loss_scaler is not None else StaticLossScaler(1.0)
         self.reducer = grad_reducer
         self.micro_step = 0
+        self.has_aux = bool(has_aux)
         inv_k = 1.0 / self.grad_accum
         scaler = self.scaler
 
         def scaled_loss(*inputs):
-            loss = loss_fn(*inputs)
-            return scaler.scale(loss * inv_k), loss
+            out = loss_fn(*inputs)
+            if has_aux:
+                return scaler.scale(out[0] * inv_k), out[0], out[1:]
+            return scaler.scale(out * inv_k), out
 
         self._grad_fn = ms.value_and_grad(scaled_loss, None, self.params, has_aux=True)
         self._hyper = ops.HyperMap()
@@ -95,14 +100,18 @@ class TrainStep:
         return norm, finite
 
     def _fused_impl(self, *inputs):
-        (_, loss), grads = self._grad_fn(*inputs)
+        values, grads = self._grad_fn(*inputs)
         norm, finite = self._update(grads)
-        return loss, norm, finite
+        if self.has_aux:
+            return values[1], norm, finite, values[2]
+        return values[1], norm, finite
 
     def _accumulate_impl(self, *inputs):
-        (_, loss), grads = self._grad_fn(*inputs)
+        values, grads = self._grad_fn(*inputs)
         self._hyper(_add, self._accum, grads)
-        return loss
+        if self.has_aux:
+            return values[1], values[2]
+        return values[1]
 
     def _apply_accumulated(self):
         norm, finite = self._update(tuple(self._accum))
@@ -110,17 +119,19 @@ class TrainStep:
         return norm, finite
 
     # -- host API
-    def __call__(self, *inputs) -> Tuple[ms.Tensor, Optional[ms.Tensor], Optional[ms.Tensor]]:
-        """Run one micro-batch. Returns (loss, grad_norm, finite); the last two are None until the
-        ``grad_accum``-th micro-batch applies the update."""
+    def __call__(self, *inputs) -> tuple:
+        """Run one micro-batch. Returns (loss, grad_norm, finite) (+ (aux,) with ``has_aux``); grad_norm
+        and finite are None until the ``grad_accum``-th micro-batch applies the update."""
         if self.grad_accum == 1:
             return self._fused(*inputs)
-        loss = self._accumulate(*inputs)
+        out = self._accumulate(*inputs)
+        loss, aux = (out[0], out[1]) if self.has_aux else (out, None)
         self.micro_step += 1
         if self.micro_step % self.grad_accum:
-            return loss, None, None
-        norm, finite = self._apply()
-        return loss, norm, finite
+            norm, finite = None, None
+        else:
+            norm, finite = self._apply()
+        return (loss, norm, finite, aux) if self.has_aux else (loss, norm, finite)
 
     @property
     def loss_scale(self) -> float:

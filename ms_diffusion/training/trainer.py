@@ -8,31 +8,26 @@ one thing a resume does not replay.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 from tqdm.auto import tqdm
 
-from ms_diffusion.imageio import plot_losses, save_grid
+from ms_diffusion.imageio import save_grid
 from ms_diffusion.interop.state import named_parameters
 from ms_diffusion.training.amp import AMP_DTYPES, AMP_LEVELS, apply_amp
-from ms_diffusion.training.checkpoint import (CheckpointError, checkpoint_path, export_safetensors, latest_checkpoint,
-                                              load_checkpoint, prune_checkpoints, save_checkpoint)
+from ms_diffusion.training.base import CHECKPOINT_FORMAT, TrainerBase, optimizer_state
+from ms_diffusion.training.checkpoint import export_safetensors
 from ms_diffusion.training.ema import EMA, EMA_WARMUPS
 from ms_diffusion.training.optim import LR_SCHEDULES, OPTIMIZERS, build_lr_schedule, build_optimizer, current_lr
 from ms_diffusion.training.step import TrainStep, make_loss_scaler
 
 __all__ = ["TrainConfig", "Trainer", "CHECKPOINT_FORMAT"]
-
-CHECKPOINT_FORMAT = 1
 
 
 @dataclass
@@ -94,7 +89,7 @@ class TrainConfig:
         return self
 
 
-class Trainer:
+class Trainer(TrainerBase):
     """Trains ``diffusion`` (a loss Cell with ``training_inputs``) on ``source`` batches.
 
     ``ema_diffusion`` is a second instance of the same model that holds the EMA weights and is used
@@ -106,13 +101,9 @@ class Trainer:
                  meta: Optional[Dict[str, Any]] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  grad_reducer: Optional[nn.Cell] = None, sample_fn: Optional[Callable[[nn.Cell, int], np.ndarray]] = None,
                  log: Callable[[str], None] = print):
-        self.cfg = config.validate()
-        self.diffusion, self.ema_diffusion, self.source = diffusion, ema_diffusion, source
-        self.out_dir = Path(out_dir)
-        self.meta = dict(meta or {})
-        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
-        self.is_main = self.rank == 0
-        self.log = log if self.is_main else (lambda *_: None)
+        super().__init__(source, config.validate(), out_dir, meta=meta, seed=seed, rank=rank, world_size=world_size,
+                         log=log)
+        self.diffusion, self.ema_diffusion = diffusion, ema_diffusion
         self.sample_fn = sample_fn
         self.conditional = getattr(diffusion, "num_classes", None) is not None
 
@@ -144,101 +135,20 @@ class Trainer:
                        update_after_step=self.cfg.ema_update_after_step, update_every=self.cfg.ema_update_every)
         self.ema.copy_from_online()
 
-        self.rng = np.random.default_rng([self.seed, 1, self.rank])
-        self.step = 0            # optimizer updates done
-        self.epoch = 0
-        self.batch_in_epoch = 0  # micro-batches of this epoch consumed
-        self.overflows = 0
-        self._history: List[Tuple[int, float]] = []
-
     # ------------------------------------------------------------------ checkpoint state
-
-    def _optimizer_state(self) -> Dict[str, ms.Parameter]:
-        own = {id(p) for p in self.optimizer.parameters}
-        return {name: p for name, p in self.optimizer.parameters_and_names() if id(p) not in own}
 
     def _state_groups(self) -> Dict[str, Dict[str, ms.Parameter]]:
         scaler = {p.name.split(".")[-1]: p for p in self.step_fn.scaler_parameters()}
         return {"online": named_parameters(self.diffusion), "ema": named_parameters(self.ema_diffusion),
-                "optimizer": self._optimizer_state(), "loss_scaler": scaler}
+                "optimizer": optimizer_state(self.optimizer), "loss_scaler": scaler}
 
-    def state_meta(self) -> Dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "overflows": self.overflows, "ema": self.ema.state(),
-                "rng": self.rng.bit_generator.state, "seed": self.seed, "world_size": self.world_size,
-                **self.meta}
+    def _extra_state(self) -> Dict[str, Any]:
+        return {"ema": self.ema.state()}
 
-    def save(self) -> Optional[Path]:
-        if not self.is_main:
-            return None
-        tensors = {f"{group}.{name}": p for group, params in self._state_groups().items()
-                   for name, p in params.items()}
-        path = save_checkpoint(checkpoint_path(self.out_dir / "checkpoints", self.step), tensors, self.state_meta())
-        prune_checkpoints(self.out_dir / "checkpoints", self.cfg.keep_last)
-        return path
-
-    def load(self, path) -> None:
-        arrays, meta = load_checkpoint(path)
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected "
-                                  f"{CHECKPOINT_FORMAT})")
-        problems = []
-        for group, params in self._state_groups().items():
-            for name, p in params.items():
-                key = f"{group}.{name}"
-                if key not in arrays:
-                    problems.append(f"missing {key}")
-                elif tuple(arrays[key].shape) != tuple(p.shape):
-                    problems.append(f"{key} has shape {tuple(arrays[key].shape)}, model expects {tuple(p.shape)}")
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; … ({len(problems)} problems)" if len(problems) > 5 else "")
-            raise CheckpointError(f"checkpoint {path} does not match this model/config: {shown}")
-        for group, params in self._state_groups().items():
-            for name, p in params.items():
-                p.set_data(Tensor(arrays[f"{group}.{name}"].astype(ms.dtype_to_nptype(p.dtype))))
-        self.step, self.epoch = int(meta["step"]), int(meta["epoch"])
-        self.batch_in_epoch, self.overflows = int(meta["batch_in_epoch"]), int(meta.get("overflows", 0))
+    def _load_extra_state(self, meta: Dict[str, Any]) -> None:
         self.ema.load_state(meta["ema"])
-        if int(meta.get("world_size", 1)) == self.world_size and int(meta.get("seed", self.seed)) == self.seed:
-            self.rng.bit_generator.state = meta["rng"]
-
-    def resume(self, resume) -> Optional[Path]:
-        """``resume`` is a checkpoint path, ``"auto"`` (latest in out_dir, if any) or None."""
-        if not resume:
-            return None
-        path = latest_checkpoint(self.out_dir / "checkpoints") if resume == "auto" else Path(resume)
-        if path is None:
-            self.log(f"no checkpoint in {self.out_dir / 'checkpoints'}; starting from scratch")
-            return None
-        self.load(path)
-        self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
-        return path
 
     # ------------------------------------------------------------------ loop
-
-    def _batches(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-        """Micro-batches from the saved position on, across epochs; advances the position."""
-        bs = self.cfg.batch_size
-        if self.source.batches_per_epoch(bs) < 1:
-            raise ValueError(f"the dataset has {self.source.num_samples} images per device, fewer than one batch "
-                             f"of {bs}; lower train.batch_size or add data")
-        while True:
-            for images, labels in self.source.epoch(self.epoch, bs, start_batch=self.batch_in_epoch):
-                self.batch_in_epoch += 1
-                yield images, labels
-            self.epoch += 1
-            self.batch_in_epoch = 0
-
-    def _log_line(self, record: Dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.out_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-    def _write_plots(self) -> None:
-        if self.is_main and self._history:
-            steps, losses = zip(*self._history)
-            plot_losses(steps, losses, self.out_dir / "loss.png")
 
     def _sample_grid(self) -> Optional[Path]:
         if not self.is_main or self.cfg.num_samples <= 0:
@@ -249,18 +159,6 @@ class Trainer:
             images = self.ema_diffusion.sample(batch_size=self.cfg.num_samples, seed=self.seed).asnumpy()
         return save_grid(images, self.out_dir / "samples" / f"step_{self.step:08d}.png",
                          scale=max(1, 64 // max(images.shape[-1], 1)))
-
-    def _load_history(self) -> None:
-        log = self.out_dir / "log.jsonl"
-        if not log.exists():
-            return
-        for line in log.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill
-            if rec.get("step", 0) <= self.step and "loss" in rec:
-                self._history.append((rec["step"], rec["loss"]))
 
     def fit(self, resume=None) -> Dict[str, Any]:
         """Train until ``num_steps`` updates; returns a summary (final loss, img/s, paths)."""
