@@ -14,18 +14,20 @@ from pathlib import Path
 import pytest
 
 
-def _stub(name: str, **attrs) -> None:
+def _stub(name: str, **attrs) -> bool:
+    """Put a stand-in for ``name`` in sys.modules unless the real one imports; True if stubbed."""
     if name in sys.modules:
-        return
+        return False
     try:
         importlib.import_module(name)
-        return
+        return False
     except Exception:
         pass
     mod = types.ModuleType(name)
     for key, value in attrs.items():
         setattr(mod, key, value)
     sys.modules[name] = mod
+    return True
 
 
 def lucidrains():
@@ -39,9 +41,10 @@ def lucidrains():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("denoising-diffusion-pytorch is not installed")
     root = Path(list(spec.submodule_search_locations)[0])
-    _stub("torchvision", transforms=types.SimpleNamespace(), utils=types.SimpleNamespace())
-    _stub("accelerate", Accelerator=object)
-    _stub("ema_pytorch", EMA=object)
+    stubbed = [name for name, ok in (
+        ("torchvision", _stub("torchvision", transforms=types.SimpleNamespace(), utils=types.SimpleNamespace())),
+        ("accelerate", _stub("accelerate", Accelerator=object)),
+        ("ema_pytorch", _stub("ema_pytorch", EMA=object))) if ok]
     pkg = types.ModuleType("denoising_diffusion_pytorch")
     pkg.__path__ = [str(root)]
     sys.modules.setdefault("denoising_diffusion_pytorch", pkg)
@@ -53,5 +56,7 @@ def lucidrains():
         module = importlib.util.module_from_spec(s)
         sys.modules[full] = module
         s.loader.exec_module(module)
+    for stub in stubbed:   # stand-ins only for that import: later find_spec calls (diffusers) must not see them
+        sys.modules.pop(stub, None)
     torch.set_num_threads(2)
     return sys.modules[name]

@@ -90,11 +90,10 @@ class AttnBlock(nn.Cell):
     def construct(self, x):
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q = self.q(hn).reshape(b, 1, c, h * w).swapaxes(-1, -2)   # (b, 1, hw, c)
-        k = self.k(hn).reshape(b, 1, c, h * w).swapaxes(-1, -2)
-        v = self.v(hn).reshape(b, 1, c, h * w).swapaxes(-1, -2)
-        out = attention(q, k, v, self.scale, self.use_flash)      # (b, 1, hw, c)
-        return x + self.proj_out(out.swapaxes(-1, -2).reshape(b, c, h, w))
+        shape = (b, 1, c, h * w)                                  # one head, channels first
+        out = attention(self.q(hn).reshape(shape), self.k(hn).reshape(shape), self.v(hn).reshape(shape), self.scale,
+                        self.use_flash, channels_first=True)      # (b, 1, c, hw): no transposes
+        return x + self.proj_out(out.reshape(b, c, h, w))
 
 
 def check_attn_type(attn_type: str) -> None:

@@ -156,11 +156,9 @@ class AttentionBlock(nn.Cell):
         else:                # heads, each [q | k | v]
             q, k, v = ops.chunk(qkv.reshape(b * self.num_heads, 3 * self.head_dim, n), 3, axis=1)
         shape = (b, self.num_heads, self.head_dim, n)
-        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
-        out = attention(q.swapaxes(-1, -2), k.swapaxes(-1, -2), v.swapaxes(-1, -2), self.head_dim ** -0.5,
-                        self.use_flash)                                       # (b, heads, n, d)
-        out = out.swapaxes(-1, -2).reshape(b, c, h, w)
-        return x + self.proj_out(out)
+        out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.head_dim ** -0.5, self.use_flash,
+                        channels_first=True)                                  # (b, heads, d, n): no transposes
+        return x + self.proj_out(out.reshape(b, c, h, w))
 
 
 _RES, _XFORMER, _PLAIN = "res", "xformer", "plain"

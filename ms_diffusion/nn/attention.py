@@ -15,7 +15,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from ms_diffusion.nn.layers import cast_like, conv2d, to_float32
 from ms_diffusion.nn.norms import ChannelLayerNorm, GroupNorm, RMSNorm
 
-__all__ = ["attention", "flash_attention_available", "Attention", "LinearAttention", "make_channel_norm"]
+__all__ = ["attention", "flash_attention_available", "split_heads", "Attention", "LinearAttention", "make_channel_norm"]
 
 def flash_attention_available(head_dim: int) -> bool:
     """True when the Ascend fused kernel can run attention with this head size here."""
@@ -66,6 +66,24 @@ def make_channel_norm(kind: Optional[str], dim: int) -> nn.Cell:
     raise ValueError(f"unknown norm {kind!r}; choose rms, group or layer")
 
 
+def split_heads(qkv, heads: int, dim_head: int, mem=None):
+    """(B, 3*H*D, h, w) from a qkv projection -> q, k, v of shape (B, H, D, N) (N = h*w).
+
+    ``mem``: learned memory key/values (2, H, D, M), prepended to k and v (-> (B, H, D, M + N)).
+    Split with ``chunk``, not ``qkv[:, i]``: strided slicing is several times slower on MindSpore CPU.
+    """
+    b, n = qkv.shape[0], qkv.shape[2] * qkv.shape[3]
+    q, k, v = ops.chunk(qkv, 3, axis=1)
+    q = q.reshape(b, heads, dim_head, n)
+    k = k.reshape(b, heads, dim_head, n)
+    v = v.reshape(b, heads, dim_head, n)
+    if mem is not None:
+        shape = (b, heads, dim_head, mem.shape[-1])
+        k = ops.cat((ops.broadcast_to(mem[0][None], shape), k), axis=-1)
+        v = ops.cat((ops.broadcast_to(mem[1][None], shape), v), axis=-1)
+    return q, k, v
+
+
 class Attention(nn.Cell):
     """Multi-head self-attention over the pixels, with learned memory key/values.
 
@@ -92,17 +110,10 @@ class Attention(nn.Cell):
 
     def construct(self, x):
         b, _, h, w = x.shape
-        n = h * w
-        # chunk, not qkv[:, i]: strided slicing is several times slower on MindSpore CPU
-        q, k, v = ops.chunk(self.to_qkv(self.norm(x)), 3, axis=1)
-        q = q.reshape(b, self.heads, self.dim_head, n)        # (b, heads, d, n)
-        k = k.reshape(b, self.heads, self.dim_head, n)
-        v = v.reshape(b, self.heads, self.dim_head, n)
+        mem = None
         if self.num_mem_kv > 0:
-            mem = cast_like(self.mem_kv, x).swapaxes(-1, -2)  # (2, heads, d, m)
-            shape = (b, self.heads, self.dim_head, self.num_mem_kv)
-            k = ops.cat((ops.broadcast_to(mem[0][None], shape), k), axis=-1)
-            v = ops.cat((ops.broadcast_to(mem[1][None], shape), v), axis=-1)
+            mem = cast_like(self.mem_kv, x).swapaxes(-1, -2)  # lucidrains keeps (2, heads, m, d)
+        q, k, v = split_heads(self.to_qkv(self.norm(x)), self.heads, self.dim_head, mem)
         out = attention(q, k, v, self.scale, self.use_flash, channels_first=True)
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
@@ -134,15 +145,10 @@ class LinearAttention(nn.Cell):
     def construct(self, x):
         b, _, h, w = x.shape
         n = h * w
-        q, k, v = ops.chunk(self.to_qkv(self.norm(x)), 3, axis=1)
-        q = q.reshape(b, self.heads, self.dim_head, n)        # (b, heads, d, n)
-        k = k.reshape(b, self.heads, self.dim_head, n)
-        v = v.reshape(b, self.heads, self.dim_head, n)
+        mem = None
         if self.num_mem_kv > 0:
             mem = cast_like(self.mem_kv, x)                    # (2, heads, d, m)
-            shape = (b, self.heads, self.dim_head, self.num_mem_kv)
-            k = ops.cat((ops.broadcast_to(mem[0][None], shape), k), axis=-1)
-            v = ops.cat((ops.broadcast_to(mem[1][None], shape), v), axis=-1)
+        q, k, v = split_heads(self.to_qkv(self.norm(x)), self.heads, self.dim_head, mem)
         # softmax over the feature axis, taken on the last axis: MindSpore CPU's softmax (and its
         # gradient) over a middle axis is ~2x slower than transposing there and back
         q = cast_like(ops.softmax(to_float32(q).swapaxes(-1, -2), axis=-1), x).swapaxes(-1, -2) * self.scale

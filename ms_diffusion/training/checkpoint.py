@@ -46,13 +46,28 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _atomic_write(path: Path, tmp_name: str, write) -> None:
+    """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it and rename it over ``path``.
+
+    A crash at any point leaves the old ``path`` (or none) and no temporary file behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(tmp_name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def save_checkpoint(path: PathLike, tensors: Mapping[str, Union[ms.Parameter, ms.Tensor, np.ndarray]],
                     meta: Mapping) -> Path:
     """Atomically write ``tensors`` (name -> value) and JSON-serialisable ``meta`` to ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # MindSpore appends ".ckpt" to names without it, so the temporary name keeps the suffix
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.ckpt")
     items = []
     for name, value in tensors.items():
         if isinstance(value, ms.Parameter):
@@ -61,15 +76,9 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Union[ms.Parameter, ms
             data = ms.Parameter(ms.Tensor(np.asarray(value.asnumpy() if isinstance(value, ms.Tensor) else value)),
                                 name=name, requires_grad=False)
         items.append({"name": name, "data": data})
-    try:
-        ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # MindSpore appends ".ckpt" to names without it, so the temporary name keeps the suffix
+    _atomic_write(path, f".{path.stem}.tmp-{os.getpid()}.ckpt",
+                  lambda tmp: ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: json.dumps(meta)}))
     return path
 
 
@@ -125,19 +134,10 @@ def export_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray], meta: 
     """Write inference weights as a .safetensors file (atomic); ``meta`` goes into its header as JSON."""
     from safetensors.numpy import save_file  # installed with MindSpore
 
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
-                  metadata={META_KEY: json.dumps(meta)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    _atomic_write(path, f".{path.name}.tmp-{os.getpid()}",
+                  lambda tmp: save_file(arrays, str(tmp), metadata={META_KEY: json.dumps(meta)}))
     return path
 
 
