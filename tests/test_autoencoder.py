@@ -1,7 +1,6 @@
 """KL autoencoder: the posterior distribution against numpy, ldm's parameter tree, graph = PyNative,
 and (when diffusers is installed) encode/decode parity with diffusers' AutoencoderKL."""
 import math
-import re
 
 import mindspore as ms
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 from ms_diffusion.models.autoencoder import AutoencoderKL, Decoder, Encoder
 from ms_diffusion.models.distributions import DiagonalGaussianDistribution
 from ms_diffusion.interop import load_arrays_into
+from ms_diffusion.interop.diffusers import vae_plan
 
 TINY = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=(1, 2),
             num_res_blocks=1, attn_resolutions=(8,), dropout=0.0)
@@ -157,40 +157,6 @@ def test_autoencoder_graph_mode_equals_pynative():
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
-# diffusers AutoencoderKL (same network, other names) -> ours
-DIFFUSERS_VAE_TO_MS = [
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_([qkv])\.", r"\1.mid.attn_1.\2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
-    (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2."),
-    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
-    (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", r"decoder.UP\1.block.\2."),
-    (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", r"decoder.UP\1.upsample."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-]
-
-
-def _diffusers_to_ms(state, num_levels):
-    out = {}
-    for name, value in state.items():
-        new = name
-        for pattern, repl in DIFFUSERS_VAE_TO_MS:
-            new, n = re.subn(pattern, repl, new)
-            if n:
-                break
-        new = re.sub(r"decoder\.UP(\d+)\.", lambda m: f"decoder.up.{num_levels - 1 - int(m.group(1))}.", new)
-        new = new.replace("conv_shortcut.", "nin_shortcut.")
-        is_norm = re.search(r"(norm\d?|norm_out)\.(weight|bias)$", new)
-        if is_norm:
-            new = new[: -len(is_norm.group(2))] + ("gamma" if is_norm.group(2) == "weight" else "beta")
-        if re.search(r"attn_1\.(q|k|v|proj_out)\.weight$", new):
-            value = value[:, :, None, None]
-        out[new] = value
-    return out
-
-
 def test_autoencoder_matches_diffusers():
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
@@ -205,7 +171,7 @@ def test_autoencoder_matches_diffusers():
                 p.add_(0.1 * torch.randn_like(p))
     ours = AutoencoderKL(dict(TINY, attn_resolutions=()), embed_dim=4)
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    load_arrays_into(ours, _diffusers_to_ms(state, 2))
+    load_arrays_into(ours, vae_plan(ours).to_ms(state))
 
     x = np.random.default_rng(3).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
     z = np.random.default_rng(4).standard_normal((2, 4, 8, 8)).astype(np.float32)

@@ -1,12 +1,41 @@
-"""Parameter-name maps between PyTorch anchors and ms_diffusion, as data (ordered regex rules)."""
+"""Parameter-name maps between PyTorch sources and ms_diffusion, as data.
+
+Every map is written in one direction, **ours -> PyTorch**: ordered regex rules (the first rule
+that matches a name rewrites it) grouped in stages (each stage applies its first matching rule to
+the output of the previous one). ``ms_diffusion.interop.plan`` walks one of our cells, maps each
+parameter through a ``Spec`` and inverts the result, so the PyTorch -> ours direction and the
+missing / unexpected / shape checks come from the same table. What a table holds:
+
+* ``rules``: module paths (``downs.0.block1.`` -> ``downs.0.0.``);
+* ``TORCH_LEAVES``: leaf names implied by a layer's type (GroupNorm ``gamma`` -> ``weight``,
+  BatchNorm ``moving_mean`` -> ``running_mean`` with torch's ``num_batches_tracked`` dropped on
+  purpose, ``nn.Embedding`` ``embedding_table`` -> ``weight``);
+* ``layouts``: per layer type, parameters stored under other leaf names and/or shapes in that
+  source (``transforms``): ldm's Conv1d attention projections, diffusers' Linear ones, diffusers'
+  separate q/k/v for our fused ``qkv``.
+
+Rule lists whose indices depend on the network (diffusers' block numbering) are generated from
+the network by the ``*_rules`` functions below; they still return plain rule tables.
+"""
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import List, Mapping, Sequence, Tuple, Type
+
+from mindspore import nn
+
+from ms_diffusion.interop.transforms import CONV1D, FUSED_QKV, FUSED_QKV_BIAS, IDENTITY, LINEAR, Transform
+from ms_diffusion.models.unet_ldm import AttentionBlock
+from ms_diffusion.nn.norms import GroupNorm
 
 Rule = Tuple[str, str]
+Layout = Mapping[str, Tuple[Tuple[str, ...], Transform]]
 
-__all__ = ["Rule", "rename", "LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET"]
+__all__ = ["Rule", "LeafRule", "Spec", "rename", "rename_staged", "LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET",
+           "TORCH_LEAVES", "LUCIDRAINS_UNET", "LUCIDRAINS_SCHEDULE_BUFFERS", "LDM", "LDM_SCHEDULE_BUFFERS",
+           "DIFFUSERS_VAE_LAYOUT", "DIFFUSERS_ATTENTION_LAYOUT", "DIFFUSERS_LEGACY_ATTENTION", "DIFFUSERS_RESNET",
+           "diffusers_vae_rules", "diffusers_unet_rules"]
 
 
 def rename(name: str, rules: Sequence[Rule]) -> str:
@@ -17,6 +46,50 @@ def rename(name: str, rules: Sequence[Rule]) -> str:
             return new
     return name
 
+
+def rename_staged(name: str, stages: Sequence[Sequence[Rule]]) -> str:
+    """``rename`` through each stage of rules in turn."""
+    for rules in stages:
+        name = rename(name, rules)
+    return name
+
+
+@dataclass(frozen=True)
+class LeafRule:
+    """Leaf names of one kind of layer: ours -> PyTorch, and PyTorch leaves with no counterpart (dropped)."""
+
+    cell_types: Tuple[Type[nn.Cell], ...]
+    names: Mapping[str, str]
+    dropped: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one PyTorch source names the parameters of one of our networks (see the module docstring).
+
+    ``aliases`` rewrite *source* names before matching (PyTorch -> PyTorch, e.g. diffusers' legacy
+    attention names); the ms -> torch direction always writes the current names.
+    """
+
+    source: str
+    rules: Tuple[Tuple[Rule, ...], ...] = ()
+    layouts: Mapping[Type[nn.Cell], Layout] = field(default_factory=dict)
+    leaves: Tuple[LeafRule, ...] = ()
+    aliases: Tuple[Rule, ...] = ()
+
+
+# ----------------------------------------------------------------------------- leaves by layer type
+
+TORCH_LEAVES: Tuple[LeafRule, ...] = (
+    LeafRule((GroupNorm, nn.GroupNorm, nn.LayerNorm), {"gamma": "weight", "beta": "bias"}),
+    LeafRule((nn.BatchNorm1d, nn.BatchNorm2d),
+             {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"},
+             {"num_batches_tracked": "torch's BatchNorm update counter (used only with momentum=None; MindSpore "
+                                     "BatchNorm has no counterpart)"}),
+    LeafRule((nn.Embedding,), {"embedding_table": "weight"}),
+)
+
+# ----------------------------------------------------------------------------- lucidrains
 
 # lucidrains keeps each U-Net stage as ModuleList([block1, block2, attn, down/upsample]); its
 # Down/Upsample are Sequential(rearrange or upsample, conv), the last stage a bare conv.
@@ -39,3 +112,127 @@ MS_TO_LUCIDRAINS_UNET: List[Rule] = [
     (r"^(downs|ups)\.(\d+)\.block2\.", r"\1.\2.1."),
     (r"^(downs|ups)\.(\d+)\.attn\.", r"\1.\2.2."),
 ]
+
+LUCIDRAINS_UNET = Spec("denoising-diffusion-pytorch Unet", rules=(tuple(MS_TO_LUCIDRAINS_UNET),),
+                       leaves=TORCH_LEAVES)
+
+# GaussianDiffusion's registered buffers (float32), in registration order; checked, never copied
+LUCIDRAINS_SCHEDULE_BUFFERS: Tuple[str, ...] = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "loss_weight",
+)
+
+# ----------------------------------------------------------------------------- ldm / Stable Diffusion
+
+# Our ldm networks keep ldm's module paths; only types differ: GroupNorm/LayerNorm/Embedding leaves
+# and AttentionBlock's Conv1d projections (ldm ``conv_nd(1, ...)``).
+LDM = Spec("ldm", leaves=TORCH_LEAVES, layouts={
+    AttentionBlock: {"qkv.weight": (("qkv.weight",), CONV1D), "proj_out.weight": (("proj_out.weight",), CONV1D)},
+})
+
+# ldm DDPM.register_schedule's persistent buffers (lvlb_weights is registered persistent=False)
+LDM_SCHEDULE_BUFFERS: Tuple[str, ...] = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+)
+
+# ----------------------------------------------------------------------------- diffusers
+
+# diffusers' ``Attention`` in the VAE: GroupNorm ``group_norm``, Linear q/k/v/out; ours: 1x1 convs
+DIFFUSERS_VAE_LAYOUT: Layout = {
+    "norm.gamma": (("group_norm.weight",), IDENTITY), "norm.beta": (("group_norm.bias",), IDENTITY),
+    "q.weight": (("to_q.weight",), LINEAR), "q.bias": (("to_q.bias",), IDENTITY),
+    "k.weight": (("to_k.weight",), LINEAR), "k.bias": (("to_k.bias",), IDENTITY),
+    "v.weight": (("to_v.weight",), LINEAR), "v.bias": (("to_v.bias",), IDENTITY),
+    "proj_out.weight": (("to_out.0.weight",), LINEAR), "proj_out.bias": (("to_out.0.bias",), IDENTITY),
+}
+
+# diffusers' ``Attention`` in UNet2DModel's attention blocks <-> our AttentionBlock with
+# use_new_attention_order=True (fused qkv rows [q; k; v], each split into heads)
+DIFFUSERS_ATTENTION_LAYOUT: Layout = {
+    "norm.gamma": (("group_norm.weight",), IDENTITY), "norm.beta": (("group_norm.bias",), IDENTITY),
+    "qkv.weight": (("to_q.weight", "to_k.weight", "to_v.weight"), FUSED_QKV),
+    "qkv.bias": (("to_q.bias", "to_k.bias", "to_v.bias"), FUSED_QKV_BIAS),
+    "proj_out.weight": (("to_out.0.weight",), LINEAR), "proj_out.bias": (("to_out.0.bias",), IDENTITY),
+}
+
+# checkpoints written before diffusers 0.14 name the attention projections query/key/value/proj_attn
+DIFFUSERS_LEGACY_ATTENTION: Tuple[Rule, ...] = (
+    (r"\.query\.(weight|bias)$", r".to_q.\1"),
+    (r"\.key\.(weight|bias)$", r".to_k.\1"),
+    (r"\.value\.(weight|bias)$", r".to_v.\1"),
+    (r"\.proj_attn\.(weight|bias)$", r".to_out.0.\1"),
+)
+
+# ldm ResBlock (ours) -> diffusers ResnetBlock2D
+DIFFUSERS_RESNET: Tuple[Rule, ...] = (
+    (r"(resnets\.\d+)\.in_layers\.0\.", r"\1.norm1."),
+    (r"(resnets\.\d+)\.in_layers\.2\.", r"\1.conv1."),
+    (r"(resnets\.\d+)\.emb_layers\.1\.", r"\1.time_emb_proj."),
+    (r"(resnets\.\d+)\.out_layers\.0\.", r"\1.norm2."),
+    (r"(resnets\.\d+)\.out_layers\.3\.", r"\1.conv2."),
+    (r"(resnets\.\d+)\.skip_connection\.", r"\1.conv_shortcut."),
+)
+
+
+def diffusers_vae_rules(num_levels: int) -> Tuple[Tuple[Rule, ...], ...]:
+    """ldm AutoencoderKL (ours) -> diffusers AutoencoderKL names, for ``num_levels`` = len(ch_mult).
+
+    diffusers numbers the decoder's up blocks from the lowest resolution (ldm: ``up.{i}`` with 0 the
+    full resolution), names the 1x1 shortcut ``conv_shortcut`` and the mid block ``mid_block``.
+    """
+    structure: List[Rule] = [
+        (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+        (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+        (r"^(encoder|decoder)\.mid\.attn_1\.", r"\1.mid_block.attentions.0."),
+        (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+        (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+        (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    ]
+    for level in range(num_levels):
+        block = num_levels - 1 - level
+        structure.append((rf"^decoder\.up\.{level}\.block\.(\d+)\.", rf"decoder.up_blocks.{block}.resnets.\1."))
+        structure.append((rf"^decoder\.up\.{level}\.upsample\.", rf"decoder.up_blocks.{block}.upsamplers.0."))
+    leaves: Tuple[Rule, ...] = ((r"\.nin_shortcut\.", r".conv_shortcut."),)
+    return tuple(structure), leaves
+
+
+def diffusers_unet_rules(input_blocks: Sequence[Sequence[str]], output_blocks: Sequence[Sequence[str]],
+                         num_res_blocks: int) -> Tuple[Tuple[Rule, ...], ...]:
+    """ldm UNetModel (ours) -> diffusers UNet2DModel / UNet2DConditionModel names.
+
+    ``input_blocks`` / ``output_blocks`` list each block's layer kinds (``"res"``, ``"attn"``,
+    ``"down"``, ``"up"``) as our UNetModel built them; ldm numbers blocks consecutively, diffusers
+    by level (``down_blocks.{level}.resnets.{j}`` / ``attentions.{j}`` / ``downsamplers.0``).
+    """
+    rules: List[Rule] = [
+        (r"^input_blocks\.0\.0\.", "conv_in."),
+        (r"^time_embed\.0\.", "time_embedding.linear_1."),
+        (r"^time_embed\.2\.", "time_embedding.linear_2."),
+        (r"^label_emb\.", "class_embedding."),
+        (r"^middle_block\.0\.", "mid_block.resnets.0."),
+        (r"^middle_block\.1\.", "mid_block.attentions.0."),
+        (r"^middle_block\.2\.", "mid_block.resnets.1."),
+        (r"^out\.0\.", "conv_norm_out."),
+        (r"^out\.2\.", "conv_out."),
+    ]
+    per_level = num_res_blocks + 1
+    for k, kinds in enumerate(input_blocks):
+        if k == 0:
+            continue
+        level, j = divmod(k - 1, per_level)
+        for m, kind in enumerate(kinds):
+            target = {"res": f"down_blocks.{level}.resnets.{j}.", "attn": f"down_blocks.{level}.attentions.{j}.",
+                      "down": f"down_blocks.{level}.downsamplers.0."}[kind]
+            source = rf"^input_blocks\.{k}\.{m}\.op\." if kind == "down" else rf"^input_blocks\.{k}\.{m}\."
+            rules.append((source, target + ("conv." if kind == "down" else "")))
+    for k, kinds in enumerate(output_blocks):
+        level, j = divmod(k, per_level)
+        for m, kind in enumerate(kinds):
+            target = {"res": f"up_blocks.{level}.resnets.{j}.", "attn": f"up_blocks.{level}.attentions.{j}.",
+                      "up": f"up_blocks.{level}.upsamplers.0."}[kind]
+            rules.append((rf"^output_blocks\.{k}\.{m}\.", target))
+    return tuple(rules), DIFFUSERS_RESNET

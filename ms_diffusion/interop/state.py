@@ -1,7 +1,7 @@
 """Load named numpy arrays into a Cell, refusing any silent loss of weights."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Mapping, Sequence
 
 import mindspore as ms
 import numpy as np
@@ -9,11 +9,19 @@ from mindspore import nn
 
 from ms_diffusion.interop.names import Rule, rename
 
-__all__ = ["ConversionError", "load_arrays_into", "state_arrays", "named_parameters"]
+__all__ = ["ConversionError", "load_arrays_into", "state_arrays", "named_parameters", "problem_report", "numpy_dtype"]
+
+_NUMPY_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64, ms.int32: np.int32,
+                 ms.int64: np.int64, ms.int16: np.int16, ms.int8: np.int8, ms.uint8: np.uint8, ms.bool_: np.bool_}
 
 
 class ConversionError(ValueError):
     """A weight conversion would drop, invent or reshape parameters."""
+
+
+def numpy_dtype(param: ms.Parameter) -> np.dtype:
+    """The numpy dtype of a Parameter's values (bfloat16, which numpy lacks, reads as float32)."""
+    return np.dtype(_NUMPY_DTYPES.get(param.dtype, np.float32))
 
 
 def named_parameters(cell: nn.Cell) -> Dict[str, ms.Parameter]:
@@ -25,6 +33,17 @@ def named_parameters(cell: nn.Cell) -> Dict[str, ms.Parameter]:
 def state_arrays(cell: nn.Cell) -> Dict[str, np.ndarray]:
     """All parameters of ``cell`` as {name relative to cell: numpy array}."""
     return {name: p.asnumpy() for name, p in named_parameters(cell).items()}
+
+
+def problem_report(missing: Sequence[str] = (), unexpected: Sequence[str] = (), mismatched: Sequence[str] = (),
+                   shown: int = 8) -> str:
+    """'missing (n): a, b …; unexpected (m): …; shape mismatch (k): …' for the non-empty lists."""
+    lines = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if items:
+            text = ", ".join(items[:shown]) + (f" … (+{len(items) - shown})" if len(items) > shown else "")
+            lines.append(f"{title} ({len(items)}): {text}")
+    return "; ".join(lines)
 
 
 def load_arrays_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], rules: Sequence[Rule] = (),
@@ -49,12 +68,7 @@ def load_arrays_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], rules: Seq
     mismatched = sorted(f"{src} {tuple(v.shape)} -> {dst} {tuple(params[dst].shape)}"
                         for dst, (src, v) in renamed.items() if dst in params and tuple(v.shape) != tuple(params[dst].shape))
     if missing or unexpected or mismatched:
-        lines = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                shown = ", ".join(items[:8]) + (f" … (+{len(items) - 8})" if len(items) > 8 else "")
-                lines.append(f"{title} ({len(items)}): {shown}")
-        raise ConversionError("weights do not match the model; " + "; ".join(lines))
+        raise ConversionError("weights do not match the model; " + problem_report(missing, unexpected, mismatched))
     for dst, (_, value) in renamed.items():
         p = params[dst]
-        p.set_data(ms.Tensor(value.astype(ms.dtype_to_nptype(p.dtype))))
+        p.set_data(ms.Tensor(value.astype(numpy_dtype(p)), dtype=p.dtype))
