@@ -29,7 +29,7 @@ Launcher options (or the environment variable in brackets; options win):
   --master-port P     msrun scheduler port; a free port is picked on a single node
                       when not given, 8118 on several nodes                          [MASTER_PORT]
   --log-dir D         msrun log folder: scheduler.log, worker_<rank>.log, msrun.log
-                                                    [LOG_DIR, logs/msrun_<date>_<time>_node<R>]
+                                                    [LOG_DIR, runs/logs/msrun_<date>_<time>_node<R>]
   --bind-core B       auto | true | false: msrun --bind_core (pin each worker to its own CPU cores);
                       auto = true on Ascend/GPU, false on CPU                        [BIND_CORE, auto]
   --cluster-timeout S seconds to wait for all workers to join                        [CLUSTER_TIME_OUT, 600]
@@ -174,7 +174,7 @@ done
 (( has_device )) || TRAIN_ARGS+=(--device "$DEVICE_TARGET")
 TRAIN_ARGS+=("$@")
 
-LOG_DIR=${LOG_DIR:-$REPO/logs/msrun_$(date +%Y%m%d_%H%M%S)_node$NODE_RANK}
+LOG_DIR=${LOG_DIR:-$REPO/runs/logs/msrun_$(date +%Y%m%d_%H%M%S)_node$NODE_RANK}
 mkdir -p "$LOG_DIR" || die "cannot create the log folder $LOG_DIR"
 LOG_DIR=$(cd "$LOG_DIR" && pwd)
 MSRUN_LOG=$LOG_DIR/msrun.log
@@ -201,12 +201,27 @@ on_signal() {
     kill -INT "$MSRUN_PID" 2>/dev/null || true
 }
 trap on_signal INT TERM
-rc=0
-while :; do
-    wait "$MSRUN_PID" && rc=0 || rc=$?
-    # a trapped signal interrupts wait with status > 128 while msrun still runs: wait again
-    kill -0 "$MSRUN_PID" 2>/dev/null || break
+stop_scheduler() {
+    # After a worker fails, msrun kills the other workers but then waits for its scheduler, which only
+    # notices the lost workers after ~30 s. The job is over: end that scheduler (msrun's child with
+    # MS_ROLE=MS_SCHED) so the failure is reported at once. Only this node's own msrun child is touched.
+    local pid
+    for pid in $(pgrep -P "$MSRUN_PID" 2>/dev/null); do
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx 'MS_ROLE=MS_SCHED'; then
+            kill -TERM "$pid" 2>/dev/null || true
+        fi
+    done
+}
+scheduler_stopped=0
+while kill -0 "$MSRUN_PID" 2>/dev/null; do
+    if (( ! scheduler_stopped )) && grep -q -E 'Worker process [0-9]+ exit with exception' "$MSRUN_LOG" 2>/dev/null; then
+        sleep 2   # msrun's own clean-up of the workers first
+        stop_scheduler
+        scheduler_stopped=1
+    fi
+    sleep 0.5
 done
+wait "$MSRUN_PID" && rc=0 || rc=$?
 wait "$TAIL_PID" 2>/dev/null || true
 trap - INT TERM
 
