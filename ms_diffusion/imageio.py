@@ -70,16 +70,20 @@ def save_gif(frames: Sequence[np.ndarray], path: PathLike, nrow: Optional[int] =
 
 
 def plot_losses(steps: Sequence[int], losses: Sequence[float], path: PathLike, title: str = "training loss") -> Path:
-    """Loss curve (raw and moving average, log scale) as a PNG."""
-    import matplotlib
+    """Loss curve (raw and moving average, log scale) as a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a bare Agg ``Figure``, not pyplot, so the caller's matplotlib backend (a notebook's
+    inline one, say) is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     steps, losses = np.asarray(steps), np.asarray(losses, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
     if len(losses) >= 5:
         k = max(len(losses) // 20, 2)
@@ -93,5 +97,4 @@ def plot_losses(steps: Sequence[int], losses: Sequence[float], path: PathLike, t
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path

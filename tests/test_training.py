@@ -10,8 +10,8 @@ from mindspore.amp import DynamicLossScaler
 
 from ms_diffusion import GaussianDiffusion, Unet
 from ms_diffusion.training import EMA, TrainConfig, Trainer, TrainStep, build_lr_schedule
-from ms_diffusion.training.checkpoint import (CheckpointError, list_checkpoints, load_checkpoint, prune_checkpoints,
-                                              save_checkpoint)
+from ms_diffusion.training.checkpoint import (CheckpointError, export_safetensors, list_checkpoints, load_checkpoint,
+                                              load_safetensors, prune_checkpoints, save_checkpoint)
 from ms_diffusion.training.optim import current_lr
 
 
@@ -151,6 +151,16 @@ def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
     arrays, meta = load_checkpoint(path)
     np.testing.assert_array_equal(arrays["w"], np.arange(6, dtype=np.float32))
     assert meta == {"step": 1}
+
+
+def test_safetensors_export_keeps_shapes_and_metadata(tmp_path):
+    weights = {"scale_factor": np.array(0.18, np.float32), "w": np.arange(6, dtype=np.float32).reshape(2, 3).T}
+    path = export_safetensors(tmp_path / "model.safetensors", weights, {"step": 7, "weights": "ema"})
+    arrays, meta = load_safetensors(path)
+    assert arrays["scale_factor"].shape == () and float(arrays["scale_factor"]) == np.float32(0.18)
+    np.testing.assert_array_equal(arrays["w"], weights["w"])          # a transposed (non-contiguous) view
+    assert meta == {"step": 7, "weights": "ema"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]   # no temporary file left
 
 
 def test_checkpoint_listing_pruning_and_errors(tmp_path):

@@ -134,7 +134,8 @@ def export_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray], meta: 
     """Write inference weights as a .safetensors file (atomic); ``meta`` goes into its header as JSON."""
     from safetensors.numpy import save_file  # installed with MindSpore
 
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    # np.ascontiguousarray makes 0-d arrays 1-d; scalars (a latent scale_factor) must keep shape ()
+    arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}
     path = Path(path)
     _atomic_write(path, f".{path.name}.tmp-{os.getpid()}",
                   lambda tmp: save_file(arrays, str(tmp), metadata={META_KEY: json.dumps(meta)}))
