@@ -4,6 +4,9 @@ A config has top-level keys ``name, seed, device, mode, out_dir`` and sections:
 
 * ``model``: ``type`` (a registered network) + that class's constructor arguments;
 * ``diffusion``: ``type`` (a registered objective) + its arguments (the model is passed in);
+  ``latent`` names its frozen first stage, an autoencoder run (``first_stage``);
+* ``loss`` instead of ``diffusion`` for autoencoder models (``model.type: autoencoder_kl``):
+  ``type`` (a registered autoencoder loss) + its arguments;
 * ``data``: ``name`` (a registered dataset) + ``build_source`` arguments;
 * ``train``: ``TrainConfig`` fields; ``sample``: ``SampleConfig`` fields.
 
@@ -26,18 +29,26 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ms_diffusion.diffusion import GaussianDiffusion
-from ms_diffusion.models import Unet
+from ms_diffusion.diffusion import GaussianDiffusion, LatentDiffusion
+from ms_diffusion.diffusion.latent import LDM_DIFFUSION_DEFAULTS, ClassEmbedder
+from ms_diffusion.losses import LPIPSWithDiscriminator
+from ms_diffusion.models import AutoencoderKL, UNetModel, Unet
 from ms_diffusion.training.trainer import TrainConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "SampleConfig", "load_config", "config_from_dict", "MODELS",
-           "DIFFUSIONS", "build_model", "build_diffusion", "apply_overrides", "DEFAULT_CONFIG"]
+           "DIFFUSIONS", "LOSSES", "AUTOENCODER_MODELS", "build_model", "build_network", "build_diffusion",
+           "build_autoencoder_loss", "build_latent_diffusion", "apply_overrides", "DEFAULT_CONFIG"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "fashion_mnist_fast.yaml"
 
-MODELS: Dict[str, Callable] = {"unet": Unet}
-DIFFUSIONS: Dict[str, Callable] = {"gaussian": GaussianDiffusion}
+MODELS: Dict[str, Callable] = {"unet": Unet, "unet_ldm": UNetModel, "autoencoder_kl": AutoencoderKL}
+DIFFUSIONS: Dict[str, Callable] = {"gaussian": GaussianDiffusion}   # + "latent", registered below its builder
+#: model types trained as autoencoders: their config has a ``loss`` section instead of ``diffusion``
+AUTOENCODER_MODELS = ("autoencoder_kl",)
+LOSSES: Dict[str, Callable] = {"lpips_discriminator": LPIPSWithDiscriminator}
+# arguments of a registered class that code passes in and a config cannot name
+_BUILD_ONLY = {"diffusion": ("self", "model", "first_stage_model"), "loss": ("self", "perceptual_model")}
 
 
 class ConfigError(ValueError):
@@ -68,14 +79,20 @@ class ExperimentConfig:
     mode: str = "graph"
     out_dir: Optional[str] = None
     model: Dict[str, Any] = field(default_factory=lambda: {"type": "unet"})
-    diffusion: Dict[str, Any] = field(default_factory=lambda: {"type": "gaussian"})
+    diffusion: Optional[Dict[str, Any]] = field(default_factory=lambda: {"type": "gaussian"})  # None: autoencoder
     data: Dict[str, Any] = field(default_factory=lambda: {"name": "fashion_mnist"})
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    loss: Optional[Dict[str, Any]] = None   # autoencoder models only
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) if self.out_dir else Path("runs") / self.name
+
+    @property
+    def is_autoencoder(self) -> bool:
+        """True for an autoencoder experiment (trained with a ``loss`` section, no diffusion)."""
+        return self.model.get("type") in AUTOENCODER_MODELS
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -249,8 +266,19 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     if cfg.mode not in ("graph", "pynative"):
         raise ConfigError(f"mode: expected graph or pynative, got {cfg.mode!r}")
     cfg.model = _registered("model", raw.get("model", {"type": "unet"}), "type", MODELS, ("self",))
-    cfg.diffusion = _registered("diffusion", raw.get("diffusion", {"type": "gaussian"}), "type", DIFFUSIONS,
-                                ("self", "model"))
+    if cfg.is_autoencoder:
+        if raw.get("diffusion") is not None:
+            raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder: it is trained with a `loss:` "
+                              f"section, not `diffusion:` (see configs/autoencoder_kl_fashion_mnist.yaml)")
+        cfg.diffusion = None
+        cfg.loss = _registered("loss", raw.get("loss") or {"type": "lpips_discriminator"}, "type", LOSSES,
+                               _BUILD_ONLY["loss"])
+    else:
+        if raw.get("loss") is not None:
+            raise ConfigError(f"a `loss:` section belongs to autoencoder models ({', '.join(AUTOENCODER_MODELS)}); "
+                              f"model.type {cfg.model['type']!r} is trained by its `diffusion:` section")
+        cfg.diffusion = _registered("diffusion", raw.get("diffusion", {"type": "gaussian"}), "type", DIFFUSIONS,
+                                    _BUILD_ONLY["diffusion"])
     datasets, build_source = _data_builder()
     data = dict(raw.get("data") or {"name": "fashion_mnist"})
     name = data.pop("name", None)
@@ -322,19 +350,141 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
 
 # ----------------------------------------------------------------------------- building
 
+def build_network(section: Mapping[str, Any]):
+    """A network from a ``model:`` section ({type, arguments}), validated like a config's."""
+    kwargs = _registered("model", section, "type", MODELS, ("self",))
+    return MODELS[kwargs.pop("type")](**kwargs)
+
+
 def build_model(cfg: ExperimentConfig):
     kwargs = dict(cfg.model)
     return MODELS[kwargs.pop("type")](**kwargs)
 
 
-def build_diffusion(cfg: ExperimentConfig, model=None):
+def build_diffusion(cfg: ExperimentConfig, model=None, **build_args):
+    """The diffusion objective around ``model`` (default: built from ``cfg.model``).
+
+    ``build_args`` are the registered builder's code-only arguments (e.g. ``first_stage_model``).
+    """
+    if cfg.diffusion is None:
+        raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder, not a diffusion model; train it "
+                          f"with train.py and use its run as diffusion.first_stage of a `latent` config")
     kwargs = dict(cfg.diffusion)
-    return DIFFUSIONS[kwargs.pop("type")](model if model is not None else build_model(cfg), **kwargs)
+    return DIFFUSIONS[kwargs.pop("type")](model if model is not None else build_model(cfg), **kwargs, **build_args)
+
+
+def build_autoencoder_loss(cfg: ExperimentConfig) -> LPIPSWithDiscriminator:
+    """The ``loss:`` section of an autoencoder config as its loss Cell (discriminator, logvar, LPIPS)."""
+    if cfg.loss is None:
+        raise ConfigError("this config has no `loss:` section (only autoencoder models have one)")
+    kwargs = dict(cfg.loss)
+    return LOSSES[kwargs.pop("type")](**kwargs)
+
+
+def data_geometry(built) -> Tuple[Tuple[int, int], int]:
+    """((H, W), channels) of the training images of a built diffusion or autoencoder.
+
+    A latent diffusion trains on images of its first stage's size, not on its latents.
+    """
+    if isinstance(built, AutoencoderKL):
+        res = int(built.ddconfig["resolution"])
+        return (res, res), built.in_channels
+    if isinstance(built, LatentDiffusion):
+        return tuple(built.pixel_size), built.first_stage_model.in_channels
+    return tuple(built.image_size), built.channels
 
 
 def build_data_source(cfg: ExperimentConfig, diffusion, shard_id: int = 0, num_shards: int = 1):
+    """The data source of ``cfg`` shaped for ``diffusion`` (a built diffusion or autoencoder)."""
     _, build_source = _data_builder()
     kwargs = dict(cfg.data)
     name = kwargs.pop("name")
-    return build_source(name, image_size=tuple(diffusion.image_size), channels=diffusion.channels, seed=cfg.seed,
-                        num_shards=num_shards, shard_id=shard_id, **kwargs)
+    size, channels = data_geometry(diffusion)
+    return build_source(name, image_size=size, channels=channels, seed=cfg.seed, num_shards=num_shards,
+                        shard_id=shard_id, **kwargs)
+
+
+# ----------------------------------------------------------------------------- latent diffusion
+
+_CLASS_CONDITIONINGS = (None, "crossattn", "adm")
+
+
+def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = None,
+                           first_stage_model: Optional[AutoencoderKL] = None, conditioning_key: Optional[str] = None,
+                           num_classes: Optional[int] = None, cond_drop_prob: float = 0.1, scale_factor: float = 1.0,
+                           scale_by_std: bool = False, image_size: Optional[int] = None, auto_normalize: bool = True,
+                           **diffusion_kwargs) -> LatentDiffusion:
+    """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder.
+
+    ``first_stage``: an autoencoder run folder, step checkpoint or ``model.safetensors`` (written by
+    ``train.py`` with an autoencoder config); its architecture and weights are loaded, frozen, and
+    recorded (``first_stage_info``: path, sha256, step, model section) so that the latent
+    diffusion's checkpoints, which hold the first stage's weights too, load on their own. Code that
+    already has the autoencoder passes ``first_stage_model`` instead (``pipeline.load_diffusion``).
+
+    Class conditioning from the data's labels: ``conditioning_key: crossattn`` with ``num_classes``
+    (a ``ClassEmbedder`` into the unet's ``context_dim``) or ``adm`` (the unet's ``num_classes`` is
+    N + 1: N classes and the null class). Any ``GaussianDiffusion`` option (``timesteps``,
+    ``sampling_timesteps``, ``learn_logvar``, ...) may follow; unset ones take ldm's defaults.
+    """
+    if conditioning_key not in _CLASS_CONDITIONINGS:
+        raise ConfigError(f"diffusion.conditioning_key {conditioning_key!r}: a config trains on images and class "
+                          f"labels, so choose one of {list(_CLASS_CONDITIONINGS)} (concat / hybrid conditionings "
+                          f"need conditioning inputs: use LatentDiffusion from Python)")
+    cond_stage = None
+    if conditioning_key == "crossattn":
+        if num_classes is None:
+            raise ConfigError("diffusion.num_classes: conditioning_key crossattn embeds class labels; set the number "
+                              "of classes")
+        if model.context_dim is None:
+            raise ConfigError("model.context_dim: crossattn conditioning needs use_spatial_transformer: true and "
+                              "context_dim in the unet_ldm model")
+        cond_stage = ClassEmbedder(model.context_dim, num_classes)
+    elif conditioning_key == "adm":
+        if model.num_classes is None or (num_classes is not None and model.num_classes != num_classes + 1):
+            raise ConfigError(f"model.num_classes: adm conditioning needs the unet's num_classes = classes + 1 (the "
+                              f"null class); got {model.num_classes} for num_classes={num_classes}")
+    elif num_classes is not None:
+        raise ConfigError("diffusion.num_classes is set but conditioning_key is not: choose crossattn or adm")
+    if first_stage_model is None:
+        if not first_stage:
+            raise ConfigError("diffusion.first_stage: the latent diffusion needs its autoencoder: set it to the run "
+                              "folder (or checkpoint) of an autoencoder trained with train.py")
+        from ms_diffusion.pipeline import load_autoencoder  # the pipeline imports this module
+        from ms_diffusion.training.checkpoint import CheckpointError
+
+        try:
+            first_stage_model, info = load_autoencoder(first_stage)
+        except CheckpointError as err:
+            raise ConfigError(f"diffusion.first_stage: {err}") from None
+    else:
+        info = None
+    latent_channels = first_stage_model.embed_dim
+    if (model.in_channels, model.out_channels) != (latent_channels, latent_channels):
+        raise ConfigError(f"model.in_channels / out_channels are {model.in_channels} / {model.out_channels} but the "
+                          f"first stage's latents have {latent_channels} channels (its embed_dim); set both to "
+                          f"{latent_channels}")
+    ldm = LatentDiffusion(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
+                          cond_stage_model=cond_stage, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor,
+                          scale_by_std=scale_by_std, auto_normalize=auto_normalize, **diffusion_kwargs)
+    ldm.first_stage_info = info
+    return ldm
+
+
+def _with_diffusion_options(builder: Callable) -> Callable:
+    """Give ``builder`` (which forwards ``**diffusion_kwargs``) a signature that lists GaussianDiffusion's
+    options with ldm's defaults, so config keys are checked and coerced against them."""
+    own = inspect.signature(builder)
+    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    hints = typing.get_type_hints(GaussianDiffusion.__init__)
+    for name, p in inspect.signature(GaussianDiffusion.__init__).parameters.items():
+        if name in ("self", "model", "immiscible") or name in taken:
+            continue
+        params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints.get(name, p.annotation),
+                                default=LDM_DIFFUSION_DEFAULTS.get(name, p.default)))
+    builder.__signature__ = own.replace(parameters=params)
+    return builder
+
+
+DIFFUSIONS["latent"] = _with_diffusion_options(build_latent_diffusion)

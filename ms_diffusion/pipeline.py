@@ -1,19 +1,26 @@
-"""Load a trained model from its checkpoint alone, and generate images with it."""
+"""Load a trained model from its checkpoint alone, and generate images with it.
+
+A latent-diffusion checkpoint holds its first stage's weights (``first_stage_model.*``) and its
+architecture (metadata ``first_stage``), so it loads without the autoencoder run it was trained on.
+"""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
 
-from ms_diffusion.config import ExperimentConfig, build_diffusion, config_from_dict
+from ms_diffusion.config import ExperimentConfig, build_diffusion, build_model, build_network, config_from_dict
+from ms_diffusion.diffusion import LatentDiffusion
 from ms_diffusion.interop.state import ConversionError, load_arrays_into
+from ms_diffusion.models import AutoencoderKL
 from ms_diffusion.samplers import resolve_sampler
 from ms_diffusion.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_safetensors
 
-__all__ = ["resolve_checkpoint", "load_diffusion", "generate", "Generated"]
+__all__ = ["resolve_checkpoint", "load_diffusion", "load_autoencoder", "to_images", "generate", "Generated"]
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -32,6 +39,30 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return p
 
 
+def _read_weights(p: Path, weights: str) -> Tuple[Dict[str, np.ndarray], dict]:
+    """({name: array} of the ``weights`` group ("ema" / "online"), metadata) of a checkpoint or export."""
+    if p.suffix == ".safetensors":
+        arrays, meta = load_safetensors(p)   # an export: one set of weights, named in its metadata
+        held = meta.get("weights", "ema")
+        if held != weights:
+            raise CheckpointError(f"{p} holds only {held.upper() if held == 'ema' else held} weights; use "
+                                  f"--weights {held} or a training checkpoint")
+        prefix = ""
+    else:
+        arrays, meta = load_checkpoint(p)
+        prefix = f"{weights}."
+    if "config" not in meta:
+        raise CheckpointError(f"{p} has no experiment config in its metadata; it was not written by ms_diffusion")
+    return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta
+
+
+def _load_into(cell, arrays: Dict[str, np.ndarray], p: Path) -> None:
+    try:
+        load_arrays_into(cell, arrays)
+    except ConversionError as err:
+        raise CheckpointError(f"{p}: {err}") from None
+
+
 def load_diffusion(path: Union[str, Path], weights: str = "ema") -> Tuple[ExperimentConfig, "ms.nn.Cell", dict]:
     """Rebuild the diffusion model recorded in a checkpoint and load its ``ema`` or ``online`` weights.
 
@@ -40,27 +71,58 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema") -> Tuple[Experi
     if weights not in ("ema", "online"):
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
     p = resolve_checkpoint(path)
-    if p.suffix == ".safetensors":
-        arrays, meta = load_safetensors(p)
-        if weights == "online" and meta.get("weights") == "ema":
-            raise CheckpointError(f"{p} holds only EMA weights; use --weights ema or a training checkpoint")
-        prefix = ""
-    else:
-        arrays, meta = load_checkpoint(p)
-        prefix = f"{weights}."
-    if "config" not in meta:
-        raise CheckpointError(f"{p} has no experiment config in its metadata; it was not written by ms_diffusion")
+    selected, meta = _read_weights(p, weights)
     cfg = config_from_dict(meta["config"])
-    diffusion = build_diffusion(cfg)
-    selected = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-    try:
-        load_arrays_into(diffusion, selected)
-    except ConversionError as err:
-        raise CheckpointError(f"{p}: {err}") from None
+    if cfg.is_autoencoder:
+        raise CheckpointError(f"{p} is an autoencoder checkpoint, not a diffusion model: name its run as "
+                              f"diffusion.first_stage of a `latent` config and train the latent diffusion")
+    build_args = {}
+    if cfg.diffusion["type"] == "latent" and meta.get("first_stage"):
+        # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
+        build_args["first_stage_model"] = build_network(meta["first_stage"]["model"])
+    diffusion = build_diffusion(cfg, **build_args)
+    _load_into(diffusion, selected, p)
     diffusion.set_train(False)
     meta = dict(meta)
     meta["path"] = str(p)
     return cfg, diffusion, meta
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_autoencoder(path: Union[str, Path]) -> Tuple[AutoencoderKL, Dict[str, Any]]:
+    """A trained autoencoder (run folder, step checkpoint or model.safetensors) as a frozen first stage.
+
+    Returns (AutoencoderKL in eval mode with every parameter frozen, info) with info = {"path",
+    "sha256" of the file, "step", "model": its config's model section}: what a latent diffusion
+    records so that its own checkpoints rebuild the first stage without this file.
+    """
+    p = resolve_checkpoint(path)
+    arrays, meta = _read_weights(p, "online")
+    cfg = config_from_dict(meta["config"])
+    if not cfg.is_autoencoder:
+        raise CheckpointError(f"{str(p)!r} is a {cfg.model['type']!r} checkpoint, not an autoencoder; name the run "
+                              f"folder of a model trained with an autoencoder config (model.type autoencoder_kl)")
+    autoencoder = build_model(cfg)
+    _load_into(autoencoder, arrays, p)
+    for param in autoencoder.get_parameters():
+        param.requires_grad = False
+    autoencoder.set_train(False)
+    info = {"path": str(p), "sha256": _sha256(p), "step": meta.get("step"), "model": dict(meta["config"]["model"])}
+    return autoencoder, info
+
+
+def to_images(diffusion, x: ms.Tensor) -> ms.Tensor:
+    """A sampler's output in model space -> images (B, C, H, W) in [0, 1] (latents are decoded)."""
+    if isinstance(diffusion, LatentDiffusion):
+        return diffusion.decode_to_images(x)
+    return diffusion.unnormalize(x)
 
 
 @dataclass
@@ -93,9 +155,9 @@ def generate(diffusion, num: int, *, batch_size: int = 64, seed: int = 0, sample
                                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                                   log_every_t=every if done == 0 else 0, progress=progress,
                                                   **sampler_options)
-        images.append(diffusion.unnormalize(result.sample).asnumpy())
+        images.append(to_images(diffusion, result.sample).asnumpy())
         if done == 0 and every:
-            frames = [diffusion.unnormalize(ms.Tensor(x)).asnumpy() for x in result.trajectory.xs]
+            frames = [to_images(diffusion, ms.Tensor(x)).asnumpy() for x in result.trajectory.xs]
             frame_ts = list(result.trajectory.timesteps)
         done += b
     return Generated(np.clip(np.concatenate(images), 0.0, 1.0), frames, frame_ts)

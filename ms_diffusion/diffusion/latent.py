@@ -183,6 +183,12 @@ class LatentDiffusion(GaussianDiffusion):
     ``scale_factor`` is a non-trainable Parameter, so checkpoints carry it; with ``scale_by_std``
     call ``maybe_init_scale_factor(batch, global_step)`` on the first batch (it sets 1 / std of the
     latents of that batch at step 0, as ldm does, and nothing on resume).
+
+    DDIM / PLMS sampling ends on the model's clean estimate (``final_alpha_cumprod=1.0``, as every
+    other diffusion here and diffusers' ``set_alpha_to_one``), not on ldm's ``alphas_cumprod[0]``,
+    which leaves latent noise of std sqrt(1 - alphas_cumprod[0]) (0.039 with ldm's betas) in the
+    decoded image and exists only as a detail of ldm's sampler. To reproduce ldm exactly, pass
+    ``final_alpha_cumprod=float(ldm.schedule.alphas_cumprod[0])`` to ``sample``.
     """
 
     def __init__(self, first_stage_model: AutoencoderKL, unet: UNetModel, *, image_size: Optional[int] = None,
@@ -211,6 +217,8 @@ class LatentDiffusion(GaussianDiffusion):
             raise ValueError(f"the unet denoises {denoiser.channels}-channel latents but the autoencoder's "
                              f"embed_dim is {first_stage_model.embed_dim}")
         options = dict(LDM_DIFFUSION_DEFAULTS)
+        if "beta_schedule" in diffusion_kwargs or "betas" in diffusion_kwargs:
+            options.pop("schedule_fn_kwargs")   # ldm's beta range belongs to ldm's schedule only
         options.update(diffusion_kwargs)
         super().__init__(denoiser, image_size=image_size // f, auto_normalize=False, **options)
         self.first_stage_model = first_stage_model

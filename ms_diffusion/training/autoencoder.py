@@ -1,0 +1,230 @@
+"""Two-optimizer training of the KL autoencoder (ldm ``AutoencoderKL`` + ``LPIPSWithDiscriminator``), compiled.
+
+One optimizer update (``grad_accum`` micro-batches, each):
+
+1. generator step: ``GeneratorLoss(images, step, posterior_noise, with_gan)`` differentiated with
+   respect to the autoencoder (and ``logvar`` with ``learn_logvar``), then its Adam update;
+   ``with_gan = step >= disc_start`` is a compile-time constant, so at most two graphs are compiled
+   and steps before ``disc_start`` do not run the discriminator at all;
+2. discriminator step, only once ``step >= disc_start``: ``DiscriminatorLoss(images,
+   reconstructions, step)`` on the generator step's (detached) reconstructions, then the
+   discriminator's own Adam update.
+
+Both steps go through ``TrainStep`` (clipping, accumulation, data-parallel gradient averaging).
+The posterior noise is drawn on the host from the trainer's RNG and the data order is a function of
+(seed, epoch), so a resumed run reaches the same weights as an uninterrupted one. Checkpoint groups:
+``online`` (the autoencoder), ``loss`` (``logvar`` and the discriminator with its BatchNorm
+statistics; the frozen LPIPS network comes from its own file and is not saved), ``optimizer`` and
+``disc_optimizer`` (Adam moments and step counts), ``loss_scaler``. The run folder gets
+``log.jsonl`` (generator and discriminator logs), ``loss.png``, ``reconstructions/step_N.png``
+(rows of inputs above rows of their reconstructions) and, at the end, ``model.safetensors`` with
+the autoencoder's weights and config: what a ``latent`` diffusion config names as ``first_stage``.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+from tqdm.auto import tqdm
+
+from ms_diffusion.imageio import save_grid
+from ms_diffusion.interop.state import named_parameters
+from ms_diffusion.losses.autoencoder import (DISCRIMINATOR_LOG_KEYS, GENERATOR_LOG_KEYS, DiscriminatorLoss,
+                                             GeneratorLoss, LPIPSWithDiscriminator)
+from ms_diffusion.models.autoencoder import AutoencoderKL
+from ms_diffusion.models.distributions import split_moments
+from ms_diffusion.runtime import maybe_jit
+from ms_diffusion.training.base import TrainerBase, optimizer_state
+from ms_diffusion.training.checkpoint import export_safetensors
+from ms_diffusion.training.optim import build_lr_schedule, build_optimizer, current_lr
+from ms_diffusion.training.step import TrainStep
+from ms_diffusion.training.trainer import TrainConfig
+
+__all__ = ["AutoencoderTrainer", "reconstruction_grid"]
+
+GradReducerFactory = Callable[[Sequence[Parameter]], Optional[nn.Cell]]
+
+
+def reconstruction_grid(inputs: np.ndarray, reconstructions: np.ndarray, path, nrow: int = 8) -> Path:
+    """PNG of (N, C, H, W) images in [0, 1]: each row of ``nrow`` inputs above the row of their reconstructions."""
+    if inputs.shape != reconstructions.shape:
+        raise ValueError(f"inputs {inputs.shape} and reconstructions {reconstructions.shape} differ in shape")
+    nrow = max(1, min(int(nrow), inputs.shape[0]))
+    rows = []
+    for start in range(0, inputs.shape[0], nrow):
+        chunk_in, chunk_rec = inputs[start:start + nrow], reconstructions[start:start + nrow]
+        if chunk_in.shape[0] < nrow:   # keep the pairs aligned: pad the last row with white
+            pad = np.ones((nrow - chunk_in.shape[0],) + chunk_in.shape[1:], chunk_in.dtype)
+            chunk_in, chunk_rec = np.concatenate([chunk_in, pad]), np.concatenate([chunk_rec, pad])
+        rows += [chunk_in, chunk_rec]
+    images = np.concatenate(rows)
+    return save_grid(images, path, nrow=nrow, scale=max(1, 64 // max(images.shape[-1], 1)))
+
+
+class AutoencoderTrainer(TrainerBase):
+    """Trains ``autoencoder`` with ``loss`` (its PatchGAN, logvar and LPIPS) on ``source`` batches.
+
+    ``config`` is the ``train:`` section: ``lr``, ``adam_betas`` (ldm: (0.5, 0.9)), ``optimizer``,
+    ``lr_schedule`` and ``clip_grad_norm`` apply to both optimizers; ``sample_every`` /
+    ``num_samples`` set how often and how many reconstructions are drawn; the EMA options do not
+    apply (ldm's autoencoder has no EMA). Training runs in float32 (``amp`` must be O0).
+    ``grad_reducer`` (e.g. ``DataParallel.grad_reducer``) builds a gradient all-reduce for a
+    parameter list, or returns None for a single process.
+    """
+
+    def __init__(self, autoencoder: AutoencoderKL, loss: LPIPSWithDiscriminator, source, config: TrainConfig,
+                 out_dir, *, meta: Optional[Dict[str, Any]] = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, grad_reducer: Optional[GradReducerFactory] = None,
+                 log: Callable[[str], None] = print):
+        config = config.validate()
+        if config.amp != "O0":
+            raise ValueError(f"train.amp={config.amp!r}: autoencoder training runs in float32; set train.amp to O0")
+        if config.loss_scale not in ("auto", "none"):
+            raise ValueError(f"train.loss_scale={config.loss_scale!r}: autoencoder training runs in float32 without "
+                             f"loss scaling; set train.loss_scale to auto or none")
+        super().__init__(source, config, out_dir, meta=meta, seed=seed, rank=rank, world_size=world_size, log=log)
+        self.autoencoder, self.loss = autoencoder, loss
+        self.generator_loss = GeneratorLoss(autoencoder, loss)
+        self.discriminator_loss = DiscriminatorLoss(loss)
+        self.generator_loss.set_train(True)
+        self.discriminator_loss.set_train(True)
+        cfg = self.cfg
+        reducer = grad_reducer or (lambda params: None)
+
+        def optimizer(params):
+            schedule = build_lr_schedule(cfg.lr_schedule, cfg.lr, warmup_steps=cfg.warmup_steps,
+                                         total_steps=cfg.num_steps, min_lr=cfg.min_lr)
+            return build_optimizer(params, cfg.optimizer, schedule, betas=cfg.adam_betas,
+                                   weight_decay=cfg.weight_decay)
+
+        g_params = self.generator_loss.generator_parameters()
+        d_params = self.discriminator_loss.discriminator_parameters()
+        self.optimizer = optimizer(g_params)
+        self.disc_optimizer = optimizer(d_params)
+        self.g_step = TrainStep(self.generator_loss, self.optimizer, grad_accum=cfg.grad_accum,
+                                clip_grad_norm=cfg.clip_grad_norm, grad_reducer=reducer(g_params), has_aux=True)
+        self.d_step = TrainStep(self.discriminator_loss, self.disc_optimizer, grad_accum=cfg.grad_accum,
+                                clip_grad_norm=cfg.clip_grad_norm, grad_reducer=reducer(d_params), has_aux=True)
+        self._reconstruct = maybe_jit(self._reconstruct_impl)
+        self._grid_inputs: Optional[np.ndarray] = None
+
+    @property
+    def disc_start(self) -> int:
+        return self.loss.disc_start
+
+    # ------------------------------------------------------------------ checkpoint state
+
+    def _state_groups(self) -> Dict[str, Dict[str, ms.Parameter]]:
+        loss_state = {name: p for name, p in named_parameters(self.loss).items()
+                      if not name.startswith("perceptual_loss.")}
+        scalers = {}
+        for prefix, step in (("", self.g_step), ("disc_", self.d_step)):
+            scalers.update({prefix + p.name.split(".")[-1]: p for p in step.scaler_parameters()})
+        return {"online": named_parameters(self.autoencoder), "loss": loss_state,
+                "optimizer": optimizer_state(self.optimizer), "disc_optimizer": optimizer_state(self.disc_optimizer),
+                "loss_scaler": scalers}
+
+    # ------------------------------------------------------------------ reconstructions
+
+    def _reconstruct_impl(self, x):
+        mean, _ = split_moments(self.autoencoder.encode_moments(x))
+        return ops.clamp(self.autoencoder.decode(mean), -1.0, 1.0)
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """Images (B, C, H, W) in [0, 1] -> their reconstructions from the posterior mean, in [0, 1]."""
+        out = self._reconstruct(Tensor(np.asarray(images, np.float32) * 2.0 - 1.0))
+        return (out.asnumpy() + 1.0) * 0.5
+
+    def _reconstruction_grid(self) -> Optional[Path]:
+        n = self.cfg.num_samples
+        if not self.is_main or n <= 0:
+            return None
+        if self._grid_inputs is None:   # the same images every time: the first ones of epoch 0
+            n = min(n, self.source.num_samples)
+            self._grid_inputs, _ = next(iter(self.source.epoch(0, n)))
+        return reconstruction_grid(self._grid_inputs, self.reconstruct(self._grid_inputs),
+                                   self.out_dir / "reconstructions" / f"step_{self.step:08d}.png")
+
+    # ------------------------------------------------------------------ loop
+
+    def _log_record(self, g_window: List[Tuple], d_window: List[Tuple], g_norm, d_norm,
+                    images_per_s: float) -> Dict[str, Any]:
+        record: Dict[str, Any] = {"step": self.step, "epoch": self.epoch}
+        g_logs = np.mean([[float(v.asnumpy()) for v in logs] for logs in g_window], axis=0)
+        record["loss"] = float(g_logs[0])
+        record.update({key: float(v) for key, v in zip(GENERATOR_LOG_KEYS, g_logs)})
+        if d_window:
+            d_logs = np.mean([[float(v.asnumpy()) for v in logs] for logs in d_window], axis=0)
+            record.update({key: float(v) for key, v in zip(DISCRIMINATOR_LOG_KEYS, d_logs)})
+        record.update({"lr": current_lr(self.optimizer), "grad_norm": float(g_norm.asnumpy()),
+                       "disc_grad_norm": None if d_norm is None else float(d_norm.asnumpy()),
+                       "overflows": self.overflows, "img_per_s": images_per_s, "time": time.time()})
+        return record
+
+    def fit(self, resume=None) -> Dict[str, Any]:
+        """Train until ``num_steps`` updates; returns a summary (final losses, img/s, paths)."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.resume(resume)
+        self._load_history()
+        cfg = self.cfg
+        images_per_update = cfg.batch_size * cfg.grad_accum * self.world_size
+        bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   desc="train autoencoder", dynamic_ncols=True)
+        g_window: List[Tuple] = []
+        d_window: List[Tuple] = []
+        t_last, steps_last = time.perf_counter(), self.step
+        record: Dict[str, Any] = {}
+        d_norm = None
+        batches = self._batches()
+        try:
+            while self.step < cfg.num_steps:
+                images, _ = next(batches)
+                x = Tensor(images * np.float32(2.0) - np.float32(1.0))
+                noise = Tensor(self.rng.standard_normal(self.autoencoder.latent_shape(images.shape))
+                               .astype(np.float32))
+                global_step = Tensor(self.step, ms.int32)
+                with_gan = self.step >= self.disc_start
+                _, g_norm, g_finite, (g_logs, reconstructions) = self.g_step(x, global_step, noise, with_gan)
+                g_window.append(g_logs)
+                finite = [g_finite]
+                if with_gan:
+                    _, d_norm, d_finite, (d_logs,) = self.d_step(x, reconstructions, global_step)
+                    d_window.append(d_logs)
+                    finite.append(d_finite)
+                if g_norm is None:
+                    continue  # accumulating micro-batches
+                self.step += 1
+                self.overflows += sum(not bool(f.asnumpy()) for f in finite)
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.num_steps:
+                    now = time.perf_counter()
+                    img_per_s = (self.step - steps_last) * images_per_update / max(now - t_last, 1e-9)
+                    t_last, steps_last = now, self.step
+                    record = self._log_record(g_window, d_window, g_norm, d_norm if with_gan else None, img_per_s)
+                    g_window.clear()
+                    d_window.clear()
+                    self._history.append((self.step, record["loss"]))
+                    self._log_line(record)
+                    bar.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}",
+                                    img_s=f"{img_per_s:.1f}")
+                if self.step % cfg.save_every == 0 or self.step == cfg.num_steps:
+                    self.save()
+                    self._write_plots()
+                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.num_steps):
+                    self._reconstruction_grid()
+        finally:
+            bar.close()
+        summary = {"step": self.step, "loss": record.get("loss", float("nan")),
+                   "rec_loss": record.get("rec_loss", float("nan")), "img_per_s": record.get("img_per_s", 0.0),
+                   "overflows": self.overflows, "out_dir": str(self.out_dir)}
+        if self.is_main and cfg.export_safetensors:
+            weights = {name: p.asnumpy() for name, p in named_parameters(self.autoencoder).items()}
+            meta = dict(self.meta)
+            meta.update({"step": self.step, "weights": "online"})
+            summary["safetensors"] = str(export_safetensors(self.out_dir / "model.safetensors", weights, meta))
+        return summary
