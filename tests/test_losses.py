@@ -101,6 +101,16 @@ def test_adaptive_weight_matches_direct_gradient_norms():
     assert np.linalg.norm(got - want) <= 1e-4 * np.linalg.norm(want)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
+    # the trainer's path: the GAN terms computed first (their own graph), then passed in as constants
+    gan = gen.gan_terms(x, step, noise)
+    np.testing.assert_allclose(float(gan[2]), logs["d_weight"], rtol=1e-6)
+    total_pre, logs_pre, _ = gen(x, step, noise, True, gan)
+    np.testing.assert_allclose(float(total_pre), float(total), rtol=1e-6)
+    np.testing.assert_allclose([float(v.asnumpy()) for v in logs_pre], list(logs.values()), rtol=1e-6)
+    got_pre = ms.value_and_grad(gen, None, params, has_aux=True)(x, step, noise, True, ms.mutable(gan))[1]
+    got_pre = np.concatenate([g.asnumpy().ravel() for g in got_pre])
+    np.testing.assert_allclose(got_pre, got, rtol=1e-5, atol=1e-6 * np.abs(got).max())
+
 
 def test_disc_start_gates_the_gan_terms():
     ae = AutoencoderKL(DD, 4)

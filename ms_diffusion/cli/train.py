@@ -114,19 +114,32 @@ def _run(args: argparse.Namespace) -> int:
         if dist.rank == 0:
             print(f"scale_by_std: scale_factor = {scale:.4f} (1 / std of the first batch's latents)")
 
+    from ms_diffusion.pipeline import generate
     from ms_diffusion.training import Trainer
+    from ms_diffusion.training.evaluation import build_evaluator
+
+    num_classes = getattr(diffusion, "num_classes", None)
 
     def sample_fn(ema, n):
+        """Training-time grid: classes in turn (guided by sample.guidance_scale) for class-conditional models."""
         s = cfg.sample
-        return ema.sample(batch_size=n, seed=s.seed, sampler=s.sampler, steps=s.steps, eta=s.eta).asnumpy()
+        classes = [i % num_classes for i in range(n)] if num_classes else None
+        return generate(ema, n, batch_size=n, seed=s.seed, sampler=s.sampler, steps=s.steps, eta=s.eta,
+                        classes=classes, guidance_scale=s.guidance_scale if num_classes else 1.0,
+                        guidance_rescale=s.guidance_rescale if num_classes else 0.0).images
 
+    evaluator = build_evaluator(cfg, diffusion, log=print) if dist.rank == 0 else None
     trainer = Trainer(diffusion, ema_diffusion, source, cfg.train, out_dir, meta=meta,
                       seed=cfg.seed, rank=dist.rank, world_size=dist.world_size, grad_reducer=dist.grad_reducer(
-                          diffusion.trainable_params()), sample_fn=sample_fn)
+                          diffusion.trainable_params()), sample_fn=sample_fn, evaluate_fn=evaluator)
     summary = trainer.fit(resume=args.resume)
     if dist.rank == 0:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['img_per_s']:.1f} img/s, "
               f"{summary['overflows']} skipped overflow step(s); checkpoints in {out_dir / 'checkpoints'}")
+        best = summary.get("best_eval")
+        if best:
+            print(f"best: FD {best['fd']:.3f} at step {best['step']} ({best['num']} samples, {best['features']}) "
+                  f"-> {out_dir / 'best.safetensors'}")
     return 0
 
 

@@ -6,7 +6,8 @@ feature extractors (``classifier``: the project's Fashion-MNIST CNN, shipped; ``
 FID Inception-v3, weights supplied by the user) are MindSpore networks. See docs/evaluation.md.
 """
 from ms_diffusion.metrics.evaluate import METRICS, check_images, evaluate_samples, format_table, load_samples
-from ms_diffusion.metrics.features import FeatureExtractor, classifier_extractor, get_extractor, inception_extractor
+from ms_diffusion.metrics.features import (FeatureExtractor, classifier_extractor, fit_to_extractor, get_extractor,
+                                          inception_extractor)
 from ms_diffusion.metrics.frechet import (FrechetResult, GaussianStats, TooFewSamplesError, bootstrap_frechet_distance,
                                           frechet_distance, frechet_distance_from_features, gaussian_stats, sqrtm_psd,
                                           trace_sqrt_product)
@@ -16,8 +17,9 @@ from ms_diffusion.metrics.neighbours import (Memorization, PrecisionRecall, memo
 from ms_diffusion.metrics.reference import Reference, cache_dir, memorization_reference, reference_features
 
 __all__ = ["METRICS", "evaluate_samples", "format_table", "load_samples", "check_images", "FeatureExtractor",
-           "classifier_extractor", "inception_extractor", "get_extractor", "GaussianStats", "FrechetResult",
-           "TooFewSamplesError", "gaussian_stats", "sqrtm_psd", "trace_sqrt_product", "frechet_distance",
-           "frechet_distance_from_features", "bootstrap_frechet_distance", "KIDResult", "kernel_inception_distance",
-           "mmd2_unbiased", "polynomial_kernel", "PrecisionRecall", "precision_recall", "Memorization", "memorization",
-           "nearest_training_distances", "Reference", "reference_features", "memorization_reference", "cache_dir"]
+           "classifier_extractor", "inception_extractor", "get_extractor", "fit_to_extractor", "GaussianStats",
+           "FrechetResult", "TooFewSamplesError", "gaussian_stats", "sqrtm_psd", "trace_sqrt_product",
+           "frechet_distance", "frechet_distance_from_features", "bootstrap_frechet_distance", "KIDResult",
+           "kernel_inception_distance", "mmd2_unbiased", "polynomial_kernel", "PrecisionRecall", "precision_recall",
+           "Memorization", "memorization", "nearest_training_distances", "Reference", "reference_features",
+           "memorization_reference", "cache_dir"]

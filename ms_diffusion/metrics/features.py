@@ -13,7 +13,8 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["FeatureExtractor", "classifier_extractor", "inception_extractor", "get_extractor", "EXTRACTOR_KINDS"]
+__all__ = ["FeatureExtractor", "classifier_extractor", "inception_extractor", "get_extractor", "fit_to_extractor",
+           "EXTRACTOR_KINDS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 EXTRACTOR_KINDS = ("classifier", "inception")
@@ -106,3 +107,30 @@ def get_extractor(kind: str = "classifier", weights: Optional[PathLike] = None) 
                              "(make it with scripts/convert_fid_inception.py; see docs/evaluation.md)")
         return inception_extractor(weights)
     raise ValueError(f"unknown feature extractor {kind!r}; choose one of {EXTRACTOR_KINDS}")
+
+
+def fit_to_extractor(images: np.ndarray, extractor: FeatureExtractor) -> np.ndarray:
+    """Images (N, C, H, W) in [0, 1] -> the (C', H', W') the extractor takes, unchanged when they already fit.
+
+    Channels: RGB -> gray with PIL's ``L`` weights (0.299, 0.587, 0.114), gray -> RGB by repetition.
+    Size: PIL bicubic per image and channel in float (antialiased when shrinking), e.g. a latent
+    model's 32x32 Fashion-MNIST samples back to the classifier's 28x28.
+    """
+    from PIL import Image
+
+    x = np.asarray(images, dtype=np.float32)
+    if extractor.input_shape is None or tuple(x.shape[1:]) == tuple(extractor.input_shape):
+        return x
+    c, h, w = extractor.input_shape
+    if x.shape[1] != c:
+        if x.shape[1] == 3 and c == 1:
+            x = np.tensordot(x, np.array([0.299, 0.587, 0.114], np.float32), axes=([1], [0]))[:, None]
+        elif x.shape[1] == 1:
+            x = np.repeat(x, c, axis=1)
+        else:
+            raise ValueError(f"cannot map {x.shape[1]}-channel images to the {c} channels of the "
+                             f"{extractor.description}")
+    if x.shape[2:] != (h, w):
+        x = np.stack([[np.asarray(Image.fromarray(ch, mode="F").resize((w, h), Image.BICUBIC)) for ch in img]
+                      for img in x])
+    return np.clip(x, 0.0, 1.0).astype(np.float32)

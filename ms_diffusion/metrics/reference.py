@@ -23,7 +23,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import numpy as np
 
 from ms_diffusion.metrics.data import DatasetArrays, load_dataset_arrays
-from ms_diffusion.metrics.features import FeatureExtractor
+from ms_diffusion.metrics.features import FeatureExtractor, fit_to_extractor
 from ms_diffusion.metrics.frechet import GaussianStats, gaussian_stats
 from ms_diffusion.metrics.neighbours import nearest_training_distances
 
@@ -82,16 +82,19 @@ def _subset(n: int, count: Optional[int], seed: int) -> np.ndarray:
 def reference_features(extractor: FeatureExtractor, dataset: str = "fashion_mnist", split: str = "train", *,
                        data_dir: Optional[PathLike] = None, max_images: Optional[int] = None, seed: int = 0,
                        use_cache: bool = True, refresh: bool = False, data: Optional[DatasetArrays] = None,
+                       image_shape: Optional[Tuple[int, int, int]] = None,
                        log: Optional[Callable[[str], None]] = None) -> Reference:
     """Features and statistics of ``split`` of ``dataset`` under ``extractor``, from the cache when possible.
 
     ``max_images`` takes a fixed random subset (``seed``) instead of the whole split (useful with
-    Inception on a CPU). ``data`` passes already-loaded arrays of that split.
+    Inception on a CPU). ``data`` passes already-loaded arrays of that split. ``image_shape``
+    (C, H, W; default the extractor's input) is the shape the images are loaded at, e.g. the
+    training resolution of the model to be compared; they then go through ``fit_to_extractor``
+    exactly as that model's samples do.
     """
     if data is None:
-        h, w = (extractor.input_shape[1:] if extractor.input_shape is not None else (None, None))
-        size = None if h is None else h
-        channels = None if extractor.input_shape is None else extractor.input_shape[0]
+        shape = image_shape if image_shape is not None else extractor.input_shape
+        size, channels = (None, None) if shape is None else (tuple(shape[1:]), shape[0])
         data = load_dataset_arrays(dataset, split, data_dir=data_dir, image_size=size, channels=channels)
     idx = _subset(len(data.images), max_images, seed)
     count = len(idx)
@@ -114,7 +117,7 @@ def reference_features(extractor: FeatureExtractor, dataset: str = "fashion_mnis
                     log(f"ignoring unreadable cache file {path} ({err})")
     if log:
         log(f"computing {extractor.name} features of {count} {data.dataset} {split} images (cached afterwards)")
-    feats = extractor(data.images[idx])
+    feats = extractor(fit_to_extractor(data.images[idx], extractor))
     stats = gaussian_stats(feats, allow_singular=True)
     ref = Reference(features=feats, stats=stats, dataset=data.dataset, split=split, count=count,
                     extractor_key=extractor.key, fingerprint=data.fingerprint, path=path if use_cache else None)

@@ -2,10 +2,13 @@
 
 One optimizer update (``grad_accum`` micro-batches, each):
 
-1. generator step: ``GeneratorLoss(images, step, posterior_noise, with_gan)`` differentiated with
-   respect to the autoencoder (and ``logvar`` with ``learn_logvar``), then its Adam update;
-   ``with_gan = step >= disc_start`` is a compile-time constant, so at most two graphs are compiled
-   and steps before ``disc_start`` do not run the discriminator at all;
+1. generator step: ``GeneratorLoss(images, step, posterior_noise, with_gan, gan)`` differentiated
+   with respect to the autoencoder (and ``logvar`` with ``learn_logvar``), then its Adam update;
+   ``with_gan = step >= disc_start`` is a compile-time constant, so steps before ``disc_start`` do
+   not run the discriminator at all; from then on ``gan`` (g_loss, its gradient at the decoder
+   output, the adaptive weight) comes from ``GeneratorLoss.gan_terms`` compiled as a graph of its
+   own (one extra autoencoder forward), since a differentiated graph containing gradients does
+   not compile in reasonable time;
 2. discriminator step, only once ``step >= disc_start``: ``DiscriminatorLoss(images,
    reconstructions, step)`` on the generator step's (detached) reconstructions, then the
    discriminator's own Adam update.
@@ -110,6 +113,7 @@ class AutoencoderTrainer(TrainerBase):
         self.d_step = TrainStep(self.discriminator_loss, self.disc_optimizer, grad_accum=cfg.grad_accum,
                                 clip_grad_norm=cfg.clip_grad_norm, grad_reducer=reducer(d_params), has_aux=True)
         self._reconstruct = maybe_jit(self._reconstruct_impl)
+        self._gan_terms = maybe_jit(self._gan_terms_impl)
         self._grid_inputs: Optional[np.ndarray] = None
 
     @property
@@ -129,6 +133,9 @@ class AutoencoderTrainer(TrainerBase):
                 "loss_scaler": scalers}
 
     # ------------------------------------------------------------------ reconstructions
+
+    def _gan_terms_impl(self, x, global_step, noise):
+        return self.generator_loss.gan_terms(x, global_step, noise)
 
     def _reconstruct_impl(self, x):
         mean, _ = split_moments(self.autoencoder.encode_moments(x))
@@ -189,7 +196,10 @@ class AutoencoderTrainer(TrainerBase):
                                .astype(np.float32))
                 global_step = Tensor(self.step, ms.int32)
                 with_gan = self.step >= self.disc_start
-                _, g_norm, g_finite, (g_logs, reconstructions) = self.g_step(x, global_step, noise, with_gan)
+                # the GAN terms (adaptive weight, discriminator gradient) in their own graph: nested
+                # gradients inside the differentiated step take MindSpore's compiler far too long
+                gan = ms.mutable(self._gan_terms(x, global_step, noise)) if with_gan else None  # not constants
+                _, g_norm, g_finite, (g_logs, reconstructions) = self.g_step(x, global_step, noise, with_gan, gan)
                 g_window.append(g_logs)
                 finite = [g_finite]
                 if with_gan:

@@ -64,6 +64,10 @@ class TrainConfig:
     num_samples: int = 16
     export_safetensors: bool = True
     progress: bool = True
+    eval_every: int = 0               # 0: off; else FD of EMA samples every N updates, best -> best.safetensors
+    eval_num: int = 500               # generated images per evaluation (must exceed the feature dimension)
+    eval_features: str = "classifier"  # classifier (Fashion-MNIST, shipped) | inception (FID, needs eval_weights)
+    eval_weights: Optional[str] = None  # feature network weights (inception: required; classifier: optional)
 
     def validate(self) -> "TrainConfig":
         checks = [
@@ -79,6 +83,11 @@ class TrainConfig:
             (self.ema_warmup in EMA_WARMUPS, f"ema_warmup must be one of {EMA_WARMUPS}"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
+            (self.eval_every >= 0, "eval_every must be >= 0 (0 turns periodic evaluation off)"),
+            (self.eval_features in ("classifier", "inception"), "eval_features must be classifier or inception"),
+            (self.eval_features != "inception" or not self.eval_every or self.eval_weights,
+             "eval_features: inception needs train.eval_weights (the converted FID Inception-v3 weights, "
+             "docs/evaluation.md); or use eval_features: classifier"),
             (self.lr_schedule != "cosine" or self.warmup_steps < self.num_steps,
              f"warmup_steps ({self.warmup_steps}) must be below num_steps ({self.num_steps}) for the cosine "
              f"schedule; lower train.warmup_steps or raise train.num_steps"),
@@ -95,16 +104,24 @@ class Trainer(TrainerBase):
     ``ema_diffusion`` is a second instance of the same model that holds the EMA weights and is used
     for sample grids and saved for inference. ``meta`` (e.g. the experiment config) goes into every
     checkpoint so inference needs only the checkpoint. Only ``rank == 0`` writes files.
+
+    ``evaluate_fn(ema_diffusion) -> {"fd": float, ...}`` (e.g. ``training.evaluation.SampleEvaluator``)
+    runs every ``eval_every`` updates and at the end; the EMA weights with the lowest ``fd`` so far
+    go to ``best.safetensors`` (same format as ``model.safetensors``, plus the evaluation), every
+    result to ``log.jsonl``. The best result is part of the checkpoint, so a resumed run keeps it.
     """
 
     def __init__(self, diffusion: nn.Cell, ema_diffusion: nn.Cell, source, config: TrainConfig, out_dir, *,
                  meta: Optional[Dict[str, Any]] = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  grad_reducer: Optional[nn.Cell] = None, sample_fn: Optional[Callable[[nn.Cell, int], np.ndarray]] = None,
+                 evaluate_fn: Optional[Callable[[nn.Cell], Dict[str, Any]]] = None,
                  log: Callable[[str], None] = print):
         super().__init__(source, config.validate(), out_dir, meta=meta, seed=seed, rank=rank, world_size=world_size,
                          log=log)
         self.diffusion, self.ema_diffusion = diffusion, ema_diffusion
         self.sample_fn = sample_fn
+        self.evaluate_fn = evaluate_fn
+        self.best_eval: Optional[Dict[str, Any]] = None  # {"step", "fd", ...} of best.safetensors
         self.conditional = getattr(diffusion, "num_classes", None) is not None
 
         apply_amp(diffusion.model, self.cfg.amp, self.cfg.amp_dtype)
@@ -143,10 +160,33 @@ class Trainer(TrainerBase):
                 "optimizer": optimizer_state(self.optimizer), "loss_scaler": scaler}
 
     def _extra_state(self) -> Dict[str, Any]:
-        return {"ema": self.ema.state()}
+        return {"ema": self.ema.state(), "best_eval": self.best_eval}
 
     def _load_extra_state(self, meta: Dict[str, Any]) -> None:
         self.ema.load_state(meta["ema"])
+        self.best_eval = meta.get("best_eval")
+
+    def _export(self, path: Path, **extra_meta) -> Path:
+        """The EMA weights and the experiment meta as a .safetensors file for inference (sample.py)."""
+        weights = {name: p.asnumpy() for name, p in named_parameters(self.ema_diffusion).items()}
+        meta = dict(self.meta)
+        meta.update({"step": self.step, "weights": "ema", **extra_meta})
+        return export_safetensors(path, weights, meta)
+
+    def _evaluate(self) -> Dict[str, Any]:
+        """Evaluate the EMA weights; keep them as best.safetensors when they beat the best so far."""
+        result = dict(self.evaluate_fn(self.ema_diffusion))
+        result["step"] = self.step
+        improved = self.best_eval is None or result["fd"] < self.best_eval["fd"]
+        if improved:
+            self._export(self.out_dir / "best.safetensors", eval=result)
+            self.best_eval = result
+        self._log_line({"step": self.step, "eval": result, "best_step": self.best_eval["step"], "time": time.time()})
+        best = self.best_eval
+        self.log(f"step {self.step}: FD {result['fd']:.3f} ({result['num']} samples, {result['features']}, "
+                 f"{result['seconds']:.0f} s)" + (" -> best.safetensors" if improved else
+                                                   f"; best {best['fd']:.3f} at step {best['step']}"))
+        return result
 
     # ------------------------------------------------------------------ loop
 
@@ -204,6 +244,9 @@ class Trainer(TrainerBase):
                     self._history.append((self.step, last_loss))
                     self._log_line(record)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{img_per_s:.1f}")
+                if (self.evaluate_fn is not None and self.is_main and cfg.eval_every
+                        and (self.step % cfg.eval_every == 0 or self.step == cfg.num_steps)):
+                    self._evaluate()  # before saving, so the checkpoint knows the best so far
                 if self.step % cfg.save_every == 0 or self.step == cfg.num_steps:
                     self.save()
                     self._write_plots()
@@ -213,9 +256,8 @@ class Trainer(TrainerBase):
             bar.close()
         summary = {"step": self.step, "loss": last_loss, "img_per_s": img_per_s, "overflows": self.overflows,
                    "out_dir": str(self.out_dir)}
+        if self.best_eval is not None:
+            summary["best_eval"] = self.best_eval
         if self.is_main and cfg.export_safetensors:
-            weights = {name: p.asnumpy() for name, p in named_parameters(self.ema_diffusion).items()}
-            meta = {k: v for k, v in self.meta.items()}
-            meta.update({"step": self.step, "weights": "ema"})
-            summary["safetensors"] = str(export_safetensors(self.out_dir / "model.safetensors", weights, meta))
+            summary["safetensors"] = str(self._export(self.out_dir / "model.safetensors"))
         return summary
