@@ -183,3 +183,51 @@ def test_autoencoder_matches_diffusers():
     for got, want in ((moments, ref_moments), (dec, ref_dec)):
         rel = np.abs(got - want).max() / np.abs(want).max()
         assert rel < 1e-4, rel
+
+
+_REPEATED_DOWNSAMPLE_STEP = """
+import ms_diffusion
+import mindspore as ms, numpy as np
+from ms_diffusion.models.autoencoder import Downsample
+ms.set_context(mode=ms.GRAPH_MODE)
+ms.set_seed(0)
+down = Downsample(8, True)
+params = down.trainable_params()
+def loss(x):
+    return (down(x) ** 2).mean()
+step = ms.jit(ms.value_and_grad(loss, 0, params))
+rng = np.random.default_rng(0)
+for i in range(30):
+    value, (gx, gw) = step(ms.Tensor(rng.standard_normal((4, 8, 8, 8)).astype(np.float32)))
+    assert np.isfinite(float(value.asnumpy())) and gx.shape == (4, 8, 8, 8)
+print("30 steps")
+"""
+
+
+def test_downsample_backward_survives_many_compiled_steps(tmp_path):
+    """ops.pad's backward hung on the 18th call of a compiled step on CPU (the autoencoder's training
+    stalled at step 18); Downsample pads with the Pad primitive instead. In a subprocess, so that a
+    regression fails here instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "repeated_downsample_step.py"   # MindSpore compiles only functions with a source file
+    script.write_text(_REPEATED_DOWNSAMPLE_STEP)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "30 steps" in out.stdout, out.stderr[-2000:]
+
+
+def test_downsample_pads_right_and_bottom_like_ldm():
+    from ms_diffusion.models.autoencoder import Downsample
+
+    down = Downsample(2, True)
+    x = np.random.default_rng(0).standard_normal((1, 2, 5, 5)).astype(np.float32)
+    w = down.conv.weight.asnumpy()
+    b = down.conv.bias.asnumpy()
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (0, 1)))
+    want = np.zeros((1, 2, 2, 2), np.float32)
+    for i in range(2):
+        for j in range(2):
+            patch = padded[0, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            want[0, :, i, j] = (w * patch[None]).sum(axis=(1, 2, 3)) + b
+    np.testing.assert_allclose(down(ms.Tensor(x)).asnumpy(), want, rtol=1e-5, atol=1e-6)
