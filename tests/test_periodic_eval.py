@@ -115,7 +115,7 @@ def test_best_weights_are_kept_and_survive_resume(tmp_path):
 @pytest.mark.parametrize("train,message", [
     ({"eval_every": 10, "eval_features": "inception"}, "inception needs train.eval_weights"),
     ({"eval_every": -1}, "eval_every must be >= 0"),
-    ({"eval_every": 5, "eval_features": "pixels"}, "eval_features must be classifier or inception"),
+    ({"eval_every": 5, "eval_features": "pixels"}, r"eval_features must be one of \(.classifier., .inception.\)"),
 ])
 def test_eval_config_errors(train, message):
     with pytest.raises((ConfigError, ValueError), match=message):

@@ -14,9 +14,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from mindspore import nn
 
-__all__ = ["SampleEvaluator", "build_evaluator", "EVAL_FEATURES"]
-
-EVAL_FEATURES = ("classifier", "inception")
+__all__ = ["SampleEvaluator", "build_evaluator"]
 
 
 @dataclass

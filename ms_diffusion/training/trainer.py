@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ms_diffusion.imageio import save_grid
 from ms_diffusion.interop.state import named_parameters
+from ms_diffusion.metrics.features import EXTRACTOR_KINDS
 from ms_diffusion.training.amp import AMP_DTYPES, AMP_LEVELS, apply_amp
 from ms_diffusion.training.base import CHECKPOINT_FORMAT, TrainerBase, optimizer_state
 from ms_diffusion.training.checkpoint import export_safetensors
@@ -84,7 +85,7 @@ class TrainConfig:
             (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
             (self.eval_every >= 0, "eval_every must be >= 0 (0 turns periodic evaluation off)"),
-            (self.eval_features in ("classifier", "inception"), "eval_features must be classifier or inception"),
+            (self.eval_features in EXTRACTOR_KINDS, f"eval_features must be one of {EXTRACTOR_KINDS}"),
             (self.eval_features != "inception" or not self.eval_every or self.eval_weights,
              "eval_features: inception needs train.eval_weights (the converted FID Inception-v3 weights, "
              "docs/evaluation.md); or use eval_features: classifier"),
