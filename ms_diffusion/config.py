@@ -70,6 +70,19 @@ class SampleConfig:
     guidance_rescale: float = 0.0
     gif_frames: int = 40
 
+    def generate_options(self, conditional: bool, **overrides: Any) -> Dict[str, Any]:
+        """``pipeline.generate`` keywords (sampler, steps, eta, guidance_scale, guidance_rescale) of this
+        section, with the non-None ``overrides`` (command-line flags) taking precedence; guidance is off
+        (scale 1, rescale 0) for an unconditional model unless an override asks for it."""
+        options = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta,
+                   "guidance_scale": self.guidance_scale if conditional else 1.0,
+                   "guidance_rescale": self.guidance_rescale if conditional else 0.0}
+        unknown = set(overrides) - set(options)
+        if unknown:
+            raise TypeError(f"unknown sampling option(s) {sorted(unknown)}")
+        options.update({k: v for k, v in overrides.items() if v is not None})
+        return options
+
 
 @dataclass
 class ExperimentConfig:

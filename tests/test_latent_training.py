@@ -16,12 +16,11 @@ from ms_diffusion.diffusion import LatentDiffusion
 from ms_diffusion.training.checkpoint import latest_checkpoint, load_checkpoint, load_safetensors
 from tests.test_train_cli import _images
 
-# The resume starts at the step where the PatchGAN joins. Resuming in the middle of the GAN phase is
-# not yet exact in graph mode: the compiled GAN generator step gives a different gradient (same loss
-# values) from its second call on than a fresh compile of the same state does, while PyNative
-# agrees with the fresh compile (see docs/latent_diffusion.md, "Known issue").
-AE_STEPS, AE_SAVE, DISC_START = 6, 3, 3
-LDM_STEPS = 4
+# The resume starts inside the GAN phase (the PatchGAN joins at step 3, the resume at step 4), so the
+# discriminator, its BatchNorm statistics and its optimizer state all have to come back exactly.
+AE_STEPS, AE_SAVE, DISC_START = 6, 4, 3
+AE_SAVE_EVERY = 2
+LDM_STEPS, LDM_SAVE = 4, 2
 
 AE_CONFIG = {
     "name": "tiny_ae",
@@ -33,7 +32,7 @@ AE_CONFIG = {
     "loss": {"type": "lpips_discriminator", "disc_start": DISC_START, "kl_weight": 1.0e-6, "disc_weight": 0.5,
              "disc_in_channels": 1, "disc_num_layers": 1, "disc_ndf": 16, "perceptual_weight": 0.0},
     "train": {"num_steps": AE_STEPS, "batch_size": 4, "lr": 1e-3, "adam_betas": [0.5, 0.9], "clip_grad_norm": None,
-              "log_every": 1, "save_every": AE_SAVE, "keep_last": 5, "sample_every": AE_STEPS, "num_samples": 4,
+              "log_every": 1, "save_every": AE_SAVE_EVERY, "keep_last": 5, "sample_every": AE_STEPS, "num_samples": 4,
               "progress": False},
 }
 
@@ -45,7 +44,7 @@ LDM_CONFIG = {
               "use_spatial_transformer": True, "context_dim": 16},
     "diffusion": {"type": "latent", "conditioning_key": "crossattn", "num_classes": 2, "cond_drop_prob": 0.2,
                   "scale_by_std": True, "timesteps": 50, "sampling_timesteps": 3},
-    "train": {"num_steps": LDM_STEPS, "batch_size": 4, "lr": 1e-3, "log_every": 1, "save_every": LDM_STEPS,
+    "train": {"num_steps": LDM_STEPS, "batch_size": 4, "lr": 1e-3, "log_every": 1, "save_every": LDM_SAVE,
               "sample_every": 0, "num_samples": 0, "ema_update_after_step": 1, "ema_update_every": 1,
               "ema_decay": 0.9, "progress": False},
     "sample": {"num": 4, "steps": 3, "sampler": "ddim"},
@@ -171,6 +170,28 @@ def test_latent_checkpoint_holds_the_first_stage_and_its_scale(workdir, autoenco
     scale = float(arrays["online.scale_factor"])
     assert scale == pytest.approx(1.0 / z.std(ddof=1), rel=1e-4)
     assert float(arrays["ema.scale_factor"]) == scale and scale != 1.0
+
+
+def test_latent_resume_is_exact(workdir, latent_run, capsys):
+    """Resumed from its mid-run checkpoint, the latent diffusion ends on the uninterrupted run's weights, EMA,
+    optimizer state and RNG, bit for bit; the scale factor comes from the checkpoint, it is not measured again."""
+    mid = latent_run / "checkpoints" / f"step_{LDM_SAVE:08d}.ckpt"
+    resumed = workdir / "ldm_resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(mid, resumed / "checkpoints" / mid.name)
+    rc, out, err = _train(capsys, workdir / "ldm.yaml", resumed, "--resume")
+    assert rc == 0, err
+    assert f"resumed from {resumed / 'checkpoints' / mid.name} at step {LDM_SAVE}" in out
+    name = f"step_{LDM_STEPS:08d}.ckpt"
+    full, full_meta = load_checkpoint(latent_run / "checkpoints" / name)
+    again, again_meta = load_checkpoint(resumed / "checkpoints" / name)
+    assert set(full) == set(again) and {"online", "ema", "optimizer"} <= {k.split(".", 1)[0] for k in full}
+    for key in full:
+        np.testing.assert_array_equal(full[key], again[key], err_msg=key)
+    assert again_meta["rng"] == full_meta["rng"] and again_meta["batch_in_epoch"] == full_meta["batch_in_epoch"]
+    full_log = [json.loads(l) for l in (latent_run / "log.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(l) for l in (resumed / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log[LDM_SAVE:]]
 
 
 def test_latent_sampling_from_checkpoint_and_export(workdir, latent_run, capsys):

@@ -288,6 +288,27 @@ def test_reference_cache_is_reused_and_invalidated_by_new_weights(tmp_path, fake
     assert len(list(cache_dir().iterdir())) == 2 and not np.allclose(third.stats.mu, first.stats.mu)
 
 
+def test_samples_of_another_size_are_compared_through_the_same_resize(tmp_path, fake_fmnist):
+    """32x32 samples (a latent model's) vs a 28x28 classifier: the reference is loaded at 32x32 and both go
+    through fit_to_extractor, so real images evaluated as 'samples' sit at distance ~0."""
+    from ms_diffusion.metrics import evaluate_samples, fit_to_extractor
+    from ms_diffusion.metrics.data import load_dataset_arrays
+    from ms_diffusion.metrics.features import classifier_extractor
+    from ms_diffusion.metrics.reference import reference_features
+
+    ckpt = tmp_path / "cls.ckpt"
+    save_classifier(FashionClassifier(TINY), ckpt)
+    ext = classifier_extractor(ckpt)
+    real32 = load_dataset_arrays("fashion-mnist", "train", data_dir=fake_fmnist, image_size=32).images
+    assert real32.shape[1:] == (1, 32, 32)
+    result = evaluate_samples(real32, "fashion-mnist", metrics=("fd",), extractor=ext, data_dir=fake_fmnist)
+    assert abs(result["fd"]) < 1e-4
+    ref32 = reference_features(ext, "fashion-mnist", data_dir=fake_fmnist, image_shape=(1, 32, 32))
+    np.testing.assert_allclose(ref32.features, ext(fit_to_extractor(real32, ext)), rtol=1e-5, atol=1e-6)
+    ref28 = reference_features(ext, "fashion-mnist", data_dir=fake_fmnist)
+    assert ref28.path != ref32.path and not np.allclose(ref28.features, ref32.features)   # cached apart
+
+
 def _cli(argv, capsys):
     from ms_diffusion.cli.evaluate import main
 

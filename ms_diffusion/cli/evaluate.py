@@ -52,8 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation (with --ckpt)")
     g.add_argument("--weights", default="ema", choices=("ema", "online"))
     g.add_argument("--sampler", default=None, help="ddpm, ddim, plms or dpmpp (default: the checkpoint config's)")
-    g.add_argument("--steps", type=int, default=None, help="network evaluations")
+    g.add_argument("--steps", type=int, default=None, help="network evaluations (default: the config's)")
     g.add_argument("--eta", type=float, default=None)
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance weight for a class-conditional model (default: the config's "
+                        "sample.guidance_scale; 1 = off); the classes are generated in turn")
+    g.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi, 0 = off")
     g.add_argument("--batch-size", type=int, default=100, help="images per network batch")
     g.add_argument("--save-npz", default=None, help="also write the generated images to this .npz")
     add_runtime_args(p)
@@ -83,19 +87,25 @@ def _run(args: argparse.Namespace) -> int:
         from ms_diffusion.pipeline import generate, load_diffusion
 
         num = args.num or 1000
-        _, diffusion, meta = load_diffusion(args.ckpt, args.weights)
+        cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights)
         if getattr(diffusion, "num_classes", None) is not None:
             classes = [i % diffusion.num_classes for i in range(num)]
         else:
             classes = None
+        sampling = cfg.sample.generate_options(classes is not None, sampler=args.sampler, steps=args.steps,
+                                               eta=args.eta, guidance_scale=args.guidance_scale,
+                                               guidance_rescale=args.guidance_rescale)
+        if sampling["guidance_scale"] != 1.0 and classes is None:
+            raise UsageError("--guidance-scale needs a class-conditional model")
         start = time.perf_counter()
-        out = generate(diffusion, num, batch_size=min(args.batch_size, num), seed=args.seed, sampler=args.sampler,
-                       steps=args.steps, eta=args.eta, classes=classes, progress=True)
+        out = generate(diffusion, num, batch_size=min(args.batch_size, num), seed=args.seed, classes=classes,
+                       progress=True, **sampling)
         elapsed = time.perf_counter() - start
         images = out.images
+        guided = f", guidance {sampling['guidance_scale']:g}" if classes is not None else ""
         print(f"generated {num} images from {meta['path']} (step {meta.get('step')}, {args.weights} weights, "
-              f"sampler {args.sampler or 'default'}, steps {args.steps or 'default'}) in {elapsed:.1f} s "
-              f"({elapsed / num * 1000:.0f} ms/image)")
+              f"sampler {sampling['sampler'] or 'default'}, steps {sampling['steps'] or 'default'}{guided}) in "
+              f"{elapsed:.1f} s ({elapsed / num * 1000:.0f} ms/image)")
         if args.save_npz:
             np.savez_compressed(args.save_npz, images=images, seed=args.seed)
         source = meta["path"]

@@ -78,17 +78,15 @@ def _run(args: argparse.Namespace) -> int:
         classes = [label] * num
     elif num_classes is not None:
         classes = [i % num_classes for i in range(num)]  # one of each class in turn
-    guidance = s.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    if guidance != 1.0 and classes is None:
+    sampling = s.generate_options(classes is not None, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                                  guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
+    if sampling["guidance_scale"] != 1.0 and classes is None:
         raise UsageError("--guidance-scale needs a class-conditional model")
     options = _parse_options(args.options)
     frames = max(s.gif_frames, 2) if args.gif else 0
-    sampler = args.sampler or s.sampler
     start = time.perf_counter()
-    out = generate(diffusion, num, batch_size=batch, seed=seed, sampler=sampler, steps=args.steps or s.steps,
-                   eta=args.eta if args.eta is not None else s.eta, classes=classes, guidance_scale=guidance,
-                   guidance_rescale=s.guidance_rescale if args.guidance_rescale is None else args.guidance_rescale,
-                   gif_frames=frames, progress=not args.no_progress, **options)
+    out = generate(diffusion, num, batch_size=batch, seed=seed, classes=classes, gif_frames=frames,
+                   progress=not args.no_progress, **sampling, **options)
     elapsed = time.perf_counter() - start
     scale = max(1, 64 // out.images.shape[-1])
     grid = save_grid(out.images, args.out, nrow=args.nrow, scale=scale)

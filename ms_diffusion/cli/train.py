@@ -122,11 +122,9 @@ def _run(args: argparse.Namespace) -> int:
 
     def sample_fn(ema, n):
         """Training-time grid: classes in turn (guided by sample.guidance_scale) for class-conditional models."""
-        s = cfg.sample
         classes = [i % num_classes for i in range(n)] if num_classes else None
-        return generate(ema, n, batch_size=n, seed=s.seed, sampler=s.sampler, steps=s.steps, eta=s.eta,
-                        classes=classes, guidance_scale=s.guidance_scale if num_classes else 1.0,
-                        guidance_rescale=s.guidance_rescale if num_classes else 0.0).images
+        return generate(ema, n, batch_size=n, seed=cfg.sample.seed, classes=classes,
+                        **cfg.sample.generate_options(bool(num_classes))).images
 
     evaluator = build_evaluator(cfg, diffusion, log=print) if dist.rank == 0 else None
     trainer = Trainer(diffusion, ema_diffusion, source, cfg.train, out_dir, meta=meta,

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ms_diffusion.metrics.features import FeatureExtractor, get_extractor
+from ms_diffusion.metrics.features import FeatureExtractor, fit_to_extractor, get_extractor
 from ms_diffusion.metrics.frechet import (TooFewSamplesError, bootstrap_frechet_distance, frechet_distance_from_features)
 from ms_diffusion.metrics.kid import kernel_inception_distance
 from ms_diffusion.metrics.neighbours import memorization, nearest_training_distances, precision_recall
@@ -153,10 +153,10 @@ def evaluate_samples(images: np.ndarray, dataset: str = "fashion_mnist", *,
     if feature_metrics:
         ext = extractor or get_extractor(features, weights)
         ref = reference_features(ext, dataset, reference_split, data_dir=data_dir, max_images=max_reference,
-                                 seed=seed, use_cache=use_cache, log=log)
+                                 seed=seed, use_cache=use_cache, image_shape=tuple(images.shape[1:]), log=log)
         result["features"] = ext.key
         result["reference"] = ref.describe()
-        fake = ext(images)
+        fake = ext(fit_to_extractor(images, ext))
         if "fd" in wanted:
             fd = frechet_distance_from_features(fake, ref.stats)
             result["fd"] = fd.value

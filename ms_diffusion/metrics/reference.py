@@ -88,12 +88,16 @@ def reference_features(extractor: FeatureExtractor, dataset: str = "fashion_mnis
 
     ``max_images`` takes a fixed random subset (``seed``) instead of the whole split (useful with
     Inception on a CPU). ``data`` passes already-loaded arrays of that split. ``image_shape``
-    (C, H, W; default the extractor's input) is the shape the images are loaded at, e.g. the
-    training resolution of the model to be compared; they then go through ``fit_to_extractor``
-    exactly as that model's samples do.
+    (C, H, W) is that of the samples to be compared: for an extractor with a fixed input shape
+    (the classifier) the real images are loaded at ``image_shape`` and then go through
+    ``fit_to_extractor`` exactly as the samples do (e.g. a latent model's 32x32 Fashion-MNIST:
+    both 32 -> 28); by default, and for an extractor that resizes by itself (Inception), they are
+    loaded at the extractor's input shape or the dataset's own size.
     """
     if data is None:
-        shape = image_shape if image_shape is not None else extractor.input_shape
+        shape = extractor.input_shape
+        if shape is not None and image_shape is not None:
+            shape = tuple(image_shape)
         size, channels = (None, None) if shape is None else (tuple(shape[1:]), shape[0])
         data = load_dataset_arrays(dataset, split, data_dir=data_dir, image_size=size, channels=channels)
     idx = _subset(len(data.images), max_images, seed)

@@ -93,7 +93,4 @@ def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None,
     s = cfg.sample
     num_classes = getattr(diffusion, "num_classes", None)
     return SampleEvaluator(extractor, reference, t.eval_num, batch_size=s.batch_size, seed=s.seed,
-                           num_classes=num_classes,
-                           sample_options={"sampler": s.sampler, "steps": s.steps, "eta": s.eta,
-                                           "guidance_scale": s.guidance_scale if num_classes else 1.0,
-                                           "guidance_rescale": s.guidance_rescale if num_classes else 0.0})
+                           num_classes=num_classes, sample_options=s.generate_options(bool(num_classes)))
