@@ -108,31 +108,38 @@ def test_autoencoder_run_folder(autoencoder_run):
         np.testing.assert_array_equal(value, final[f"online.{name}"])
 
 
-def test_autoencoder_resume_is_exact(workdir, autoencoder_run, capsys):
-    """Restarting from the step-3 checkpoint (as after a kill) ends on the uninterrupted run's weights,
-    discriminator (with BatchNorm statistics), logvar and both optimizers' moments, bit for bit."""
-    mid = autoencoder_run / "checkpoints" / f"step_{AE_SAVE:08d}.ckpt"
-    resumed = workdir / "ae_resumed"
+def _resume_matches(capsys, config, run, resumed, start: int, end: int, log_keys):
+    """Resume a copy of ``run``'s step-``start`` checkpoint in ``resumed`` (as after a kill); its step-``end``
+    checkpoint must equal the uninterrupted run's bit for bit, RNG and data position included, and its log
+    lines the run's from ``start`` on. Returns the uninterrupted checkpoint's arrays."""
+    mid = run / "checkpoints" / f"step_{start:08d}.ckpt"
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copy(mid, resumed / "checkpoints" / mid.name)
-    rc, out, err = _train(capsys, workdir / "ae.yaml", resumed, "--resume")
+    rc, out, err = _train(capsys, config, resumed, "--resume")
     assert rc == 0, err
-    assert f"resumed from {resumed / 'checkpoints' / mid.name} at step {AE_SAVE}" in out
-    name = f"step_{AE_STEPS:08d}.ckpt"
-    full, full_meta = load_checkpoint(autoencoder_run / "checkpoints" / name)
+    assert f"resumed from {resumed / 'checkpoints' / mid.name} at step {start}" in out
+    name = f"step_{end:08d}.ckpt"
+    full, full_meta = load_checkpoint(run / "checkpoints" / name)
     again, again_meta = load_checkpoint(resumed / "checkpoints" / name)
     assert set(full) == set(again)
-    groups = {key.split(".", 1)[0] for key in full}
-    assert {"online", "loss", "optimizer", "disc_optimizer"} <= groups
-    assert any(k.startswith("loss.discriminator.") and "moving_mean" in k for k in full)
-    assert any(k.startswith("disc_optimizer.") and "moment1" in k for k in full)
     for key in full:
         np.testing.assert_array_equal(full[key], again[key], err_msg=key)
     assert again_meta["rng"] == full_meta["rng"] and again_meta["batch_in_epoch"] == full_meta["batch_in_epoch"]
-    full_log = [json.loads(l) for l in (autoencoder_run / "log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     resumed_log = [json.loads(l) for l in (resumed / "log.jsonl").read_text().splitlines()]
-    assert [r["rec_loss"] for r in resumed_log] == [r["rec_loss"] for r in full_log[AE_SAVE:]]
-    assert [r["disc_loss"] for r in resumed_log] == [r["disc_loss"] for r in full_log[AE_SAVE:]]
+    for key in log_keys:
+        assert [r[key] for r in resumed_log] == [r[key] for r in full_log[start:]], key
+    return full
+
+
+def test_autoencoder_resume_is_exact(workdir, autoencoder_run, capsys):
+    """Restarting from the step-4 checkpoint, inside the GAN phase, ends on the uninterrupted run's weights,
+    discriminator (with BatchNorm statistics), logvar and both optimizers' moments, bit for bit."""
+    full = _resume_matches(capsys, workdir / "ae.yaml", autoencoder_run, workdir / "ae_resumed", AE_SAVE, AE_STEPS,
+                           ("rec_loss", "disc_loss"))
+    assert {"online", "loss", "optimizer", "disc_optimizer"} <= {key.split(".", 1)[0] for key in full}
+    assert any(k.startswith("loss.discriminator.") and "moving_mean" in k for k in full)
+    assert any(k.startswith("disc_optimizer.") and "moment1" in k for k in full)
 
 
 @pytest.fixture(scope="module")
@@ -174,24 +181,10 @@ def test_latent_checkpoint_holds_the_first_stage_and_its_scale(workdir, autoenco
 
 def test_latent_resume_is_exact(workdir, latent_run, capsys):
     """Resumed from its mid-run checkpoint, the latent diffusion ends on the uninterrupted run's weights, EMA,
-    optimizer state and RNG, bit for bit; the scale factor comes from the checkpoint, it is not measured again."""
-    mid = latent_run / "checkpoints" / f"step_{LDM_SAVE:08d}.ckpt"
-    resumed = workdir / "ldm_resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copy(mid, resumed / "checkpoints" / mid.name)
-    rc, out, err = _train(capsys, workdir / "ldm.yaml", resumed, "--resume")
-    assert rc == 0, err
-    assert f"resumed from {resumed / 'checkpoints' / mid.name} at step {LDM_SAVE}" in out
-    name = f"step_{LDM_STEPS:08d}.ckpt"
-    full, full_meta = load_checkpoint(latent_run / "checkpoints" / name)
-    again, again_meta = load_checkpoint(resumed / "checkpoints" / name)
-    assert set(full) == set(again) and {"online", "ema", "optimizer"} <= {k.split(".", 1)[0] for k in full}
-    for key in full:
-        np.testing.assert_array_equal(full[key], again[key], err_msg=key)
-    assert again_meta["rng"] == full_meta["rng"] and again_meta["batch_in_epoch"] == full_meta["batch_in_epoch"]
-    full_log = [json.loads(l) for l in (latent_run / "log.jsonl").read_text().splitlines()]
-    resumed_log = [json.loads(l) for l in (resumed / "log.jsonl").read_text().splitlines()]
-    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log[LDM_SAVE:]]
+    optimizer state and RNG, bit for bit, its scale factor included."""
+    full = _resume_matches(capsys, workdir / "ldm.yaml", latent_run, workdir / "ldm_resumed", LDM_SAVE, LDM_STEPS,
+                           ("loss",))
+    assert {"online", "ema", "optimizer"} <= {key.split(".", 1)[0] for key in full}
 
 
 def test_latent_sampling_from_checkpoint_and_export(workdir, latent_run, capsys):
