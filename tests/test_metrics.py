@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ms_diffusion.metrics import (TooFewSamplesError, frechet_distance, gaussian_stats, kernel_inception_distance,
+from ms_diffusion.metrics import (TooFewSamplesError, bootstrap_frechet_distance, frechet_distance,
+                                  frechet_distance_from_features, gaussian_stats, kernel_inception_distance,
                                   memorization, mmd2_unbiased, nearest_training_distances, polynomial_kernel,
-                                  precision_recall, sqrtm_psd, trace_sqrt_product)
+                                  paired_bootstrap_ratios, precision_recall, sqrtm_psd, trace_sqrt_product)
 from ms_diffusion.metrics.classifier import (ClassifierConfig, FashionClassifier, classifier_outputs, load_classifier,
                                              save_classifier, train_classifier)
 
@@ -110,6 +111,59 @@ def test_too_few_samples_for_the_covariance():
         gaussian_stats(np.zeros((1, 4)), allow_singular=True)
     with pytest.raises(ValueError, match="NaN"):
         gaussian_stats(np.full((5, 2), np.nan))
+
+
+def test_paired_bootstrap_ratio_cancels_the_shared_noise():
+    """Rows from the same noise: a small systematic change shows in the ratio with a spread far below
+    the distances' own bootstrap spread."""
+    rng = np.random.default_rng(0)
+    ref = gaussian_stats(rng.standard_normal((5000, 6)))
+    base = rng.standard_normal((300, 6)) * 1.2 + 0.3          # a biased generator
+    better = base * 0.95 + 0.02 * rng.standard_normal((300, 6))  # the same images, slightly closer
+    (r0, s0), (r1, s1), (r2, s2) = paired_bootstrap_ratios([base, better, base.copy()], ref, base=0, rounds=40)
+    assert r0 == 1.0 and s0 == 0.0 and r2 == 1.0 and s2 == 0.0
+    fd_base = frechet_distance_from_features(base, ref).value
+    assert r1 == pytest.approx(frechet_distance_from_features(better, ref).value / fd_base)
+    sd_base, _ = bootstrap_frechet_distance(base, ref, rounds=40)
+    assert r1 < 1 and 0 < s1 < 0.25 * sd_base / fd_base
+    with pytest.raises(ValueError, match="same number of images"):
+        paired_bootstrap_ratios([base, base[:200]], ref)
+    with pytest.raises(ValueError, match="base must index"):
+        paired_bootstrap_ratios([base], ref, base=1)
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_quality_bench_configs_and_table():
+    sq = _bench("sampler_quality")
+    assert sq.parse_configs("ddpm-1000, DPM-Solver++-20:karras=true:order=3,pndm-20") == [
+        ("ddpm", 1000, {}), ("dpmpp", 20, {"karras": True, "order": 3}), ("plms", 20, {})]
+    for bad in ("ddim", "ddim-0", "dpmpp-20:karras", ""):
+        with pytest.raises(ValueError):
+            sq.parse_configs(bad)
+    assert sq.config_label("dpmpp", 20, {"karras": True}) == "DPM-Solver++-20 (karras=True)"
+    assert sq.label_slug("DPM-Solver++-20 (karras=True)") == "dpm-solver++-20_karras=true"
+    rng = np.random.default_rng(3)
+    ref = gaussian_stats(rng.standard_normal((2000, 4)))
+    noise = rng.standard_normal((200, 4))
+    feats = [rng.standard_normal((200, 4)) * 1.3, noise * 1.2, noise * 1.25, noise * 1.2 + 0.1]
+    configs = sq.parse_configs("ddpm-1000,ddim-50,plms-20,dpmpp-20:karras=true")
+    rows = [dict(label=sq.config_label(n, k, o), sampler=n, steps=k, options=o, nfe=k + (n == "plms"), fd=f,
+                 fd_bootstrap_sd=0.1, ms_per_image=1234.5) for (n, k, o), f in zip(configs, (2.0, 1.0, 1.5, 1.2))]
+    assert sq.ratio_bases(rows) == [0, 1]   # DDPM, and the deterministic row with the most evaluations
+    columns = sq.add_ratio_columns(rows, feats, ref, rounds=10, seed=0)
+    assert columns == ["DDPM-1000", "DDIM-50"] and rows[1]["vs"]["DDIM-50"] == (1.0, 0.0)
+    # rows 1-3 come from the same noise: their ratio is resolved far better against DDIM than against DDPM
+    assert rows[2]["vs"]["DDIM-50"][1] < 0.5 * rows[2]["vs"]["DDPM-1000"][1]
+    table = sq.format_table(rows, columns, 200).splitlines()
+    assert table[0] == "| sampler | NFE | FD (classifier features, N=200) | vs DDPM-1000 | vs DDIM-50 | ms / image |"
+    assert table[2].startswith("| DDPM | 1000 | 2.000 ± 0.100 | — | ") and table[2].endswith(" | 1,234 |")
+    assert table[4].startswith("| PLMS | 21 |") and table[5].startswith("| DPM-Solver++-20 (karras=True) | 20 |")
 
 
 # --------------------------------------------------------------------------------------------- KID

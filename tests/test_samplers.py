@@ -10,6 +10,7 @@ our float32 pipeline's.
 from __future__ import annotations
 
 import math
+import warnings
 
 import mindspore as ms
 import numpy as np
@@ -22,7 +23,7 @@ from ms_diffusion.samplers import (SAMPLER_NAMES, NoiseLevel, ddim_invert, resol
 from ms_diffusion.samplers.dpm_solver import dpmpp_grid
 from ms_diffusion.samplers.levels import karras_sigmas, sigma_to_timestep
 from ms_diffusion.samplers.thresholding import clip_x0, dynamic_threshold, resolve_clip
-from ms_diffusion.schedules import NoiseSchedule
+from ms_diffusion.schedules import NoiseSchedule, sampling_timesteps
 
 T = 50                       # training timesteps of the test schedule (lucidrains "linear")
 B, C, H, W = 2, 2, 4, 4
@@ -277,6 +278,34 @@ def test_plms_matches_diffusers_pndm(torch, prediction, steps, spacing, offset):
     assert err < TOL
 
 
+def test_plms_through_the_diffusion_runs_on_ldms_grid():
+    """lucidrains' grid starts at T - 1, where PLMS's eps -> x0 step divides by sqrt(alpha_cumprod) ~ 0;
+    a diffusion with that spacing samples PLMS on ldm's grid (leading + 1), other samplers keep it."""
+    d = diffusion("epsilon")
+    assert d.ddim_timestep_spacing == "lucidrains"
+    assert d._sampler_options("plms", None, {}) == {"spacing": "leading", "steps_offset": 1}
+    assert d._sampler_options("ddim", None, {})["spacing"] == "lucidrains"
+    assert d._sampler_options("plms", None, {"spacing": "trailing", "steps_offset": 0})["spacing"] == "trailing"
+    # ldm's uniform grid for T = 50, 5 steps, with exactly 5 steps
+    assert sampling_timesteps(T, 5, "leading", 1)[0].tolist() == sampling_timesteps(T, 5, "uniform")[0].tolist()
+    x = x_T()
+    got = d.sample_with_trajectory(B, seed=0, sampler="plms", steps=6, clip_denoised=False, x_T=Tensor(x)).sample
+    calls, want = run_ours(d, "plms", x, steps=6, spacing="leading", steps_offset=1)
+    assert len(want) == 6 and calls[0][0] == 41
+    np.testing.assert_array_equal(got.asnumpy(), want[-1])
+
+
+def test_plms_warns_when_it_starts_near_zero_snr():
+    d = GaussianDiffusion(FakeNet(C), image_size=(H, W), timesteps=100, beta_schedule="cosine", auto_normalize=False)
+    assert math.sqrt(d.schedule.alphas_cumprod[-1]) < 1e-3
+    x = x_T()
+    with pytest.warns(UserWarning, match="steps_offset=1"):
+        run_ours(d, "plms", x, steps=4, spacing="lucidrains")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_ours(d, "plms", x, steps=4, spacing="uniform")
+
+
 # ----------------------------------------------------------------------------- DPM-Solver++
 
 
@@ -291,6 +320,7 @@ def test_plms_matches_diffusers_pndm(torch, prediction, steps, spacing, offset):
     ("epsilon", 2, True, 10, "linspace", 0, False),
     ("v_prediction", 3, True, 7, "linspace", 0, False),
     ("v_prediction", 2, True, 16, "linspace", 0, False),
+    ("v_prediction", 3, True, 20, "linspace", 0, False),   # third order on Karras steps, no lower-order end
     ("epsilon", 2, False, 8, "linspace", 0, "dynamic"),   # thresholding of the data prediction
 ])
 def test_dpmpp_matches_diffusers(torch, prediction, order, karras, steps, spacing, offset, clip):

@@ -4,13 +4,26 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["run_command", "add_runtime_args", "UsageError"]
 
 
 class UsageError(ValueError):
     """A bad combination of command-line arguments."""
+
+
+def parse_key_values(items: List[str], what: str = "--option") -> Dict[str, Any]:
+    """``["order=3", "karras=true"]`` -> {"order": 3, "karras": True} (values read as YAML; '-' in keys -> '_')."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"{what} {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

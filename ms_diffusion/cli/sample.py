@@ -5,12 +5,11 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
-import yaml
 
-from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, run_command
+from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, parse_key_values, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -40,16 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_runtime_args(p)
     return p
-
-
-def _parse_options(items: List[str]) -> Dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--option {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -82,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
                                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
     if sampling["guidance_scale"] != 1.0 and classes is None:
         raise UsageError("--guidance-scale needs a class-conditional model")
-    options = _parse_options(args.options)
+    options = parse_key_values(args.options)
     frames = max(s.gif_frames, 2) if args.gif else 0
     start = time.perf_counter()
     out = generate(diffusion, num, batch_size=batch, seed=seed, classes=classes, gif_frames=frames,

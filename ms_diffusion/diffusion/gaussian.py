@@ -532,8 +532,16 @@ class GaussianDiffusion(nn.Cell):
         return denoise
 
     def _sampler_options(self, name: str, eta: Optional[float], options: Dict) -> Dict:
-        """Options for ``run_sampler``: the diffusion's spacing and DDIM eta, then the caller's."""
-        merged = {"spacing": self.ddim_timestep_spacing}
+        """Options for ``run_sampler``: the diffusion's spacing and DDIM eta, then the caller's.
+
+        PLMS (ldm's sampler; lucidrains has none) runs on ldm's grid when the spacing is ``lucidrains``,
+        whose first timestep T - 1 is ill-conditioned for it (see ``samplers.plms``): ``leading`` + 1,
+        which is ldm's ``uniform`` with exactly ``steps`` steps for every T.
+        """
+        if name == "plms" and self.ddim_timestep_spacing == "lucidrains":
+            merged = {"spacing": "leading", "steps_offset": 1}
+        else:
+            merged = {"spacing": self.ddim_timestep_spacing}
         if eta is not None:
             merged["eta"] = eta
         elif name == "ddim":

@@ -20,12 +20,13 @@ asked (``eps > 0``, reported in the result). Matrices with clearly negative eige
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["GaussianStats", "gaussian_stats", "sqrtm_psd", "trace_sqrt_product", "frechet_distance",
-           "frechet_distance_from_features", "bootstrap_frechet_distance", "FrechetResult", "TooFewSamplesError"]
+           "frechet_distance_from_features", "bootstrap_frechet_distance", "paired_bootstrap_ratios", "FrechetResult",
+           "TooFewSamplesError"]
 
 _NEG_TOL = 1e-6
 
@@ -171,3 +172,31 @@ def bootstrap_frechet_distance(features: np.ndarray, reference: GaussianStats, r
                                                       allow_singular=allow_singular).value
                        for _ in range(int(rounds))])
     return float(values.std(ddof=1)), values
+
+
+def paired_bootstrap_ratios(features: Sequence[np.ndarray], reference: GaussianStats, base: int = 0,
+                            rounds: int = 20, seed: int = 0) -> List[Tuple[float, float]]:
+    """(FD_k / FD_base, its bootstrap standard deviation) for each feature set k.
+
+    ``features[k]`` is (N, D), and row i of every set comes from the same noise (several samplers
+    or checkpoints run from one seed). Each round resamples one set of indices and applies it to
+    every set, so the noise the sets share cancels in the ratio: its spread is what separates
+    the sets, much smaller than either distance's own bootstrap spread.
+    """
+    sets = [_as_features(f) for f in features]
+    if not 0 <= base < len(sets):
+        raise ValueError(f"base must index one of the {len(sets)} feature sets, got {base}")
+    n = len(sets[base])
+    if any(len(f) != n for f in sets):
+        raise ValueError(f"paired bootstrap needs the same number of images in every set, got {[len(f) for f in sets]}")
+    if rounds < 2:
+        raise ValueError(f"bootstrap needs at least 2 rounds, got {rounds}")
+
+    def distances(idx: np.ndarray) -> np.ndarray:
+        return np.array([frechet_distance_from_features(f[idx], reference).value for f in sets])
+
+    rng = np.random.default_rng(seed)
+    full = distances(np.arange(n))
+    resampled = np.array([distances(rng.integers(0, n, n)) for _ in range(int(rounds))])
+    ratios = resampled / resampled[:, base:base + 1]
+    return [(float(full[k] / full[base]), float(ratios[:, k].std(ddof=1))) for k in range(len(sets))]
