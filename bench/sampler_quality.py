@@ -83,16 +83,21 @@ def ratio_bases(rows: List[Dict]) -> List[int]:
     return bases
 
 
-def add_ratio_columns(rows: List[Dict], features: List, reference, rounds: int, seed: int) -> List[str]:
-    """Adds ``vs[label] = (FD / FD_base, bootstrap sd)`` to every row for each base; returns the base labels."""
-    from ms_diffusion.metrics.frechet import paired_bootstrap_ratios
+def add_bootstrap(rows: List[Dict], features: List, reference, rounds: int, seed: int) -> List[str]:
+    """One paired bootstrap for all rows (``features[k]`` (num, D) is row k's): sets each row's
+    ``fd_bootstrap_sd`` and ``vs[label] = (FD / FD_base, bootstrap sd)`` for each base row; returns
+    the base labels."""
+    from ms_diffusion.metrics.frechet import bootstrap_ratios, paired_bootstrap_distances
 
+    resampled = paired_bootstrap_distances(features, reference, rounds=rounds, seed=seed)
+    fds = [r["fd"] for r in rows]
     labels = []
+    for k, r in enumerate(rows):
+        r["fd_bootstrap_sd"] = float(resampled[:, k].std(ddof=1))
     for base in ratio_bases(rows):
-        label = rows[base]["label"]
-        labels.append(label)
-        for r, ratio in zip(rows, paired_bootstrap_ratios(features, reference, base, rounds=rounds, seed=seed)):
-            r.setdefault("vs", {})[label] = ratio
+        labels.append(rows[base]["label"])
+        for r, ratio in zip(rows, bootstrap_ratios(fds, resampled, base)):
+            r.setdefault("vs", {})[labels[-1]] = ratio
     return labels
 
 
@@ -103,7 +108,7 @@ def format_table(rows: List[Dict], columns: List[str], num: int) -> str:
     for r in rows:
         rel = [f"{(r['vs'][c][0] - 1) * 100:+.0f}% ± {r['vs'][c][1] * 100:.0f}%" if r["label"] != c else "—"
                for c in columns]
-        cells = [r["label"].rsplit("-", 1)[0] if not r["options"] else r["label"], str(r["nfe"]),
+        cells = [r["label"] if r["options"] else _TITLES[r["sampler"]], str(r["nfe"]),
                  f"{r['fd']:.3f} ± {r['fd_bootstrap_sd']:.3f}"] + rel + [f"{r['ms_per_image']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -133,7 +138,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from ms_diffusion import runtime
     from ms_diffusion.metrics import classifier_extractor, reference_features
-    from ms_diffusion.metrics.frechet import bootstrap_frechet_distance, frechet_distance_from_features
+    from ms_diffusion.metrics.frechet import frechet_distance_from_features
     from ms_diffusion.pipeline import generate, load_diffusion
 
     configs = parse_configs(args.configs)
@@ -160,22 +165,21 @@ def _run(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         feats = extractor(out.images)
         fd = frechet_distance_from_features(feats, ref.stats).value
-        sd, _ = bootstrap_frechet_distance(feats, ref.stats, rounds=args.bootstrap, seed=args.seed)
         features.append(feats)
         rows.append({"label": label, "sampler": name, "steps": steps, "options": options,
-                     "nfe": steps + 1 if name == "plms" else steps, "fd": fd, "fd_bootstrap_sd": sd,
+                     "nfe": steps + 1 if name == "plms" else steps, "fd": fd,
                      "ms_per_image": seconds / args.num * 1000, "num": args.num})
-        print(f"{label}: FD {fd:.3f} ± {sd:.3f}, {rows[-1]['ms_per_image']:.0f} ms/image", flush=True)
+        print(f"{label}: FD {fd:.3f}, {rows[-1]['ms_per_image']:.0f} ms/image", flush=True)
         if args.save_samples:
             folder = Path(args.save_samples)
             folder.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(folder / f"{label_slug(label)}.npz", images=out.images, seed=args.seed)
-    columns = add_ratio_columns(rows, features, ref.stats, args.bootstrap, args.seed)
+    columns = add_bootstrap(rows, features, ref.stats, args.bootstrap, args.seed)
     table = format_table(rows, columns, args.num)
     print()
     print(table)
     print(f"\n± = bootstrap standard deviation over {args.bootstrap} resamplings of the {args.num} generated images "
-          f"(the same resampling for every row in the ratios); reference: {ref.describe()}, features "
+          f"(the same resampling for every row); reference: {ref.describe()}, features "
           f"{extractor.key}; checkpoint {meta['path']} step {meta.get('step')}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "table": table, "checkpoint": meta["path"],

@@ -154,15 +154,19 @@ def test_sampler_quality_bench_configs_and_table():
     feats = [rng.standard_normal((200, 4)) * 1.3, noise * 1.2, noise * 1.25, noise * 1.2 + 0.1]
     configs = sq.parse_configs("ddpm-1000,ddim-50,plms-20,dpmpp-20:karras=true")
     rows = [dict(label=sq.config_label(n, k, o), sampler=n, steps=k, options=o, nfe=k + (n == "plms"), fd=f,
-                 fd_bootstrap_sd=0.1, ms_per_image=1234.5) for (n, k, o), f in zip(configs, (2.0, 1.0, 1.5, 1.2))]
+                 ms_per_image=1234.5) for (n, k, o), f in zip(configs, (2.0, 1.0, 1.5, 1.2))]
     assert sq.ratio_bases(rows) == [0, 1]   # DDPM, and the deterministic row with the most evaluations
-    columns = sq.add_ratio_columns(rows, feats, ref, rounds=10, seed=0)
+    columns = sq.add_bootstrap(rows, feats, ref, rounds=10, seed=0)
     assert columns == ["DDPM-1000", "DDIM-50"] and rows[1]["vs"]["DDIM-50"] == (1.0, 0.0)
+    # each row's own spread is the ordinary bootstrap of its distance (the same resampling)
+    for r, f in zip(rows, feats):
+        assert r["fd_bootstrap_sd"] == bootstrap_frechet_distance(f, ref, rounds=10, seed=0)[0]
     # rows 1-3 come from the same noise: their ratio is resolved far better against DDIM than against DDPM
     assert rows[2]["vs"]["DDIM-50"][1] < 0.5 * rows[2]["vs"]["DDPM-1000"][1]
     table = sq.format_table(rows, columns, 200).splitlines()
     assert table[0] == "| sampler | NFE | FD (classifier features, N=200) | vs DDPM-1000 | vs DDIM-50 | ms / image |"
-    assert table[2].startswith("| DDPM | 1000 | 2.000 ± 0.100 | — | ") and table[2].endswith(" | 1,234 |")
+    assert table[2].startswith(f"| DDPM | 1000 | 2.000 ± {rows[0]['fd_bootstrap_sd']:.3f} | — | ")
+    assert table[2].endswith(" | 1,234 |")
     assert table[4].startswith("| PLMS | 21 |") and table[5].startswith("| DPM-Solver++-20 (karras=True) | 20 |")
 
 

@@ -6,7 +6,7 @@ import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["run_command", "add_runtime_args", "UsageError"]
+__all__ = ["run_command", "add_runtime_args", "parse_key_values", "UsageError"]
 
 
 class UsageError(ValueError):

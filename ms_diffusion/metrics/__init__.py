@@ -9,8 +9,9 @@ from ms_diffusion.metrics.evaluate import METRICS, check_images, evaluate_sample
 from ms_diffusion.metrics.features import (FeatureExtractor, classifier_extractor, fit_to_extractor, get_extractor,
                                           inception_extractor)
 from ms_diffusion.metrics.frechet import (FrechetResult, GaussianStats, TooFewSamplesError, bootstrap_frechet_distance,
-                                          frechet_distance, frechet_distance_from_features, gaussian_stats,
-                                          paired_bootstrap_ratios, sqrtm_psd, trace_sqrt_product)
+                                          bootstrap_ratios, frechet_distance, frechet_distance_from_features,
+                                          gaussian_stats, paired_bootstrap_distances, paired_bootstrap_ratios,
+                                          sqrtm_psd, trace_sqrt_product)
 from ms_diffusion.metrics.kid import KIDResult, kernel_inception_distance, mmd2_unbiased, polynomial_kernel
 from ms_diffusion.metrics.neighbours import (Memorization, PrecisionRecall, memorization, nearest_training_distances,
                                              precision_recall)
@@ -20,7 +21,7 @@ __all__ = ["METRICS", "evaluate_samples", "format_table", "load_samples", "check
            "classifier_extractor", "inception_extractor", "get_extractor", "fit_to_extractor", "GaussianStats",
            "FrechetResult", "TooFewSamplesError", "gaussian_stats", "sqrtm_psd", "trace_sqrt_product",
            "frechet_distance", "frechet_distance_from_features", "bootstrap_frechet_distance",
-           "paired_bootstrap_ratios", "KIDResult",
+           "paired_bootstrap_distances", "bootstrap_ratios", "paired_bootstrap_ratios", "KIDResult",
            "kernel_inception_distance", "mmd2_unbiased", "polynomial_kernel", "PrecisionRecall", "precision_recall",
            "Memorization", "memorization", "nearest_training_distances", "Reference", "reference_features",
            "memorization_reference", "cache_dir"]

@@ -25,8 +25,8 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 __all__ = ["GaussianStats", "gaussian_stats", "sqrtm_psd", "trace_sqrt_product", "frechet_distance",
-           "frechet_distance_from_features", "bootstrap_frechet_distance", "paired_bootstrap_ratios", "FrechetResult",
-           "TooFewSamplesError"]
+           "frechet_distance_from_features", "bootstrap_frechet_distance", "paired_bootstrap_distances",
+           "bootstrap_ratios", "paired_bootstrap_ratios", "FrechetResult", "TooFewSamplesError"]
 
 _NEG_TOL = 1e-6
 
@@ -157,6 +157,30 @@ def frechet_distance_from_features(features: np.ndarray, reference: GaussianStat
     return frechet_distance(stats.mu, stats.sigma, reference.mu, reference.sigma)
 
 
+def paired_bootstrap_distances(features: Sequence[np.ndarray], reference: GaussianStats, rounds: int = 20,
+                               seed: int = 0, allow_singular: bool = False) -> np.ndarray:
+    """(rounds, K) distances of K feature sets, each (N, D), under resampling with replacement.
+
+    Each round draws one set of N indices and applies it to every set: when row i of every set
+    comes from the same noise (several samplers or checkpoints run from one seed), the noise the
+    sets share moves all of a round's distances together. With one set this is the ordinary
+    bootstrap of its distance.
+    """
+    sets = [_as_features(f) for f in features]
+    n = len(sets[0])
+    if any(len(f) != n for f in sets):
+        raise ValueError(f"paired bootstrap needs the same number of images in every set, got {[len(f) for f in sets]}")
+    if rounds < 2:
+        raise ValueError(f"bootstrap needs at least 2 rounds, got {rounds}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(int(rounds)):
+        idx = rng.integers(0, n, n)
+        rows.append([frechet_distance_from_features(f[idx], reference, allow_singular=allow_singular).value
+                     for f in sets])
+    return np.array(rows)
+
+
 def bootstrap_frechet_distance(features: np.ndarray, reference: GaussianStats, rounds: int = 20, seed: int = 0,
                                allow_singular: bool = False) -> Tuple[float, np.ndarray]:
     """Standard deviation of the distance under resampling ``features`` (N, D) with replacement.
@@ -164,39 +188,29 @@ def bootstrap_frechet_distance(features: np.ndarray, reference: GaussianStats, r
     Returns (std, the ``rounds`` bootstrap values). It measures the noise from the finite sample
     set only (the reference statistics are held fixed); compare two models' distances against it.
     """
-    f = _as_features(features)
-    if rounds < 2:
-        raise ValueError(f"bootstrap needs at least 2 rounds, got {rounds}")
-    rng = np.random.default_rng(seed)
-    values = np.array([frechet_distance_from_features(f[rng.integers(0, len(f), len(f))], reference,
-                                                      allow_singular=allow_singular).value
-                       for _ in range(int(rounds))])
+    values = paired_bootstrap_distances([features], reference, rounds, seed, allow_singular)[:, 0]
     return float(values.std(ddof=1)), values
+
+
+def bootstrap_ratios(distances: Sequence[float], resampled: np.ndarray, base: int = 0) -> List[Tuple[float, float]]:
+    """(d_k / d_base, its bootstrap standard deviation) for each set k, from the sets' distances (K,)
+    and their ``paired_bootstrap_distances`` (rounds, K)."""
+    full = np.asarray(distances, dtype=np.float64)
+    if not 0 <= base < len(full):
+        raise ValueError(f"base must index one of the {len(full)} feature sets, got {base}")
+    ratios = resampled / resampled[:, base:base + 1]
+    return [(float(full[k] / full[base]), float(ratios[:, k].std(ddof=1))) for k in range(len(full))]
 
 
 def paired_bootstrap_ratios(features: Sequence[np.ndarray], reference: GaussianStats, base: int = 0,
                             rounds: int = 20, seed: int = 0) -> List[Tuple[float, float]]:
-    """(FD_k / FD_base, its bootstrap standard deviation) for each feature set k.
+    """(FD_k / FD_base, its bootstrap standard deviation) for each feature set k (N, D).
 
-    ``features[k]`` is (N, D), and row i of every set comes from the same noise (several samplers
-    or checkpoints run from one seed). Each round resamples one set of indices and applies it to
-    every set, so the noise the sets share cancels in the ratio: its spread is what separates
-    the sets, much smaller than either distance's own bootstrap spread.
+    Row i of every set comes from the same noise; the resampling is shared
+    (``paired_bootstrap_distances``), so the noise the sets share cancels in the ratio: its spread
+    is what separates the sets, much smaller than either distance's own bootstrap spread.
     """
-    sets = [_as_features(f) for f in features]
-    if not 0 <= base < len(sets):
-        raise ValueError(f"base must index one of the {len(sets)} feature sets, got {base}")
-    n = len(sets[base])
-    if any(len(f) != n for f in sets):
-        raise ValueError(f"paired bootstrap needs the same number of images in every set, got {[len(f) for f in sets]}")
-    if rounds < 2:
-        raise ValueError(f"bootstrap needs at least 2 rounds, got {rounds}")
-
-    def distances(idx: np.ndarray) -> np.ndarray:
-        return np.array([frechet_distance_from_features(f[idx], reference).value for f in sets])
-
-    rng = np.random.default_rng(seed)
-    full = distances(np.arange(n))
-    resampled = np.array([distances(rng.integers(0, n, n)) for _ in range(int(rounds))])
-    ratios = resampled / resampled[:, base:base + 1]
-    return [(float(full[k] / full[base]), float(ratios[:, k].std(ddof=1))) for k in range(len(sets))]
+    if not 0 <= base < len(features):
+        raise ValueError(f"base must index one of the {len(features)} feature sets, got {base}")
+    full = [frechet_distance_from_features(f, reference).value for f in features]
+    return bootstrap_ratios(full, paired_bootstrap_distances(features, reference, rounds, seed), base)
