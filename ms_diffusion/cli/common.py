@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors (``--debug`` for the traceback) and runtime set-up."""
+"""What every command shares: errors as their whole message without a traceback (``--debug`` for it), runtime set-up."""
 from __future__ import annotations
 
 import argparse
@@ -34,8 +34,18 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line and exit code 2, like ours
+    def error(self, message):  # argparse's own errors: no usage dump, exit code 2, like ours
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def error_message(err: BaseException) -> str:
+    """Every line of ``err``'s message, less MindSpore's C++ call stack (a framework trailer, not a message)."""
+    lines = str(err).strip().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("- C++ Call Stack"):
+            lines = lines[:i - 1 if i and set(lines[i - 1].strip()) == {"-"} else i]
+            break
+    return "\n".join(lines).strip()
 
 
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -44,7 +54,7 @@ def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def run_command(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
                 argv: Optional[List[str]] = None) -> int:
-    """Parse ``argv`` and run ``main``; user errors become one line on stderr and a non-zero exit."""
+    """Parse ``argv`` and run ``main``; a user error prints its whole message (no traceback) and exits non-zero."""
     args = parser.parse_args(argv)
     try:
         return int(main(args) or 0)
@@ -54,13 +64,11 @@ def run_command(main: Callable[[argparse.Namespace], int], parser: argparse.Argu
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
         if args.debug:
             traceback.print_exc()
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        print(f"{parser.prog}: error: {error_message(err) or type(err).__name__}", file=sys.stderr)
         return 2
-    except Exception as err:  # a bug or a framework failure: say so in one line, keep the trace for --debug
+    except Exception as err:  # a bug or a framework failure: say so, keep the trace for --debug
         if args.debug:
             traceback.print_exc()
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"{parser.prog}: error: {type(err).__name__}: {first} (run with --debug for the traceback)",
+        print(f"{parser.prog}: error: {type(err).__name__}: {error_message(err)} (run with --debug for the traceback)",
               file=sys.stderr)
         return 1
