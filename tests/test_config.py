@@ -11,8 +11,24 @@ def test_shipped_configs_parse():
     names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
     assert {"fashion_mnist_fast.yaml", "fashion_mnist_tutorial.yaml", "image_folder.yaml", "cifar10.yaml"} <= set(names)
     for name in names:
+        stem = Path(name).stem
+        raw = yaml.safe_load((CONFIG_DIR / name).read_text())
+        # a shipped config is named after its file, so `train.py --config X` writes to runs/X
+        assert raw.get("name", stem) == stem, f"{name} sets name: {raw['name']!r}, not its file's stem"
         cfg = load_config(name)
-        assert cfg.name == Path(name).stem or cfg.name
+        assert cfg.name == stem
+        assert cfg.run_dir == Path("runs") / stem
+
+
+def test_config_name_defaults_to_the_file_stem(tmp_path):
+    minimal = "model: {type: unet, dim: 8}\ndiffusion: {type: gaussian, image_size: 8}\n"
+    unnamed = tmp_path / "my_run.yaml"
+    unnamed.write_text(minimal)
+    assert load_config(str(unnamed)).name == "my_run"
+    assert load_config(str(unnamed), ["name=other"]).name == "other"
+    named = tmp_path / "file.yaml"
+    named.write_text("name: explicit\n" + minimal)
+    assert load_config(str(named)).name == "explicit"
 
 
 def test_default_config_and_overrides():

@@ -1,5 +1,6 @@
 """Classifier-free guidance: the batched (conditional + null-class) forward equals two separate passes
-combined, the rescale formula, learned variance and self-conditioning under guidance, and errors."""
+combined by diffusers' guidance (uncond + s (cond - uncond), ``rescale_noise_cfg``), the rescale's
+properties, learned variance and self-conditioning under guidance, and errors."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -25,14 +26,19 @@ def conditional(objective: str = "pred_v", **unet_kwargs) -> GaussianDiffusion:
     return _CACHE[key]
 
 
-def numpy_guidance(cond: np.ndarray, uncond: np.ndarray, scale: float, rescale: float) -> np.ndarray:
-    """uncond + s (cond - uncond), then diffusers' rescale_noise_cfg (torch std: ddof = 1)."""
-    guided = uncond + scale * (cond - uncond)
-    if rescale > 0:
-        axes = tuple(range(1, guided.ndim))
-        ratio = cond.std(axis=axes, ddof=1, keepdims=True) / guided.std(axis=axes, ddof=1, keepdims=True)
-        guided = rescale * guided * ratio + (1 - rescale) * guided
-    return guided
+def diffusers_guidance(cond: np.ndarray, uncond: np.ndarray, scale: float, rescale: float) -> np.ndarray:
+    """The anchor: diffusers' classifier-free guidance on float64 torch tensors.
+
+    ``ClassifierFreeGuidance.forward`` computes uncond + s (cond - uncond) (its default, the formula of
+    the Stable Diffusion pipelines) and then ``rescale_noise_cfg`` (Lin et al. 2023, sec. 3.4) with
+    ``guidance_rescale``; both are diffusers' code (diffusers/guiders/).
+    """
+    torch = pytest.importorskip("torch")
+    guiders = pytest.importorskip("diffusers.guiders")
+    guider = guiders.ClassifierFreeGuidance(guidance_scale=scale, guidance_rescale=rescale)
+    out = guider.forward(pred_cond=torch.from_numpy(np.asarray(cond, np.float64)),
+                         pred_uncond=torch.from_numpy(np.asarray(uncond, np.float64)))
+    return out.pred.numpy()
 
 
 def numpy_eps_x0(d: GaussianDiffusion, x: np.ndarray, t: int, out: np.ndarray):
@@ -71,18 +77,42 @@ def test_batched_guidance_equals_two_separate_passes(objective, self_condition):
     for scale, rescale in ((3.0, 0.0), (7.5, 0.0), (3.0, 0.7), (5.0, 0.3)):
         denoise = d.denoiser(2, classes, guidance_scale=scale, guidance_rescale=rescale, clip_denoised=False)
         eps, x0 = denoise(Tensor(x), t, None if sc is None else Tensor(sc))
-        want_eps, want_x0 = numpy_eps_x0(d, x.astype(np.float64), t, numpy_guidance(cond, uncond, scale, rescale))
+        want_eps, want_x0 = numpy_eps_x0(d, x.astype(np.float64), t, diffusers_guidance(cond, uncond, scale, rescale))
         assert_close(eps, want_eps)
         assert_close(x0, want_x0)
 
 
-def test_guidance_rescale_pulls_the_std_towards_the_conditional_one():
+def test_diffusers_anchor_is_the_cfg_formula_and_rescale_noise_cfg():
+    """The anchor function above is what the diffusers pipelines do inline (pipeline_stable_diffusion.py)."""
+    torch = pytest.importorskip("torch")
+    rescale_noise_cfg = pytest.importorskip("diffusers.guiders.guider_utils").rescale_noise_cfg
     rng = np.random.default_rng(1)
     cond, uncond = rng.normal(0, 1.0, (2, 1, 8, 8)), rng.normal(0, 0.8, (2, 1, 8, 8))
-    full = numpy_guidance(cond, uncond, 7.0, 1.0)
-    np.testing.assert_allclose(full.std(axis=(1, 2, 3)), cond.std(axis=(1, 2, 3)), rtol=1e-12)
-    half = numpy_guidance(cond, uncond, 7.0, 0.5)
-    np.testing.assert_allclose(half, 0.5 * full + 0.5 * numpy_guidance(cond, uncond, 7.0, 0.0), rtol=1e-12)
+    plain = torch.from_numpy(uncond) + 7.0 * (torch.from_numpy(cond) - torch.from_numpy(uncond))
+    np.testing.assert_allclose(diffusers_guidance(cond, uncond, 7.0, 0.0), plain.numpy(), rtol=1e-12)
+    want = rescale_noise_cfg(plain, torch.from_numpy(cond), guidance_rescale=0.6).numpy()
+    np.testing.assert_allclose(diffusers_guidance(cond, uncond, 7.0, 0.6), want, rtol=1e-12)
+
+
+def test_guidance_rescale_pulls_the_std_towards_the_conditional_one():
+    """The library's guided eps (pred_noise: eps is the guided network output) against diffusers, and
+    the rescale's defining properties on the library's own output (Lin et al. 2023, sec. 3.4)."""
+    d = conditional("pred_noise")
+    x = np.random.default_rng(1).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    classes, t = [2, 1], 80
+    cond, uncond = separate_passes(d, x, t, classes)
+
+    def guided(rescale: float) -> np.ndarray:
+        eps, _ = d.denoiser(2, classes, guidance_scale=7.0, guidance_rescale=rescale, clip_denoised=False)(Tensor(x), t)
+        return eps.asnumpy().astype(np.float64)
+
+    plain, full, half = guided(0.0), guided(1.0), guided(0.5)
+    for got, rescale in ((plain, 0.0), (full, 1.0), (half, 0.5)):
+        assert_close(Tensor(got.astype(np.float32)), diffusers_guidance(cond, uncond, 7.0, rescale))
+    axes = (1, 2, 3)
+    assert (plain.std(axis=axes) / cond.std(axis=axes)).min() > 1.1   # guidance inflates the std (1.2x, 1.5x) ...
+    np.testing.assert_allclose(full.std(axis=axes), cond.std(axis=axes), rtol=2e-5)  # ... rescale 1 undoes it
+    np.testing.assert_allclose(half, 0.5 * full + 0.5 * plain, rtol=0, atol=2e-5 * np.abs(full).max())
 
 
 def test_learned_variance_comes_from_the_conditional_pass():
@@ -91,7 +121,7 @@ def test_learned_variance_comes_from_the_conditional_pass():
     classes, t = [1, 0], 60
     cond, uncond = separate_passes(d, x, t, classes)
     eps, x0, log_var = d.denoiser(2, classes, guidance_scale=4.0, clip_denoised=False)(Tensor(x), t)
-    want_eps, want_x0 = numpy_eps_x0(d, x.astype(np.float64), t, numpy_guidance(cond[:, :1], uncond[:, :1], 4.0, 0))
+    want_eps, want_x0 = numpy_eps_x0(d, x.astype(np.float64), t, diffusers_guidance(cond[:, :1], uncond[:, :1], 4.0, 0.0))
     assert_close(eps, want_eps)
     assert_close(x0, want_x0)
     frac = (cond[:, 1:] + 1) / 2  # improved-DDPM interpolation between the posterior's and beta's log-variance

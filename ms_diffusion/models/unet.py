@@ -3,7 +3,8 @@
 ``Unet(block_type="resnet")`` (default) follows lucidrains' current ``Unet`` option for option.
 ``Unet(block_type="convnext")`` is the network of the MindSpore "Diffusion Model" tutorial:
 ConvNeXt blocks, GroupNorm pre-norm attention without memory slots, strided-conv down / transposed-
-conv up sampling, one skip per stage and ``init_dim = dim // 3 * 2``.
+conv up sampling, one skip per stage and ``init_dim = dim // 3 * 2``. ``gelu_approximate=True`` uses the
+tanh GELU (the tutorial's, MindSpore's default) instead of the exact one (PyTorch's, lucidrains').
 """
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ class Unet(nn.Cell):
         cond_drop_prob: float = 0.5,
         block_type: str = "resnet",
         convnext_mult: int = 2,
+        gelu_approximate: bool = False,
     ):
         super().__init__()
         if block_type not in BLOCK_TYPES:
@@ -130,12 +132,14 @@ class Unet(nn.Cell):
         else:
             pos_emb = SinusoidalPosEmb(dim, theta=sinusoidal_pos_emb_theta)
             fourier_dim = dim
-        self.time_mlp = nn.SequentialCell([pos_emb, dense(fourier_dim, time_dim), GELU(), dense(time_dim, time_dim)])
+        self.time_mlp = nn.SequentialCell([pos_emb, dense(fourier_dim, time_dim), GELU(gelu_approximate),
+                                           dense(time_dim, time_dim)])
         if num_classes is not None:
             # row num_classes is the learned "null" class of classifier-free guidance
             self.classes_emb = Parameter(Tensor(np.random.randn(num_classes + 1, dim).astype(np.float32)),
                                          name="classes_emb")
-            self.classes_mlp = nn.SequentialCell([dense(dim, time_dim), GELU(), dense(time_dim, time_dim)])
+            self.classes_mlp = nn.SequentialCell([dense(dim, time_dim), GELU(gelu_approximate),
+                                                  dense(time_dim, time_dim)])
 
         # attention per stage
         if full_attn is None:
@@ -146,7 +150,8 @@ class Unet(nn.Cell):
 
         def block(d_in, d_out):
             if tutorial:
-                return ConvNextBlock(d_in, d_out, time_emb_dim=time_dim, mult=convnext_mult)
+                return ConvNextBlock(d_in, d_out, time_emb_dim=time_dim, mult=convnext_mult,
+                                     gelu_approximate=gelu_approximate)
             return ResnetBlock(d_in, d_out, time_emb_dim=time_dim, dropout=dropout)
 
         def attn_layer(d, full, n_heads, d_head):
@@ -201,7 +206,8 @@ class Unet(nn.Cell):
         self.learned_variance = learned_variance
         if tutorial:
             final_in = in_out[1][0] if num_stages > 1 else mid_dim
-            self.final_res_block = ConvNextBlock(final_in, final_in, mult=convnext_mult)
+            self.final_res_block = ConvNextBlock(final_in, final_in, mult=convnext_mult,
+                                                 gelu_approximate=gelu_approximate)
             self.final_conv = conv2d(final_in, self.out_dim, 1, bias=False)
         else:
             self.final_res_block = ResnetBlock(init_dim * 2, init_dim, time_emb_dim=time_dim, dropout=dropout)

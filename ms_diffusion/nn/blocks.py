@@ -61,21 +61,22 @@ class ConvNextBlock(nn.Cell):
     """The MindSpore tutorial's ConvNeXt block (Liu et al. 2022, as in the Annotated Diffusion Model).
 
     depthwise 7x7 (+ embedding) -> [GroupNorm(1)] -> conv3x3 (x mult) -> GELU -> GroupNorm(1)
-    -> conv3x3, plus a 1x1 skip. Convolutions carry no bias, as in the tutorial.
+    -> conv3x3, plus a 1x1 skip. Convolutions carry no bias, as in the tutorial. ``gelu_approximate``:
+    the tutorial's GELUs are MindSpore's default tanh form; PyTorch's (and the Annotated Diffusion's) are exact.
     x: (B, dim, H, W), emb: (B, emb_dim) or None -> (B, dim_out, H, W).
     """
 
     def __init__(self, dim: int, dim_out: int, *, time_emb_dim: Optional[int] = None, mult: int = 2,
-                 norm: bool = True):
+                 norm: bool = True, gelu_approximate: bool = False):
         super().__init__()
         self.has_mlp = time_emb_dim is not None
         if self.has_mlp:
-            self.mlp = nn.SequentialCell([GELU(), dense(time_emb_dim, dim)])
+            self.mlp = nn.SequentialCell([GELU(gelu_approximate), dense(time_emb_dim, dim)])
         self.ds_conv = conv2d(dim, dim, 7, bias=False, groups=dim)
         self.net = nn.SequentialCell([
             GroupNorm(1, dim) if norm else Identity(),
             conv2d(dim, dim_out * mult, 3, bias=False),
-            GELU(),
+            GELU(gelu_approximate),
             GroupNorm(1, dim_out * mult),
             conv2d(dim_out * mult, dim_out, 3, bias=False),
         ])

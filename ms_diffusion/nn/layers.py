@@ -34,11 +34,11 @@ class Identity(nn.Cell):
 
 
 class GELU(nn.Cell):
-    """Exact (erf) GELU, PyTorch's default; MindSpore's ``nn.GELU`` defaults to the tanh form."""
+    """Exact (erf) GELU, PyTorch's default; ``approximate=True`` is the tanh form, MindSpore ``nn.GELU``'s default."""
 
-    def __init__(self):
+    def __init__(self, approximate: bool = False):
         super().__init__()
-        self.act = nn.GELU(approximate=False)
+        self.act = nn.GELU(approximate=approximate)
 
     def construct(self, x):
         return self.act(x)
