@@ -4,8 +4,9 @@
 imported, before MindSpore creates any CPU kernel. ``setup()`` is called once by entry points
 (``train.py``, ``sample.py``, notebooks); models never call it at import.
 
-The oneDNN workaround: on x86 CPUs MindSpore >= 2.9 picks a oneDNN convolution that is ~65x
-slower than the AVX2 GEMM path (a 3x3 conv 64->64 at 32x32, batch 16: ~900 ms vs ~15 ms).
+The oneDNN workaround: on x86 CPUs with AVX-512, MindSpore >= 2.9 picks a oneDNN convolution that
+is many times slower than the AVX2 GEMM path (``python bench/ops.py`` times a 3x3 conv 64->64 at
+32x32, batch 16, with and without the cap).
 Capping oneDNN's ISA at AVX2 restores the fast path. Set ``MS_DIFFUSION_ONEDNN_ISA=native`` to
 keep oneDNN's own choice, or set ``ONEDNN_MAX_CPU_ISA`` yourself (it is then left alone).
 """
@@ -15,6 +16,7 @@ import contextlib
 import os
 import platform
 import random
+import resource
 from dataclasses import dataclass
 from typing import Optional
 
@@ -136,3 +138,8 @@ def maybe_jit(fn):
     import mindspore as ms
 
     return ms.jit(fn) if _JIT_ENABLED else fn
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -250,13 +250,25 @@ def test_launch_detection_from_the_environment(monkeypatch):
     assert launched_by_msrun()
 
 
-_FAKE_RANK = """import os, sys, time
+_FAKE_RANK = """import os, signal, sys, time
+from pathlib import Path
 print("args", *sys.argv[1:])
 print("env", *(f"{k}={os.environ.get(k)}" for k in ("RANK_ID", "RANK_SIZE", "DEVICE_ID", "ASCEND_RT_VISIBLE_DEVICES",
                                                   "RANK_TABLE_FILE", "MS_ROLE")), flush=True)
-if os.environ["RANK_ID"] == os.environ.get("FAIL_RANK"):
+rank, ready = os.environ["RANK_ID"], os.environ.get("READY_FILE")
+if rank == os.environ.get("HOLD_RANK"):      # runs until someone stops it, and says who did
+    def stopped(signum, frame):
+        print(f"rank {rank} stopped by {signal.Signals(signum).name}", flush=True)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stopped)
+    print(f"pid {os.getpid()}", flush=True)
+    Path(ready).write_text("ready")           # the handler is in place: the failing rank may go
+    time.sleep(600)                           # never reached in a passing test; bounds a leaked process
+    print(f"rank {rank} was never stopped", flush=True)
+if rank == os.environ.get("FAIL_RANK"):
+    while ready and not Path(ready).exists():  # fail only once the held rank can report its SIGTERM
+        time.sleep(0.01)
     sys.exit("rank failed on purpose")
-time.sleep(float(os.environ.get("SLEEP", "0")))
 """
 
 
@@ -280,13 +292,26 @@ def test_rank_table_launcher_sets_each_rank_and_names_a_failed_one(tmp_path):
         assert (f"env RANK_ID={rank} RANK_SIZE=4 DEVICE_ID={device} ASCEND_RT_VISIBLE_DEVICES={device} "
                 f"RANK_TABLE_FILE={table} MS_ROLE=None") in log
 
-    env.update(LOG_DIR=str(tmp_path / "bad"), FAIL_RANK="3", SLEEP="60")
-    t0 = time.perf_counter()
-    bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 1, bad.stderr
-    assert re.search(r"FAILED: rank 3 \(pid \d+\) exited with status 1; stopping the other ranks", bad.stderr)
-    assert f"its log: {tmp_path / 'bad' / 'rank_3.log'}" in bad.stderr and "rank failed on purpose" in bad.stderr
-    assert time.perf_counter() - t0 < 30                       # rank 2 (sleeping 60 s) was stopped
+    # rank 3 fails once rank 2 (which would run for 10 minutes) is up; the launcher must stop rank 2 with
+    # SIGTERM before it exits. Rank 2's log says so: checked on the event, not on how long the launcher took.
+    env.update(LOG_DIR=str(tmp_path / "bad"), FAIL_RANK="3", HOLD_RANK="2", READY_FILE=str(tmp_path / "rank_2_ready"))
+    try:
+        bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)   # a hang guard only
+        assert bad.returncode == 1, bad.stderr
+        assert re.search(r"FAILED: rank 3 \(pid \d+\) exited with status 1; stopping the other ranks", bad.stderr)
+        assert f"its log: {tmp_path / 'bad' / 'rank_3.log'}" in bad.stderr and "rank failed on purpose" in bad.stderr
+        held = (tmp_path / "bad" / "rank_2.log").read_text()
+        assert "rank 2 stopped by SIGTERM" in held, held   # written before it exited, and the launcher waits for that
+    finally:   # a launcher that forgot rank 2 must not leave it running
+        log = tmp_path / "bad" / "rank_2.log"
+        text = log.read_text() if log.exists() else ""
+        found = re.search(r"^pid (\d+)$", text, re.M)
+        if found and "stopped by" not in text:
+            try:
+                if str(fake) in Path(f"/proc/{found.group(1)}/cmdline").read_text():
+                    os.kill(int(found.group(1)), signal.SIGKILL)
+            except OSError:
+                pass
 
     usage = [(["bash", str(RANKTABLE)], "Usage: bash scripts/run_distribute_train_ranktable.sh"),
              (["bash", str(RANKTABLE), str(tmp_path / "none.json"), "2", "c"], "none.json' not found"),
@@ -294,6 +319,8 @@ def test_rank_table_launcher_sets_each_rank_and_names_a_failed_one(tmp_path):
     for args, message in usage:
         proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+    for var in ("FAIL_RANK", "HOLD_RANK", "READY_FILE"):
+        env.pop(var)
     env["RANK_SIZE"] = "1"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "for one device use scripts/run_standalone_train.sh" in proc.stderr

@@ -1,9 +1,11 @@
 """train.py / sample.py end to end on generated data: kill -9 and resume equality, sampling outputs, errors."""
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,29 @@ from PIL import Image
 from ms_diffusion.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS, KILL_AT = 40, 20
+STEPS, SAVE_EVERY, STOP_AT = 40, 20, 30   # killed at step 30: after the step-20 checkpoint, before step 40's
+HANG_GUARD_S = 900                         # only a hung run takes this long (the whole run: under a minute)
+
+# train.py, stopped by SIGSTOP right after it logs step STOP_AT (the step's update, EMA and log line are
+# done; its checkpoint, if any, is not). The test waits for the stop with waitpid(WUNTRACED) -- the kernel
+# reports the event itself, so no polling interval or machine load can make the kill land late -- then
+# sends SIGKILL to the stopped process: from the run folder's point of view a kill -9 at a known step,
+# 10 updates past the last checkpoint, which the resumed run has to redo exactly.
+_STOPPING_TRAIN = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import ms_diffusion  # CPU workaround first, as train.py
+from ms_diffusion.cli.train import main
+from ms_diffusion.training.trainer import Trainer
+
+_log_line = Trainer._log_line
+def _log_line_then_stop(self, record):
+    _log_line(self, record)
+    if record.get("step") == {stop_at} and "loss" in record:
+        os.kill(os.getpid(), signal.SIGSTOP)
+Trainer._log_line = _log_line_then_stop
+sys.exit(main())
+"""
 
 
 def _images(folder: Path, n_per_class=12, size=16):
@@ -44,7 +68,7 @@ def workdir(tmp_path_factory):
                       "objective": "pred_v", "beta_schedule": "cosine", "offset_noise_strength": 0.1},
         "data": {"name": "image_folder", "data_dir": str(root / "images"), "random_flip": True, "num_workers": 1},
         "train": {"num_steps": STEPS, "batch_size": 4, "lr": 1e-3, "lr_schedule": "cosine", "warmup_steps": 3,
-                  "save_every": KILL_AT, "keep_last": 5, "log_every": 1, "sample_every": 0, "num_samples": 0,
+                  "save_every": SAVE_EVERY, "keep_last": 5, "log_every": 1, "sample_every": 0, "num_samples": 0,
                   "export_safetensors": True, "progress": False, "ema_update_after_step": 2, "ema_update_every": 1,
                   "ema_decay": 0.9},
         "sample": {"num": 4, "steps": 3},
@@ -63,30 +87,40 @@ def _run(args, cwd, check=True, **kwargs):
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir):
-    _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", workdir / "full"], workdir)
+    proc = _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", workdir / "full"], workdir)
+    done = [line for line in proc.stdout.splitlines() if line.startswith("done: step 40,")]
+    assert len(done) == 1 and re.search(r"peak RSS \d+\.\d GB;", done[0]), proc.stdout  # README quotes this line
     return workdir / "full"
 
 
 def test_kill_and_resume_reaches_the_same_weights(workdir, uninterrupted):
     out = workdir / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", str(workdir / "tiny.yaml"),
+    stopping = workdir / "stopping_train.py"
+    stopping.write_text(_STOPPING_TRAIN.format(root=str(ROOT), stop_at=STOP_AT))
+    proc = subprocess.Popen([sys.executable, str(stopping), "--config", str(workdir / "tiny.yaml"),
                              "--out-dir", str(out)], cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    target = out / "checkpoints" / f"step_{KILL_AT:08d}.ckpt"
-    deadline = time.time() + 300
-    while not target.exists():
-        assert proc.poll() is None, "training exited before its first checkpoint"
-        assert time.time() < deadline, "no checkpoint after 300 s"
-        time.sleep(0.005)
-    os.kill(proc.pid, signal.SIGKILL)                  # a real kill, mid-run
+    guard = threading.Timer(HANG_GUARD_S, proc.kill)   # a hang fails the test instead of blocking the suite
+    guard.start()
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when the run stops itself (or ends)
+    finally:
+        guard.cancel()
+    if not os.WIFSTOPPED(status):
+        proc.returncode = os.waitstatus_to_exitcode(status)   # already reaped by waitpid
+        raise AssertionError(f"train.py ended (exit {proc.returncode}) instead of stopping at step {STOP_AT}"
+                             + (f" (killed by the {HANG_GUARD_S} s hang guard?)" if proc.returncode < 0 else ""))
+    os.kill(proc.pid, signal.SIGKILL)                  # a real kill, mid-run, of the stopped process
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, STOP_AT + 1))       # killed after step 30 ...
     steps = [s for s, _ in list_checkpoints(out / "checkpoints")]
-    assert steps == [KILL_AT], f"the run was not interrupted mid-way: {steps}"
+    assert steps == [SAVE_EVERY], f"the run was not interrupted mid-way: {steps}"   # ... with step 20 saved
     assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())   # no torn temporaries
 
     resumed = _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", out, "--resume"], workdir)
-    assert f"resumed from" in resumed.stdout and f"at step {KILL_AT}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"at step {SAVE_EVERY}" in resumed.stdout
 
     a, meta_a = load_checkpoint(latest_checkpoint(uninterrupted / "checkpoints"))
     b, meta_b = load_checkpoint(latest_checkpoint(out / "checkpoints"))
@@ -104,7 +138,6 @@ def test_run_folder_contents(uninterrupted):
         assert (uninterrupted / name).is_file(), name
     lines = (uninterrupted / "log.jsonl").read_text().splitlines()
     assert len(lines) == STEPS
-    import json
     rec = json.loads(lines[-1])
     assert rec["step"] == STEPS and np.isfinite(rec["loss"]) and rec["img_per_s"] > 0 and "lr" in rec
 

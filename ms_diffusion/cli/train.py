@@ -8,6 +8,7 @@ from typing import List, Optional
 import yaml
 
 from ms_diffusion.cli.common import add_runtime_args, make_parser, run_command
+from ms_diffusion.runtime import peak_rss_gb
 
 __all__ = ["main", "build_parser"]
 
@@ -73,8 +74,8 @@ def _train_autoencoder(cfg, args: argparse.Namespace, info, dist) -> int:
     summary = trainer.fit(resume=args.resume)
     if dist.rank == 0:
         print(f"done: step {summary['step']}, reconstruction L1 {summary['rec_loss']:.4f}, "
-              f"{summary['img_per_s']:.1f} img/s; reconstructions in {cfg.run_dir / 'reconstructions'}, "
-              f"checkpoints in {cfg.run_dir / 'checkpoints'}")
+              f"{summary['img_per_s']:.1f} img/s, peak RSS {peak_rss_gb():.1f} GB; reconstructions in "
+              f"{cfg.run_dir / 'reconstructions'}, checkpoints in {cfg.run_dir / 'checkpoints'}")
     return 0
 
 
@@ -133,7 +134,8 @@ def _run(args: argparse.Namespace) -> int:
     summary = trainer.fit(resume=args.resume)
     if dist.rank == 0:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['img_per_s']:.1f} img/s, "
-              f"{summary['overflows']} skipped overflow step(s); checkpoints in {out_dir / 'checkpoints'}")
+              f"{summary['overflows']} skipped overflow step(s), peak RSS {peak_rss_gb():.1f} GB; "
+              f"checkpoints in {out_dir / 'checkpoints'}")
         best = summary.get("best_eval")
         if best:
             print(f"best: FD {best['fd']:.3f} at step {best['step']} ({best['num']} samples, {best['features']}) "

@@ -54,8 +54,8 @@ class ChannelLayerNorm(nn.Cell):
 class GroupNorm(nn.Cell):
     """torch.nn.GroupNorm semantics on (B, C, *spatial), computed in float32; params ``gamma``/``beta``.
 
-    Runs MindSpore's fused ``ops.group_norm`` kernel (on CPU ~3x faster than the same math written
-    with reductions; bench/ops_profile.py).
+    Runs MindSpore's fused ``ops.group_norm`` kernel (on CPU faster than the same math written with
+    reductions: ``python bench/ops.py`` prints both).
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
