@@ -265,7 +265,7 @@ def test_lpips_matches_lpips_package(lpips_reference):
         want = ref(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     got = ours(ms.Tensor(a), ms.Tensor(b)).asnumpy()
     assert got.shape == want.shape == (2, 1, 1, 1)
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert np.abs(got - want).max() <= 5e-7 * np.abs(want).max()  # README: ≤5e-7 (measured 7.5e-8)
     assert np.allclose(ours(ms.Tensor(a), ms.Tensor(a)).asnumpy(), 0.0, atol=1e-6)
 
 

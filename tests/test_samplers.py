@@ -27,7 +27,10 @@ from ms_diffusion.schedules import NoiseSchedule, sampling_timesteps
 
 T = 50                       # training timesteps of the test schedule (lucidrains "linear")
 B, C, H, W = 2, 2, 4, 4
-TOL = 2e-5                   # max |ours - reference| / max |reference|, per step
+# max |ours - reference| / max |reference| over the steps, asserted per sampler; README's sampler table quotes the
+# measured worst case over each test's cases (DDPM 3.9e-6, DDIM 4.9e-7, PLMS 1.04e-5, DPM-Solver++ 6.2e-7,
+# inversion 3.0e-7) beside these bounds. PLMS is the loosest: its eps -> x0 step divides by sqrt(alpha_cumprod).
+BOUND = {"ddpm": 5e-6, "ddim": 1e-6, "plms": 2e-5, "dpmpp": 1e-6, "inversion": 5e-7}
 PRED = {"epsilon": "pred_noise", "v_prediction": "pred_v", "sample": "pred_x0"}
 
 
@@ -181,7 +184,7 @@ def test_ddpm_matches_diffusers(torch, monkeypatch, prediction, steps, spacing, 
     assert [c[0] for c in calls] == sched.timesteps.tolist()
     err = max_rel_err(ours, ref)
     print(f"ddpm {prediction} steps={steps} {spacing}+{offset} clip={clip} learned_var={variance}: {err:.2e}")
-    assert err < TOL
+    assert err < BOUND["ddpm"], err
 
 
 # ----------------------------------------------------------------------------- DDIM
@@ -236,7 +239,7 @@ def test_ddim_matches_diffusers(torch, prediction, steps, spacing, offset, eta, 
     err = max_rel_err(ours, ref)
     print(f"ddim {prediction} S={steps} {spacing}+{offset} eta={eta} clip={clip} {noise_opts} inpaint={inpaint}: "
           f"{err:.2e}")
-    assert err < TOL
+    assert err < BOUND["ddim"], err
 
 
 # ----------------------------------------------------------------------------- PLMS
@@ -275,7 +278,7 @@ def test_plms_matches_diffusers_pndm(torch, prediction, steps, spacing, offset):
     # diffusers' first step returns the Euler predictor, its second the Heun-corrected sample: ours[0]
     err = max_rel_err(ours, ref[1:])
     print(f"plms {prediction} S={steps} {spacing}+{offset}: {err:.2e}")
-    assert err < TOL
+    assert err < BOUND["plms"], err
 
 
 def test_plms_through_the_diffusion_runs_on_ldms_grid():
@@ -345,7 +348,7 @@ def test_dpmpp_matches_diffusers(torch, prediction, order, karras, steps, spacin
                                    rtol=1e-6)
     err = max_rel_err(ours, ref)
     print(f"dpmpp {prediction} order={order} karras={karras} S={steps} {spacing}+{offset} clip={clip}: {err:.2e}")
-    assert err < TOL
+    assert err < BOUND["dpmpp"], err
 
 
 # ----------------------------------------------------------------------------- DDIM inversion
@@ -376,7 +379,7 @@ def test_ddim_inversion_matches_diffusers(torch, prediction, steps, spacing, off
     assert [t for t, _ in ours] == sched.timesteps.tolist()
     err = max_rel_err([x for _, x in ours], ref)
     print(f"ddim inversion {prediction} S={steps} {spacing}+{offset}: {err:.2e}")
-    assert err < TOL
+    assert err < BOUND["inversion"], err
     np.testing.assert_array_equal(result.sample.asnumpy(), ours[-1][1])
 
 

@@ -46,7 +46,7 @@ def test_graph_mode_equals_pynative(block_type):
 
     eager = fwd(x, t, x * 0.5).asnumpy()
     graph = ms.jit(fwd)(x, t, x * 0.5).asnumpy()
-    np.testing.assert_allclose(graph, eager, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(graph, eager, rtol=1e-6, atol=1e-6)  # equal to the bit here; margin for fusion
 
 
 def test_parameter_names_unique_and_stable():
@@ -102,6 +102,6 @@ def test_forward_parity_with_lucidrains(kwargs):
                        None if sc is None else torch.tensor(sc.asnumpy())).numpy()
     got = net(x, t, sc).asnumpy()
     rel = np.abs(got - expected).max() / np.abs(expected).max()
-    assert rel < 1e-5, rel
+    assert rel < 5e-6, rel  # README: ≤5e-6 (worst case here, full attention + learned variance: 3.5e-6)
     back = {rename(k, MS_TO_LUCIDRAINS_UNET): v for k, v in state_arrays(net).items()}
     assert set(back) == set(ref.state_dict())
