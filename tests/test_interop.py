@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ms_diffusion import GaussianDiffusion, Unet
-from ms_diffusion.interop import ConversionError, build_plan, load_arrays_into, state_arrays
+from ms_diffusion.interop import ConversionError, build_plan, state_arrays
 from ms_diffusion.interop.torch_io import write_weights
 from ms_diffusion.interop.transforms import CONV1D, FUSED_QKV, FUSED_QKV_BIAS, IDENTITY, LINEAR
 
@@ -440,39 +440,80 @@ def _ldm_register_schedule(T: int, linear_start: float, linear_end: float) -> di
     return {k: v.astype(np.float32) for k, v in out.items()}
 
 
+def _ldm_layout_from_anchor(convert, candidates, reference) -> dict:
+    """An ldm state dict holding ``reference``'s weights (a diffusers state dict), each element placed where the
+    anchor's ldm -> diffusers converter ``convert`` reads it.
+
+    ``candidates`` ({ldm name: shape}) name the ldm tensors; each is filled with unique tags, the converter runs on
+    them, and every diffusers tensor it returns says which ldm tensor -- and which elements of it, through the
+    converter's own reshapes -- it was read from. Fails unless the converter reads every candidate element exactly
+    once and returns exactly ``reference``'s names and shapes: the candidate names (ours) are then the ones the
+    anchor reads, while the values and their layout come from the anchor's mapping, not from our exporter."""
+    names, starts, tags, start = [], [], {}, 0
+    for name, shape in candidates.items():
+        size = int(np.prod(shape))
+        tags[name] = np.arange(start, start + size, dtype=np.float64).reshape(shape)
+        names.append(name)
+        starts.append(start)
+        start += size
+    converted = convert(dict(tags))
+    assert set(converted) == set(reference), sorted(set(converted) ^ set(reference))[:6]
+    out = {name: np.full(shape, np.nan, np.float32) for name, shape in candidates.items()}
+    reads = np.zeros(start, np.int64)
+    for key, tag in converted.items():
+        tag, want = np.asarray(tag), reference[key]
+        assert tag.shape == want.shape, (key, tag.shape, want.shape)
+        flat = tag.reshape(-1).astype(np.int64)
+        owner = names[int(np.searchsorted(starts, flat[0], side="right")) - 1]
+        local = flat - starts[names.index(owner)]
+        assert local.min() >= 0 and local.max() < out[owner].size, f"{key} is read from several ldm tensors"
+        out[owner].reshape(-1)[local] = want.reshape(-1)
+        np.add.at(reads, flat, 1)
+    unread = sorted({names[int(np.searchsorted(starts, i, side="right")) - 1] for i in np.flatnonzero(reads != 1)})
+    assert not unread, f"the anchor does not read these ldm tensors exactly once: {unread[:6]}"
+    return out
+
+
+def _random_torch_module(module, seed: int):
+    """Every weight moved off its init (norm scales off 1, zero-initialised convs off 0)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _max_rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
 @pytest.mark.torch
 def test_whole_ldm_latent_diffusion_checkpoint(tmp_path):
-    """A class-conditional KL LatentDiffusion checkpoint (ClassEmbedder with its null row, LitEma, scale_by_std)
-    converts whole into a checkpoint load_diffusion / sample.py use, and back exactly."""
+    """A class-conditional KL LatentDiffusion checkpoint (ClassEmbedder, LitEma, scale_by_std) built from random
+    diffusers models through diffusers' own ldm converters converts whole, computes what those models compute,
+    and goes back to the same ldm state dict."""
     torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    import mindspore as ms
     import yaml
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
+                                                     create_unet_diffusers_config_from_ldm,
+                                                     create_vae_diffusers_config_from_ldm)
 
     from ms_diffusion.interop.ldm import autoencoder_plan, unet_plan
     from ms_diffusion.models import AutoencoderKL, UNetModel
     from ms_diffusion.pipeline import generate, load_diffusion
 
+    torch.set_num_threads(2)
     unet_cfg = dict(image_size=4, in_channels=3, out_channels=3, model_channels=16, attention_resolutions=[2],
                     num_res_blocks=1, channel_mult=[1, 2], num_heads=2, use_spatial_transformer=True,
-                    context_dim=8, norm_num_groups=8)
+                    transformer_depth=1, context_dim=8, norm_num_groups=8)
     ddconfig = dict(double_z=True, z_channels=3, resolution=8, in_channels=1, out_ch=1, ch=8, ch_mult=[1, 2],
                     num_res_blocks=1, attn_resolutions=[], dropout=0.0, norm_num_groups=4)
-    rng = np.random.default_rng(0)
-
-    def randomized(cell):
-        arrays = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(v.dtype) for k, v in state_arrays(cell).items()}
-        load_arrays_into(cell, arrays)
-        return cell
-
-    unet, vae = randomized(UNetModel(**unet_cfg)), randomized(AutoencoderKL(ddconfig, 3))
-    state = {**unet_plan(unet).to_torch(state_arrays(unet)), **autoencoder_plan(vae).to_torch(state_arrays(vae))}
-    state["cond_stage_model.embedding.weight"] = rng.standard_normal((5, 8)).astype(np.float32)  # 4 classes + null
-    state.update(_ldm_register_schedule(20, 0.0015, 0.0155))
-    state["scale_factor"] = np.array(0.75, np.float32)
-    shadow = {f"model_ema.{k[len('model.'):].replace('.', '')}": v * np.float32(0.5)
-              for k, v in state.items() if k.startswith("model.diffusion_model.")}
-    ckpt = tmp_path / "ldm.ckpt"
-    counters = {"model_ema.decay": np.array(0.9999, np.float32), "model_ema.num_updates": np.array(9, np.int32)}
-    write_weights(ckpt, {"state_dict": {**state, **shadow, **counters}, "global_step": 9, "epoch": 1})
     params = {"linear_start": 0.0015, "linear_end": 0.0155, "timesteps": 20, "image_size": 4, "channels": 3,
               "cond_stage_key": "class_label", "conditioning_key": "crossattn", "scale_by_std": True,
               "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet_cfg},
@@ -481,6 +522,46 @@ def test_whole_ldm_latent_diffusion_checkpoint(tmp_path):
                                                 "lossconfig": {"target": "torch.nn.Identity"}}},
               "cond_stage_config": {"target": "ldm.modules.encoders.modules.ClassEmbedder",
                                     "params": {"n_classes": 5, "embed_dim": 8, "key": "class_label"}}}
+    # diffusers reads the ldm YAML into its own configs; norm_num_groups is ours (ldm's GroupNorm has 32 groups)
+    original = {"model": {"params": params}}
+    with pytest.warns(FutureWarning):   # image_size is deprecated there; without it diffusers guesses from keys
+        unet_config = create_unet_diffusers_config_from_ldm(original, {}, image_size=8)
+        vae_config = create_vae_diffusers_config_from_ldm(original, {}, image_size=8)
+    unet_config["norm_num_groups"], vae_config["norm_num_groups"] = 8, 4
+    ref_unet = _random_torch_module(diffusers.UNet2DConditionModel(**unet_config), 0)
+    ref_ema = _random_torch_module(diffusers.UNet2DConditionModel(**unet_config), 1)
+    ref_vae = _random_torch_module(diffusers.AutoencoderKL(**vae_config), 2)
+    sd = {name: {k: v.numpy() for k, v in m.state_dict().items()}
+          for name, m in (("unet", ref_unet), ("ema", ref_ema), ("vae", ref_vae))}
+
+    # the ldm names to try are ours; which diffusers weight each one holds is the anchor's answer
+    unet, vae = UNetModel(**unet_cfg), AutoencoderKL(ddconfig, 3)
+    unet_names = {k: v.shape for k, v in unet_plan(unet).to_torch(state_arrays(unet)).items()}
+    vae_names = {k: v.shape for k, v in autoencoder_plan(vae).to_torch(state_arrays(vae)).items()}
+    # ldm's AttnBlock holds q, k, v, proj_out as 1x1 Conv2d (diffusers' converter accepts 2-, 3- or 4-d there)
+    assert all(len(vae_names[f"first_stage_model.{part}.mid.attn_1.{w}.weight"]) == 4
+               for part in ("encoder", "decoder") for w in ("q", "k", "v", "proj_out"))
+    read_unet = lambda state: convert_ldm_unet_checkpoint(state, unet_config)  # noqa: E731
+    state = _ldm_layout_from_anchor(read_unet, unet_names, sd["unet"])
+    ema_unet = _ldm_layout_from_anchor(read_unet, unet_names, sd["ema"])
+    state.update(_ldm_layout_from_anchor(lambda st: convert_ldm_vae_checkpoint(st, vae_config), vae_names, sd["vae"]))
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((5, 8)).astype(np.float32)   # ClassEmbedder: nn.Embedding(n_classes, embed_dim)
+    state["cond_stage_model.embedding.weight"] = table       # 4 classes + the null class
+    state.update(_ldm_register_schedule(20, 0.0015, 0.0155))
+    state["scale_factor"] = np.array(0.75, np.float32)
+    # LitEma: one buffer per DiffusionWrapper parameter, named with its dots removed
+    shadow = {"model_ema." + k[len("model."):].replace(".", ""): v for k, v in ema_unet.items()}
+    counters = {"model_ema.decay": np.array(0.9999, np.float32), "model_ema.num_updates": np.array(9, np.int32)}
+    whole = {**state, **shadow, **counters}
+    # diffusers' single-file loader finds the same two unets in the whole checkpoint (extract_ema reads LitEma)
+    for extract_ema, ref in ((False, sd["unet"]), (True, sd["ema"])):
+        _same_arrays({k: np.asarray(v) for k, v in convert_ldm_unet_checkpoint(dict(whole), unet_config,
+                                                                               extract_ema=extract_ema).items()}, ref)
+    _same_arrays({k: np.asarray(v) for k, v in convert_ldm_vae_checkpoint(dict(whole), vae_config).items()},
+                 sd["vae"])
+    ckpt = tmp_path / "ldm.ckpt"
+    write_weights(ckpt, {"state_dict": whole, "global_step": 9, "epoch": 1})
     config = tmp_path / "cin.yaml"
     config.write_text(yaml.safe_dump({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion",
                                                 "params": params}}))
@@ -491,10 +572,23 @@ def test_whole_ldm_latent_diffusion_checkpoint(tmp_path):
     _, ema_model, meta = load_diffusion(out, "ema")
     _, online_model, _ = load_diffusion(out, "online")
     assert online_model.model.num_classes == 4 and float(online_model.scale_factor.asnumpy()) == 0.75
-    _same_arrays(state_arrays(online_model.model.diffusion_model), state_arrays(unet))
-    ema_unet = {k: v * np.float32(0.5) for k, v in state_arrays(unet).items()}
-    _same_arrays(state_arrays(ema_model.model.diffusion_model), ema_unet)
-    _same_arrays(state_arrays(ema_model.first_stage_model), state_arrays(vae))
+    # the converted models compute what the diffusers models compute
+    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    t, y = np.array([3, 17], np.int32), np.array([1, 3], np.int32)
+    errors = {}
+    for name, model, ref in (("online", online_model, ref_unet), ("ema", ema_model, ref_ema)):
+        got = model.model(ms.Tensor(x), ms.Tensor(t), None, ms.Tensor(y)).asnumpy()
+        with torch.no_grad():
+            want = ref(torch.from_numpy(x), torch.from_numpy(t).long(),
+                       encoder_hidden_states=torch.from_numpy(table[y][:, None, :])).sample.numpy()
+        errors[f"{name} eps"] = _max_rel(got, want)
+    pixels = rng.uniform(-1, 1, (2, 1, 8, 8)).astype(np.float32)
+    with torch.no_grad():
+        want_moments = ref_vae.encode(torch.from_numpy(pixels)).latent_dist.parameters.numpy()
+        want_images = ref_vae.decode(torch.from_numpy(x / np.float32(0.75))).sample.numpy()
+    errors["encode"] = _max_rel(ema_model.first_stage_model.encode_moments(ms.Tensor(pixels)).asnumpy(), want_moments)
+    errors["decode"] = _max_rel(ema_model.decode_first_stage(ms.Tensor(x)).asnumpy(), want_images)
+    assert max(errors.values()) <= 1e-5, errors
     images = generate(ema_model, 2, batch_size=2, seed=0, sampler="ddim", steps=2, classes=[1, 3]).images
     assert images.shape == (2, 1, 8, 8) and np.isfinite(images).all()
     # ms -> ldm -> ms is exact, and the buffers come back as ldm computes them
@@ -503,7 +597,7 @@ def test_whole_ldm_latent_diffusion_checkpoint(tmp_path):
     assert rc == 0, err
     again = torch.load(back, weights_only=True)["state_dict"]
     original = torch.load(ckpt, weights_only=True)["state_dict"]
-    assert set(again) == set(original)
+    assert set(again) == set(original) == set(whole)
     for key, value in original.items():
         if key in _ldm_register_schedule(2, 0.1, 0.2) or key == "model_ema.decay" or key == "model_ema.num_updates":
             continue

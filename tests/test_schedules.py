@@ -147,36 +147,144 @@ def test_schedule_errors():
 
 # ---------------------------------------------------------------- timestep spacings
 
-@pytest.mark.parametrize("T,S", [(1000, 50), (1000, 1000), (1000, 7), (1000, 999), (10, 3), (250, 33), (10, 10)])
-def test_lucidrains_spacing_matches_torch(T, S):
+# The grids below come from the anchors themselves: lucidrains' GaussianDiffusion.ddim_sample (instrumented),
+# diffusers' DDIMScheduler (set_timesteps, and the alphas its step() reads), and ldm's make_ddim_timesteps /
+# make_ddim_sampling_parameters, which cannot be installed and are written out here as latent-diffusion's
+# ldm/modules/diffusionmodules/util.py has them.
+GRID_CASES = [(1000, 50), (1000, 1000), (1000, 999), (1000, 7), (1000, 3), (1000, 4), (100, 30), (100, 7),
+              (250, 33), (10, 3), (10, 10), (999, 20)]
+
+
+class _IndexLog:
+    """Stands in for an anchor's alphas_cumprod and records which timesteps the sampler reads."""
+
+    def __init__(self, values):
+        self.values, self.seen = values, []
+
+    def __getitem__(self, index):
+        self.seen.append(int(index))
+        return self.values[index]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("T,S", GRID_CASES)
+def test_lucidrains_spacing_matches_its_ddim_sample(T, S):
     torch = pytest.importorskip("torch")
+    from tests.anchors import lucidrains
+
+    L = lucidrains()
+
+    class Zero(torch.nn.Module):
+        channels, out_dim, self_condition = 1, 1, False
+
+        def forward(self, x, t, x_self_cond=None):
+            return torch.zeros_like(x)
+
+    gd = L.GaussianDiffusion(Zero(), image_size=1, timesteps=T, sampling_timesteps=S, beta_schedule="cosine",
+                             objective="pred_noise")
+    steps = []                                   # per step: [time, alphas_cumprod indices read...]
+
+    class Reads(_IndexLog):
+        def __getitem__(self, index):
+            steps[-1].append(int(index))
+            return self.values[index]
+
+    alphas = gd.alphas_cumprod.clone()
+    del gd._buffers["alphas_cumprod"]
+    gd.alphas_cumprod = Reads(alphas)            # ddim_sample reads alphas_cumprod[time] and [time_next]
+
+    def model_predictions(x, t, *args, **kwargs):
+        steps.append([int(t[0])])                # each step starts with the prediction at `time`
+        return torch.zeros_like(x), torch.zeros_like(x)   # (pred_noise, x_start)
+
+    gd.model_predictions = model_predictions
+    gd.ddim_sample((1, 1, 1, 1))
+    times = [s[0] for s in steps]
+    # alphas read per step: [time, time_next], or none at the last step (time_next < 0: x_start returned)
+    nexts = [s[2] if len(s) == 3 else -1 for s in steps]
+    assert all(len(s) == 3 and s[1] == s[0] for s in steps[:-1]) and len(steps[-1]) == 1, steps[:3]
     ts, prev = sampling_timesteps(T, S, "lucidrains")
-    times = list(reversed(torch.linspace(-1, T - 1, steps=S + 1).int().tolist()))
-    pairs = list(zip(times[:-1], times[1:]))
-    assert [int(t) for t in ts] == [a for a, _ in pairs]
-    assert [int(p) for p in prev] == [max(b, -1) for _, b in pairs]
+    assert ts.tolist() == times
+    assert prev.tolist() == nexts
 
 
-@pytest.mark.parametrize("T,S", [(1000, 50), (1000, 20), (100, 7), (1000, 4)])
-def test_ldm_spacings(T, S):
-    ts, prev = sampling_timesteps(T, S, "uniform")
-    c = T // S
-    expected = [i + 1 for i in range(0, T, c)][::-1]
-    assert ts.tolist() == expected and prev.tolist() == expected[1:] + [-1]
-    ts, _ = sampling_timesteps(T, S, "quad")
-    expected = [int(x) + 1 for x in (np.linspace(0, math.sqrt(T * 0.8), S) ** 2)][::-1]
-    assert ts.tolist() == expected
+def _ldm_make_ddim_timesteps(method, num_ddim_timesteps, num_ddpm_timesteps):
+    """ldm.modules.diffusionmodules.util.make_ddim_timesteps (ascending), as latent-diffusion writes it."""
+    if method == "uniform":
+        c = num_ddpm_timesteps // num_ddim_timesteps
+        ddim_timesteps = np.asarray(list(range(0, num_ddpm_timesteps, c)))
+    elif method == "quad":
+        ddim_timesteps = ((np.linspace(0, np.sqrt(num_ddpm_timesteps * .8), num_ddim_timesteps)) ** 2).astype(int)
+    else:
+        raise NotImplementedError(method)
+    return ddim_timesteps + 1   # "add one to get the final alpha values right"
 
 
-@pytest.mark.parametrize("T,S,offset", [(1000, 50, 1), (1000, 3, 0), (1000, 7, 1), (100, 30, 0)])
-def test_diffusers_spacings(T, S, offset):
-    ts, prev = sampling_timesteps(T, S, "leading", steps_offset=offset)
-    assert ts.tolist() == [i * (T // S) + offset for i in range(S)][::-1]
-    assert prev.tolist() == [max(t - T // S, -1) for t in ts.tolist()]
-    ts, _ = sampling_timesteps(T, S, "trailing")
-    assert ts.tolist() == [int(round(T - i * T / S)) - 1 for i in range(S)]
-    ts, _ = sampling_timesteps(T, S, "linspace")
-    assert ts.tolist() == [int(round(x)) for x in np.linspace(0, T - 1, S)][::-1]
+@pytest.mark.parametrize("method", ["uniform", "quad"])
+@pytest.mark.parametrize("T,S", GRID_CASES)
+def test_ldm_spacings_match_make_ddim_timesteps(method, T, S):
+    ldm = _ldm_make_ddim_timesteps(method, S, T)
+    if ldm.max() >= T:   # ldm would index alphas_cumprod[T]: ours refuses the grid instead
+        with pytest.raises(ValueError, match="outside"):
+            sampling_timesteps(T, S, method)
+        return
+    ts, prev = sampling_timesteps(T, S, method)
+    assert ts.tolist() == ldm[::-1].tolist()   # DDIMSampler walks np.flip(ddim_timesteps)
+    # make_ddim_sampling_parameters: alphas_prev = [alphacums[0]] + alphacums[ddim_timesteps[:-1]]; the first
+    # entry is "the end" (-1 here: the sampler's final alpha_cumprod is alphas_cumprod[0] for ldm)
+    assert prev.tolist() == ([-1] + ldm[:-1].tolist())[::-1]
+
+
+def _diffusers_ddim_grid(T, S, spacing, offset):
+    """(timesteps, prev) of diffusers' DDIMScheduler: set_timesteps, then the alphas each step() reads."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset)
+    sched.set_timesteps(S)
+    timesteps = [int(t) for t in sched.timesteps]
+    if max(timesteps) >= T:
+        return timesteps, None
+    log = _IndexLog(sched.alphas_cumprod)
+    sched.alphas_cumprod = log
+    prev = []
+    for t in timesteps:
+        log.seen.clear()
+        sched.step(torch.zeros(1), t, torch.ones(1))
+        others = {i for i in log.seen if i != t}
+        assert len(others) <= 1, log.seen
+        prev.append(others.pop() if others else -1)   # none read: final_alpha_cumprod
+    return timesteps, prev
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("offset", [0, 1])
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("T,S", GRID_CASES)
+def test_diffusers_spacings_match_ddim_scheduler(T, S, spacing, offset):
+    want, want_prev = _diffusers_ddim_grid(T, S, spacing, offset)
+    # diffusers adds steps_offset to the leading grid only; ours applies it to whichever spacing is named
+    ours_offset = offset if spacing == "leading" else 0
+    if want_prev is None:   # diffusers' grid reaches t = T, where its step() would index past alphas_cumprod
+        with pytest.raises(ValueError, match="outside"):
+            sampling_timesteps(T, S, spacing, steps_offset=ours_offset)
+        return
+    ts, prev = sampling_timesteps(T, S, spacing, steps_offset=ours_offset)
+    assert ts.tolist() == want
+    assert prev.tolist() == want_prev
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("T,S", GRID_CASES)
+def test_leading_plus_one_is_ldm_uniform(T, S):
+    """diffusers' leading + steps_offset=1 (the SD v1 scheduler config) is ldm's uniform grid: exactly when ldm's
+    grid has S entries; otherwise ldm's has more (range(0, T, T // S) overshoots S) and diffusers' is its start."""
+    leading, _ = _diffusers_ddim_grid(T, S, "leading", 1)
+    ldm = _ldm_make_ddim_timesteps("uniform", S, T).tolist()
+    assert leading[::-1] == ldm[:S]
+    assert (leading[::-1] == ldm) == (len(ldm) == S)
+    if len(ldm) == S and max(ldm) < T:
+        assert sampling_timesteps(T, S, "leading", steps_offset=1)[0].tolist() == \
+            sampling_timesteps(T, S, "uniform")[0].tolist()
 
 
 def test_spacing_errors():

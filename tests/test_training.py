@@ -106,27 +106,97 @@ def test_lr_schedules():
         build_lr_schedule("step", 1e-3)
 
 
-def test_ema_warmups_match_the_anchors():
+def _set_dense(net, weight, bias):
+    """Write new online weights in place, as an optimizer step does. (Not ``set_data``: a graph compiled before
+    it -- the EMA's -- keeps reading the tensor the Parameter held when it was compiled, on MindSpore 2.10.)"""
+    ops.assign(net.weight, Tensor(weight))
+    ops.assign(net.bias, Tensor(bias))
+
+
+def _online_weights(steps, seed):
+    """The online weights a training run would hand the EMA after each optimizer step: (W (3, 4), b (3,))."""
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
+            for _ in range(steps)]
+
+
+# (ours, ema-pytorch's) options; {} and {} compare both libraries' defaults (beta 0.9999, 100, 10, 1, 2/3, 0)
+EMA_CASES = {
+    "defaults": ({}, {}, 150),
+    "every step, from step 2": (dict(decay=0.999, update_after_step=2, update_every=1),
+                                dict(beta=0.999, update_after_step=2, update_every=1), 12),
+    "every 3rd, gamma 2, power 3/4, min": (dict(decay=0.9, update_after_step=5, update_every=3, inv_gamma=2.0,
+                                                power=0.75, min_decay=0.3),
+                                           dict(beta=0.9, update_after_step=5, update_every=3, inv_gamma=2.0,
+                                                power=0.75, min_value=0.3), 30),
+    "reaches its cap": (dict(decay=0.6, update_after_step=0, update_every=2, inv_gamma=4.0, power=1.0),
+                        dict(beta=0.6, update_after_step=0, update_every=2, inv_gamma=4.0, power=1.0), 20),
+}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", sorted(EMA_CASES))
+def test_ema_inv_gamma_warmup_matches_ema_pytorch(case):
+    """Ours and ema-pytorch's EMA, fed the same online weights step after step, hold the same average."""
+    torch = pytest.importorskip("torch")
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    ours_kw, theirs_kw, steps = EMA_CASES[case]
     online, shadow = _dense(0), _dense(1)
-    # ema-pytorch: decay 1 - (1 + k / inv_gamma) ** -power after update_after_step, k counted from there
-    ema = EMA(online, shadow, decay=0.999, warmup="inv_gamma", inv_gamma=1.0, power=2 / 3, update_after_step=2,
-              update_every=1)
-    assert ema.current_decay(3) == 0.0
-    assert ema.current_decay(4) == pytest.approx(1 - 2 ** (-2 / 3))
-    assert ema.current_decay(10 ** 9) == 0.999
-    ldm = EMA(_dense(2), _dense(3), decay=0.9999, warmup="ldm")
-    assert ldm.current_decay(1) == pytest.approx(2 / 11) and ldm.current_decay(10 ** 7) == 0.9999
-    # the update rule: shadow <- shadow - (1 - d) (shadow - online), after copying during warm-up
-    for _ in range(3):
+    t_online, t_shadow = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        for t_net, net in ((t_online, online), (t_shadow, shadow)):
+            t_net.weight.copy_(torch.from_numpy(net.weight.asnumpy()))
+            t_net.bias.copy_(torch.from_numpy(net.bias.asnumpy()))
+    ours = EMA(online, shadow, warmup="inv_gamma", **ours_kw)
+    theirs = ema_pytorch.EMA(t_online, ema_model=t_shadow, **theirs_kw)
+    lerps = 0
+    for step, (w, b) in enumerate(_online_weights(steps, seed=steps)):
+        _set_dense(online, w, b)
+        with torch.no_grad():
+            t_online.weight.copy_(torch.from_numpy(w))
+            t_online.bias.copy_(torch.from_numpy(b))
+        before = shadow.weight.asnumpy().copy()
+        ours.update()
+        theirs.update()
+        assert ours.state()["step"] == int(theirs.step) == step + 1
+        np.testing.assert_allclose(shadow.weight.asnumpy(), theirs.ema_model.weight.detach().numpy(),
+                                   rtol=1e-6, atol=1e-6, err_msg=f"{case}: update {step + 1}")
+        np.testing.assert_allclose(shadow.bias.asnumpy(), theirs.ema_model.bias.detach().numpy(),
+                                   rtol=1e-6, atol=1e-6, err_msg=f"{case}: update {step + 1}")
+        after = shadow.weight.asnumpy()
+        lerps += not (np.array_equal(after, before) or np.array_equal(after, w))
+        if step + 1 > theirs.update_after_step + 1:   # ema-pytorch's decay is defined from there on
+            assert ours.current_decay(ours.step) == pytest.approx(theirs.get_current_decay(), abs=1e-6)
+    assert lerps > 0, "the case never averaged: it checks only copies"
+
+
+def _lit_ema_reference(initial, online_seq, decay, use_num_updates=True):
+    """ldm's LitEma (ldm/modules/ema.py): the shadow starts as a copy of the model; each forward does
+    num_updates += 1; decay = min(decay, (1 + num_updates) / (10 + num_updates)); shadow -= (1 - decay)(shadow - p)
+    (a fixed decay when use_num_upates=False)."""
+    shadow = [np.asarray(a, np.float64).copy() for a in initial]
+    out = []
+    for n, params in enumerate(online_seq, start=1):
+        d = min(decay, (1 + n) / (10 + n)) if use_num_updates else decay
+        shadow = [s - (1.0 - d) * (s - np.asarray(p, np.float64)) for s, p in zip(shadow, params)]
+        out.append([s.copy() for s in shadow])
+    return out
+
+
+@pytest.mark.parametrize("warmup,decay", [("ldm", 0.9999), ("ldm", 0.5), ("none", 0.7)])
+def test_ema_ldm_warmup_matches_lit_ema(warmup, decay):
+    online, shadow = _dense(0), _dense(1)
+    ema = EMA(online, shadow, decay=decay, warmup=warmup)
+    ema.copy_from_online()                         # LitEma's buffers start as a clone of the model
+    initial = (online.weight.asnumpy(), online.bias.asnumpy())
+    seq = _online_weights(20, seed=3)
+    want = _lit_ema_reference(initial, seq, decay, use_num_updates=(warmup == "ldm"))
+    for n, ((w, b), (ref_w, ref_b)) in enumerate(zip(seq, want), start=1):
+        _set_dense(online, w, b)
         ema.update()
-    np.testing.assert_array_equal(shadow.weight.asnumpy(), online.weight.asnumpy())
-    before = shadow.weight.asnumpy().copy()
-    online.weight.set_data(online.weight + 1.0)
-    ema.update()                                    # 4th update: decay(4)
-    d = ema.current_decay(4)
-    np.testing.assert_allclose(shadow.weight.asnumpy(), before - (1 - d) * (before - online.weight.asnumpy()),
-                               rtol=1e-6)
-    assert ema.state() == {"step": 4}
+        np.testing.assert_allclose(shadow.weight.asnumpy(), ref_w, rtol=1e-6, atol=1e-6, err_msg=f"update {n}")
+        np.testing.assert_allclose(shadow.bias.asnumpy(), ref_b, rtol=1e-6, atol=1e-6, err_msg=f"update {n}")
+    assert ema.state() == {"step": 20}
 
 
 def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
