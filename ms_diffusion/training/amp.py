@@ -32,6 +32,10 @@ def apply_amp(network: nn.Cell, level: str = "O0", dtype: str = "float16") -> nn
     if level == "O0":
         return network
     low = AMP_DTYPES[dtype]
+    if low == ms.bfloat16 and ms.get_context("device_target") == "CPU":
+        raise ValueError("bfloat16 mixed precision does not run on CPU: MindSpore's CPU backend has no bfloat16 "
+                         "kernels for Conv2D, MatMul, BiasAdd, Sigmoid or Softmax (it falls back to float32 kernels "
+                         "for float16 only); use amp_dtype float16 or amp O0 on CPU")
     if level == "O1":
         for _, cell in network.cells_and_names():
             if isinstance(cell, _MATMULS):
