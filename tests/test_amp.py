@@ -19,6 +19,7 @@ from mindspore import Tensor, ops
 from ms_diffusion import GaussianDiffusion, Unet
 from ms_diffusion.training import TrainConfig, Trainer, apply_amp
 from ms_diffusion.training.base import optimizer_state
+from tests.test_training import FixedBatches
 
 STEPS = 30
 
@@ -28,20 +29,6 @@ def _diffusion():
     # linear and full attention
     return GaussianDiffusion(Unet(dim=8, dim_mults=(1,), channels=1), image_size=8, timesteps=100,
                              objective="pred_noise", beta_schedule="cosine")
-
-
-class _FixedBatches:
-    """An ImageSource serving the same 8 images every epoch."""
-
-    def __init__(self, images):
-        self.images, self.labels, self.num_samples = images, np.zeros(len(images), np.int32), len(images)
-
-    def batches_per_epoch(self, batch_size):
-        return self.num_samples // batch_size
-
-    def epoch(self, epoch, batch_size, start_batch=0):
-        for b in range(start_batch, self.batches_per_epoch(batch_size)):
-            yield self.images[b * batch_size:(b + 1) * batch_size], self.labels[b * batch_size:(b + 1) * batch_size]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +48,7 @@ def _train(initial, out_dir, amp="O0", amp_dtype="float16"):
     cfg = TrainConfig(num_steps=STEPS, batch_size=8, lr=3e-3, amp=amp, amp_dtype=amp_dtype, log_every=1,
                       save_every=1000, sample_every=0, num_samples=0, export_safetensors=False, progress=False,
                       ema_update_after_step=0)
-    trainer = Trainer(online, ema, _FixedBatches(images), cfg, out_dir, log=lambda *_: None)
+    trainer = Trainer(online, ema, FixedBatches(images), cfg, out_dir, log=lambda *_: None)
     trainer.fit()
     losses = [json.loads(line)["loss"] for line in (out_dir / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
@@ -160,7 +147,7 @@ def test_bfloat16_is_refused_on_cpu_with_a_clear_error(amp, tmp_path):
                       export_safetensors=False, progress=False)
     images = np.zeros((8, 1, 8, 8), np.float32)
     with pytest.raises(ValueError, match="bfloat16"):
-        Trainer(_diffusion(), _diffusion(), _FixedBatches(images), cfg, tmp_path, log=lambda *_: None)
+        Trainer(_diffusion(), _diffusion(), FixedBatches(images), cfg, tmp_path, log=lambda *_: None)
     assert apply_amp(Unet(dim=8, dim_mults=(1, 2), channels=1), "O0", "bfloat16") is not None   # O0: fp32, fine
 
 

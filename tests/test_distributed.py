@@ -336,6 +336,7 @@ def test_standalone_launcher_usage_errors(tmp_path):
     assert proc.returncode == 2 and "unknown DEVICE_TARGET 'TPU'" in proc.stderr
 
 
+@pytest.mark.slow
 @needs_msrun
 def test_replicas_identical_and_equal_one_process_on_the_global_batch(workdir, uninterrupted):
     proc, out, log_dir, dump = uninterrupted
@@ -370,6 +371,7 @@ def test_replicas_identical_and_equal_one_process_on_the_global_batch(workdir, u
     assert _max_diff({k: start[k] for k in a}, a, "online.") > 100 * TOL
 
 
+@pytest.mark.slow
 @needs_msrun
 def test_killed_worker_fails_the_launcher_and_the_run_resumes(workdir, uninterrupted):
     out, log_dir = workdir / "killed", workdir / "killed_logs"

@@ -74,6 +74,7 @@ def _inject_torch_noise(monkeypatch, torch, x_T, step_noises):
     monkeypatch.setattr(torch, "randn_like", lambda x, **k: torch.tensor(next(draws)))
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_whole_sample_parity_with_lucidrains(sampler, monkeypatch):
@@ -102,6 +103,7 @@ def test_whole_sample_parity_with_lucidrains(sampler, monkeypatch):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_in_graph_mode():
     d = tiny("pred_noise", beta_schedule="linear")
     d.set_train(True)

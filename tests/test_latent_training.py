@@ -16,6 +16,8 @@ from ms_diffusion.diffusion import LatentDiffusion
 from ms_diffusion.training.checkpoint import latest_checkpoint, load_checkpoint, load_safetensors
 from tests.test_train_cli import _images
 
+pytestmark = pytest.mark.slow   # two small training runs through the CLIs (~1.5 min on 2 cores)
+
 # The resume starts inside the GAN phase (the PatchGAN joins at step 3, the resume at step 4), so the
 # discriminator, its BatchNorm statistics and its optimizer state all have to come back exactly.
 AE_STEPS, AE_SAVE, DISC_START = 6, 4, 3

@@ -84,6 +84,7 @@ def _trainer(out_dir, num_steps, fds):
     return trainer
 
 
+@pytest.mark.slow
 def test_best_weights_are_kept_and_survive_resume(tmp_path):
     fds = {2: 5.0, 4: 3.0, 6: 4.0, 8: 2.5}
     trainer = _trainer(tmp_path, 6, fds)
@@ -134,6 +135,7 @@ def test_autoencoder_runs_refuse_periodic_fd():
         build_evaluator(cfg)
 
 
+@pytest.mark.slow
 def test_train_cli_evaluates_with_the_classifier_and_keeps_best(tmp_path, monkeypatch, capsys):
     """train.py with train.eval_every: the shipped classifier's features, the reference of the run's own
     data (an image folder here) cached under MS_DIFFUSION_CACHE, best.safetensors that sample.py reads."""

@@ -93,6 +93,7 @@ def uninterrupted(workdir):
     return workdir / "full"
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reaches_the_same_weights(workdir, uninterrupted):
     out = workdir / "killed"
     stopping = workdir / "stopping_train.py"
@@ -142,6 +143,7 @@ def test_run_folder_contents(uninterrupted):
     assert rec["step"] == STEPS and np.isfinite(rec["loss"]) and rec["img_per_s"] > 0 and "lr" in rec
 
 
+@pytest.mark.slow
 def test_sample_cli_outputs(workdir, uninterrupted):
     out = workdir / "samples"
     proc = _run([ROOT / "sample.py", "--ckpt", uninterrupted, "--num", 4, "--steps", 3, "--class", 1,

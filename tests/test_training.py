@@ -8,8 +8,7 @@ import pytest
 from mindspore import Tensor, nn, ops
 from mindspore.amp import DynamicLossScaler
 
-from ms_diffusion import GaussianDiffusion, Unet
-from ms_diffusion.training import EMA, TrainConfig, Trainer, TrainStep, build_lr_schedule
+from ms_diffusion.training import EMA, TrainStep, build_lr_schedule
 from ms_diffusion.training.checkpoint import (CheckpointError, export_safetensors, list_checkpoints, load_checkpoint,
                                               load_safetensors, prune_checkpoints, save_checkpoint)
 from ms_diffusion.training.optim import current_lr
@@ -261,24 +260,3 @@ class FixedBatches:
         for b in range(start_batch, self.batches_per_epoch(batch_size)):
             sl = slice(b * batch_size, (b + 1) * batch_size)
             yield self.images[sl], self.labels[sl]
-
-
-def _tiny_diffusion():
-    return GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1), image_size=8, timesteps=100,
-                             objective="pred_noise", beta_schedule="cosine")
-
-
-@pytest.mark.parametrize("amp", ["O2"])
-def test_mixed_precision_training_has_finite_decreasing_loss(amp, tmp_path):
-    ms.set_seed(0)
-    images = np.random.default_rng(0).random((8, 1, 8, 8)).astype(np.float32)
-    cfg = TrainConfig(num_steps=30, batch_size=8, lr=3e-3, amp=amp, log_every=1, save_every=1000, sample_every=0,
-                      num_samples=0, export_safetensors=False, progress=False, ema_update_after_step=0)
-    trainer = Trainer(_tiny_diffusion(), _tiny_diffusion(), FixedBatches(images), cfg, tmp_path)
-    assert trainer.step_fn.loss_scale == 65536.0           # auto: dynamic loss scaling with amp
-    trainer.fit()
-    import json
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert len(losses) == 30 and np.isfinite(losses).all()
-    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
-    assert trainer.diffusion.model.init_conv.weight.dtype == ms.float32   # master weights stay fp32

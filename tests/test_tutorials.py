@@ -26,6 +26,7 @@ def test_every_tutorial_is_collected():
     assert {"ddpm_fashion_mnist.ipynb", "samplers.ipynb", "latent_diffusion.ipynb"} <= set(NOTEBOOKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_tutorial_runs_headless(name, tmp_path, monkeypatch):
     if not _fashion_mnist_available():
