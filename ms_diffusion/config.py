@@ -348,13 +348,45 @@ def resolve_config_path(path: Optional[str]) -> Path:
     raise ConfigError(f"config file {path!r} not found; pass a path or one of the shipped configs: {shipped}")
 
 
+def _yaml_error_message(path: Path, text: str, err: "yaml.YAMLError") -> str:
+    """``FILE, line L, column C: invalid YAML: problem (context)`` and the offending line with a caret (1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        line, column = mark.line, mark.column
+        problem = getattr(err, "problem", None) or str(err)
+        context, context_mark = getattr(err, "context", None), getattr(err, "context_mark", None)
+        if context and context_mark is not None and (context_mark.line, context_mark.column) != (line, column):
+            problem += f" ({context} that starts at line {context_mark.line + 1}, column {context_mark.column + 1})"
+        elif context:
+            problem += f" ({context})"
+    elif isinstance(getattr(err, "position", None), int):  # a reader error: a character YAML does not allow
+        pos = err.position
+        line, column = text.count("\n", 0, pos), pos - (text.rfind("\n", 0, pos) + 1)
+        char = getattr(err, "character", None)
+        code = char if isinstance(char, int) else ord(char) if isinstance(char, str) and len(char) == 1 else None
+        problem = f"character {'U+%04X' % code if code is not None else repr(char)} is not allowed in YAML"
+    else:
+        return f"{path}: invalid YAML: {err}"
+    if "'\\t'" in problem:
+        problem += "; YAML indents with spaces, not tabs"
+    lines = text.splitlines()
+    shown = ""
+    if 0 <= line < len(lines) and lines[line].strip():
+        shown = f"\n  {lines[line].rstrip()}\n  {' ' * column}^"
+    return f"{path}, line {line + 1}, column {column + 1}: invalid YAML: {problem}{shown}"
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML config (default: the shipped Fashion-MNIST config), apply overrides, validate."""
     p = resolve_config_path(path)
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{p}: not a YAML text file (byte {err.start} is not UTF-8 text)") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: invalid YAML: {err}") from None
+        raise ConfigError(_yaml_error_message(p, text, err)) from None
     cfg = config_from_dict(apply_overrides(raw, overrides))
     if "name" not in raw and not any(o.startswith("name=") for o in overrides or ()):
         cfg.name = p.stem

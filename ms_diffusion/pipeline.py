@@ -6,9 +6,10 @@ architecture (metadata ``first_stage``), so it loads without the autoencoder run
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
@@ -18,9 +19,11 @@ from ms_diffusion.diffusion import LatentDiffusion
 from ms_diffusion.interop.state import ConversionError, load_arrays_into
 from ms_diffusion.models import AutoencoderKL
 from ms_diffusion.samplers import resolve_sampler
-from ms_diffusion.training.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_safetensors
+from ms_diffusion.training.checkpoint import (META_KEY, CheckpointError, latest_checkpoint, list_checkpoints,
+                                              load_checkpoint, load_safetensors, skipped_checkpoint_line)
 
-__all__ = ["resolve_checkpoint", "load_diffusion", "load_autoencoder", "to_images", "generate", "Generated"]
+__all__ = ["resolve_checkpoint", "read_weights", "load_diffusion", "load_autoencoder", "describe_degenerate",
+           "to_images", "generate", "Generated"]
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -39,8 +42,46 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return p
 
 
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+def _pytorch_kind(p: Path) -> Optional[str]:
+    """What PyTorch file ``p`` is, by its first bytes (or, failing that, its extension), or None."""
+    import zipfile
+
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return None
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(p) as z:
+                if any(name.endswith("data.pkl") for name in z.namelist()):
+                    return "a torch.save zip archive"
+        except (OSError, zipfile.BadZipFile):
+            pass
+        return "a zip archive" if p.suffix.lower() in _TORCH_SUFFIXES else None
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a legacy torch.save pickle"
+    if p.suffix.lower() in _TORCH_SUFFIXES:
+        return f"a {p.suffix} file"
+    return None
+
+
+def _check_not_pytorch(p: Path) -> None:
+    kind = _pytorch_kind(p)
+    if kind is not None:
+        raise CheckpointError(
+            f"{p} is a PyTorch checkpoint ({kind}), not an ms_diffusion one: convert it with "
+            f"scripts/convert_checkpoint.py, e.g. python scripts/convert_checkpoint.py from-lucidrains {p} "
+            f"{p.stem}_ms.ckpt for a denoising-diffusion-pytorch model (from-ldm for ldm / Stable "
+            f"Diffusion, from-diffusers for a diffusers folder; see docs/interop.md), then load the converted file")
+
+
 def _read_weights(p: Path, weights: str) -> Tuple[Dict[str, np.ndarray], dict]:
     """({name: array} of the ``weights`` group ("ema" / "online"), metadata) of a checkpoint or export."""
+    _check_not_pytorch(p)   # MindSpore's own message for these is about its file format, not the fix
     if p.suffix == ".safetensors":
         arrays, meta = load_safetensors(p)   # an export: one set of weights, named in its metadata
         held = meta.get("weights", "ema")
@@ -56,6 +97,96 @@ def _read_weights(p: Path, weights: str) -> Tuple[Dict[str, np.ndarray], dict]:
     return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}, meta
 
 
+def _export_step(p: Path) -> int:
+    """The step recorded in an export's header (-1 if it does not say or does not read), without its tensors."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), framework="numpy") as f:
+            return int(json.loads((f.metadata() or {})[META_KEY]).get("step", -1))
+    except Exception:
+        return -1
+
+
+def _folder_candidates(folder: Path) -> List[Path]:
+    """A run folder's weights, newest step first: its step checkpoints (``checkpoints/``, else the folder
+    itself) and ``model.safetensors`` (after a checkpoint of the same step)."""
+    found = list_checkpoints(folder / "checkpoints") or list_checkpoints(folder)
+    ranked = [(step, 0, path) for step, path in found]
+    export = folder / "model.safetensors"
+    if export.is_file():
+        ranked.append((_export_step(export), 1, export))
+    return [path for _, _, path in sorted(ranked, key=lambda item: (-item[0], item[1]))]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def read_weights(path: Union[str, Path], weights: str = "ema", log: Optional[Callable[[str], None]] = None
+                 ) -> Tuple[Path, Dict[str, np.ndarray], dict]:
+    """(file, {name: array} of the ``weights`` group, metadata) of a checkpoint, an export or a run folder.
+
+    A run folder gives its newest weights that read: a newer file that does not (truncated by a full disk,
+    a copy cut short) is skipped with one line through ``log`` (default: stderr) naming it and the file
+    used. Weights with NaN or infinite values are refused (``CheckpointError`` naming the file).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        p = resolve_checkpoint(p)
+        selected, meta = _read_weights(p, weights)
+    else:
+        candidates = _folder_candidates(p)
+        if not candidates:
+            resolve_checkpoint(p)   # raises: no checkpoint in the folder
+        skipped: List[Tuple[Path, CheckpointError]] = []
+        for candidate in candidates:
+            try:
+                selected, meta = _read_weights(candidate, weights)
+            except CheckpointError as err:
+                skipped.append((candidate, err))
+                continue
+            for bad, err in skipped:
+                (log or _stderr)(skipped_checkpoint_line(bad, err, candidate, meta.get("step")))
+            p = candidate
+            break
+        else:
+            raise skipped[0][1]
+    _check_finite(selected, p)
+    return p, selected, meta
+
+
+def _check_finite(arrays: Dict[str, np.ndarray], p: Path) -> None:
+    bad = {name: int(np.size(a) - np.count_nonzero(np.isfinite(a))) for name, a in arrays.items()
+           if np.issubdtype(np.asarray(a).dtype, np.floating) and not np.isfinite(a).all()}
+    if bad:
+        total = sum(int(np.size(a)) for a in arrays.values())
+        names = ", ".join(sorted(bad)[:3]) + (", ..." if len(bad) > 3 else "")
+        raise CheckpointError(f"{p}: {sum(bad.values())} of its {total} weights are NaN or infinite ({len(bad)} "
+                              f"tensor(s): {names}); the run diverged before this was saved. Sample an earlier "
+                              f"checkpoint of the run (--ckpt RUN/checkpoints/step_N.ckpt) or retrain with a lower "
+                              f"train.lr")
+
+
+def describe_degenerate(images: np.ndarray) -> Optional[str]:
+    """A warning if generated images (N, C, H, W) are not images at all: NaN/inf pixels, or every image one flat
+    value (what a diverged or barely trained model gives); None otherwise."""
+    images = np.asarray(images)
+    flat = images.reshape(images.shape[0], -1)
+    nonfinite = int((~np.isfinite(flat)).any(axis=1).sum())
+    if nonfinite:
+        return f"{nonfinite} of the {len(flat)} images contain NaN or infinite values"
+    spread = flat.max(axis=1) - flat.min(axis=1)
+    if len(flat) and (spread <= 1e-6).all():
+        values = np.unique(np.round(flat[:, 0], 3))
+        shown = ", ".join(f"{v:.3f}" for v in values[:4]) + (", ..." if len(values) > 4 else "")
+        return (f"all {len(flat)} images are constant (every pixel of an image has one value: {shown}); the weights "
+                f"do not produce images -- a diverged or barely trained run?")
+    return None
+
+
 def _load_into(cell, arrays: Dict[str, np.ndarray], p: Path) -> None:
     try:
         load_arrays_into(cell, arrays)
@@ -63,15 +194,16 @@ def _load_into(cell, arrays: Dict[str, np.ndarray], p: Path) -> None:
         raise CheckpointError(f"{p}: {err}") from None
 
 
-def load_diffusion(path: Union[str, Path], weights: str = "ema") -> Tuple[ExperimentConfig, "ms.nn.Cell", dict]:
+def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[Callable[[str], None]] = None
+                   ) -> Tuple[ExperimentConfig, "ms.nn.Cell", dict]:
     """Rebuild the diffusion model recorded in a checkpoint and load its ``ema`` or ``online`` weights.
 
-    Returns (config, diffusion in eval mode, checkpoint metadata).
+    Returns (config, diffusion in eval mode, checkpoint metadata). ``path`` as for ``read_weights`` (a run
+    folder falls back past an unreadable newest file, saying so through ``log``).
     """
     if weights not in ("ema", "online"):
         raise ValueError(f"weights must be 'ema' or 'online', got {weights!r}")
-    p = resolve_checkpoint(path)
-    selected, meta = _read_weights(p, weights)
+    p, selected, meta = read_weights(path, weights, log)
     cfg = config_from_dict(meta["config"])
     if cfg.is_autoencoder:
         raise CheckpointError(f"{p} is an autoencoder checkpoint, not a diffusion model: name its run as "
@@ -103,8 +235,7 @@ def load_autoencoder(path: Union[str, Path]) -> Tuple[AutoencoderKL, Dict[str, A
     "sha256" of the file, "step", "model": its config's model section}: what a latent diffusion
     records so that its own checkpoints rebuild the first stage without this file.
     """
-    p = resolve_checkpoint(path)
-    arrays, meta = _read_weights(p, "online")
+    p, arrays, meta = read_weights(path, "online")
     cfg = config_from_dict(meta["config"])
     if not cfg.is_autoencoder:
         raise CheckpointError(f"{str(p)!r} is a {cfg.model['type']!r} checkpoint, not an autoencoder; name the run "

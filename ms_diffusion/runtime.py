@@ -141,5 +141,16 @@ def maybe_jit(fn):
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory so far, in GB (Linux ``ru_maxrss`` is in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    """This process's peak resident memory so far, in GB.
+
+    Linux's ``VmHWM``; not ``ru_maxrss``, which also counts the peak of the process image before ``exec``
+    (a copy of the parent at fork: inflated when launched from a large process such as pytest).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20   # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux (bytes on macOS)

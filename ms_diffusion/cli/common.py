@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional
@@ -48,6 +49,27 @@ def error_message(err: BaseException) -> str:
     return "\n".join(lines).strip()
 
 
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space there or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted: free space there or write elsewhere",
+    errno.EROFS: "that file system is read-only: write elsewhere",
+}
+
+
+def os_error_message(err: OSError) -> str:
+    """``err`` as one message that names its file (when it has one) and, for a full or read-only disk, the fix."""
+    if err.strerror is None:
+        text = error_message(err) or type(err).__name__
+    elif err.filename and str(err.filename) in err.strerror:
+        text = err.strerror
+    elif err.filename:
+        text = f"{err.filename}: {err.strerror}"
+    else:
+        text = err.strerror
+    hint = _OS_ERROR_HINTS.get(err.errno)
+    return f"{text} ({hint})" if hint else text
+
+
 def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return _Parser(prog=prog, description=description)
 
@@ -58,13 +80,18 @@ def run_command(main: Callable[[argparse.Namespace], int], parser: argparse.Argu
     args = parser.parse_args(argv)
     try:
         return int(main(args) or 0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:   # training.interrupt.Interrupted carries its signal: 130 SIGINT, 143 SIGTERM
         print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return 130
+        return int(getattr(err, "exit_code", 130))
     except (ValueError, FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
         if args.debug:
             traceback.print_exc()
         print(f"{parser.prog}: error: {error_message(err) or type(err).__name__}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk, a read-only file system, an I/O error: the user's to fix, at that path
+        if args.debug:
+            traceback.print_exc()
+        print(f"{parser.prog}: error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except Exception as err:  # a bug or a framework failure: say so, keep the trace for --debug
         if args.debug:

@@ -9,9 +9,11 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, run_command
+from ms_diffusion.cli.outputs import check_distinct, check_output_file
 
 __all__ = ["main", "build_parser"]
 
@@ -66,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
-    from ms_diffusion.metrics.evaluate import evaluate_samples, format_table, load_samples, parse_metrics
+    from ms_diffusion.metrics.evaluate import evaluate_samples, format_table, open_samples, parse_metrics
 
     for name in ("num", "steps", "batch_size", "max_reference", "kid_subsets", "kid_subset_size"):
         value = getattr(args, name)
@@ -75,6 +77,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0 or args.bootstrap == 1:
         raise UsageError(f"--bootstrap must be 0 or >= 2, got {args.bootstrap}")
     metrics = parse_metrics(args.metric)
+    if args.json:
+        check_output_file(args.json, "--json", "json")   # before the work, not after it
+    if args.save_npz:
+        check_output_file(args.save_npz, "--save-npz", "npz")
+    check_distinct({"--json": args.json, "--save-npz": args.save_npz})
     if args.features == "inception" and args.inception_weights is None:
         raise UsageError("--features inception needs --inception-weights FILE (convert pytorch-fid's weights with "
                          "scripts/convert_fid_inception.py; see docs/evaluation.md)")
@@ -107,10 +114,11 @@ def _run(args: argparse.Namespace) -> int:
               f"sampler {sampling['sampler'] or 'default'}, steps {sampling['steps'] or 'default'}{guided}) in "
               f"{elapsed:.1f} s ({elapsed / num * 1000:.0f} ms/image)")
         if args.save_npz:
-            np.savez_compressed(args.save_npz, images=images, seed=args.seed)
+            Path(args.save_npz).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(Path(args.save_npz).expanduser(), images=images, seed=args.seed)
         source = meta["path"]
     else:
-        images = load_samples(args.samples, limit=args.num)
+        images = open_samples(args.samples, limit=args.num)   # read in chunks while evaluating
         if args.num is not None and len(images) < args.num:
             print(f"note: {args.samples} holds only {len(images)} images (asked for {args.num})")
     result = evaluate_samples(images, args.dataset, metrics=metrics, features=args.features, weights=weights,
@@ -121,7 +129,8 @@ def _run(args: argparse.Namespace) -> int:
     print(f"samples: {source} ({result['num_samples']} images)")
     print(format_table(result))
     if args.json:
-        with open(args.json, "w") as f:
+        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        with open(Path(args.json).expanduser(), "w") as f:
             json.dump(dict(result, samples=str(source)), f, indent=2)
     return 0
 

@@ -10,6 +10,7 @@ from typing import List, Optional
 import numpy as np
 
 from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, parse_key_values, run_command
+from ms_diffusion.cli.outputs import check_distinct, check_output_file
 
 __all__ = ["main", "build_parser"]
 
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class id for a class-conditional model (default: unconditional / all classes in turn)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (Lin et al.), 0 = off")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write (default samples.png)")
+    p.add_argument("--out", default="samples.png",
+                   help="grid image to write: .png (default samples.png), .jpg, .webp, ... (checked before sampling)")
     p.add_argument("--gif", default=None, help="also write an animated GIF of the denoising of the first batch")
     p.add_argument("--npz", default=None, help="also write the raw images (N, C, H, W) in [0, 1] to this .npz")
     p.add_argument("--nrow", type=int, default=None, help="images per grid row")
@@ -44,14 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
     from ms_diffusion.imageio import save_gif, save_grid
-    from ms_diffusion.pipeline import generate, load_diffusion
+    from ms_diffusion.pipeline import describe_degenerate, generate, load_diffusion
 
     for name in ("num", "batch_size", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    # every output is checked before the model is loaded, so a bad path never costs a whole run
+    check_output_file(args.out, "--out", "image")
+    if args.gif:
+        check_output_file(args.gif, "--gif", "gif")
+    if args.npz:
+        check_output_file(args.npz, "--npz", "npz")
+    check_distinct({"--out": args.out, "--gif": args.gif, "--npz": args.npz})
     runtime.setup(args.device or "auto", args.mode or "graph")
-    cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights)
+    cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights,
+                                          log=lambda line: print(f"sample.py: {line}", file=sys.stderr))
     s = cfg.sample
     num = args.num or s.num
     batch = args.batch_size or min(s.batch_size, num)
@@ -81,6 +91,9 @@ def _run(args: argparse.Namespace) -> int:
     grid = save_grid(out.images, args.out, nrow=args.nrow, scale=scale)
     print(f"{num} images from {meta['path']} (step {meta.get('step')}, {args.weights} weights) in {elapsed:.1f} s "
           f"({elapsed / num * 1000:.0f} ms/image) -> {grid}")
+    degenerate = describe_degenerate(out.images)
+    if degenerate:
+        print(f"sample.py: warning: {degenerate} ({meta['path']}, step {meta.get('step')})", file=sys.stderr)
     if args.gif:
         gif = save_gif(out.frames, args.gif, nrow=args.nrow, scale=scale)
         print(f"denoising animation ({len(out.frames)} frames) -> {gif}")

@@ -174,29 +174,47 @@ def _materialise(src: Path, split: str, dest: Path) -> Tuple[Path, str]:
     if _readable_as_is(src, split):
         return src, ""
     actions = set()
-    for name in _split_files(split):
-        target, raw, packed = dest / name, src / name, src / (name + ".gz")
-        if target.is_file():
-            continue
-        if raw.is_file():
-            def copy(f, raw=raw):
-                with open(raw, "rb") as r:
-                    shutil.copyfileobj(r, f, length=1 << 20)
-            _atomic_write(target, copy)
-            actions.add("copied")
-        else:
-            def gunzip(f, packed=packed):
-                try:
-                    with gzip.open(packed, "rb") as g:
-                        shutil.copyfileobj(g, f, length=1 << 20)
-                except (OSError, EOFError) as exc:
-                    raise BadDataError(f"{packed} is not a valid gzip file ({exc}); replace it") from exc
-            _atomic_write(target, gunzip)
-            actions.add("decompressed")
-    if not _readable_as_is(dest, split):
-        extra = sorted(set(_reader_files(dest, split)) - set(_split_files(split)))
-        raise DataError(f"{dest} holds other files that MindSpore would also read as Fashion-MNIST "
-                        f"({', '.join(extra)}); move them out of that folder")
+    created = []    # folders this call creates (dest and missing parents), deepest first
+    folder = dest
+    while not folder.exists() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    written: List[Path] = []
+    try:
+        for name in _split_files(split):
+            target, raw, packed = dest / name, src / name, src / (name + ".gz")
+            if target.is_file():
+                continue
+            if raw.is_file():
+                def copy(f, raw=raw):
+                    with open(raw, "rb") as r:
+                        shutil.copyfileobj(r, f, length=1 << 20)
+                _atomic_write(target, copy)
+                actions.add("copied")
+            else:
+                def gunzip(f, packed=packed):
+                    try:
+                        with gzip.open(packed, "rb") as g:
+                            shutil.copyfileobj(g, f, length=1 << 20)
+                    except (OSError, EOFError) as exc:
+                        raise BadDataError(f"{packed} is not a valid gzip file ({exc}); replace it") from exc
+                _atomic_write(target, gunzip)
+                actions.add("decompressed")
+            written.append(target)
+        if not _readable_as_is(dest, split):
+            extra = sorted(set(_reader_files(dest, split)) - set(_split_files(split)))
+            raise DataError(f"{dest} holds other files that MindSpore would also read as Fashion-MNIST "
+                            f"({', '.join(extra)}); move them out of that folder")
+    except BaseException:
+        # leave the data folder as it was: no partial set of copies, no empty raw/ folder
+        for target in written:
+            target.unlink(missing_ok=True)
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return dest, (" and ".join(sorted(actions)) + f" from {src}") if actions else ""
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image
+from PIL import UnidentifiedImageError
 
 import mindspore.dataset as ds
 import mindspore.dataset.vision as vision
@@ -81,6 +81,8 @@ def _problem(path: Path, min_hw: Size, decode: DecodeImage) -> Optional[str]:
     """Why ``path`` cannot be used (decoding it fully, exactly as the pipeline will), or None if it is fine."""
     try:
         width, height = decode(np.fromfile(path, dtype=np.uint8)).size
+    except UnidentifiedImageError:  # its message names an in-memory buffer, not the file: say what it means
+        return "cannot be decoded: PIL does not recognise it as an image (empty, damaged, or not an image file)"
     except Exception as exc:  # PIL raises many types on damaged files (OSError, SyntaxError, struct.error, ...)
         return f"cannot be decoded ({type(exc).__name__}: {exc})"
     if height < min_hw[0] or width < min_hw[1]:
@@ -125,8 +127,9 @@ def scan_image_folder(root: PathLike, image_size: SizeLike, *, channels: int = 3
         listing = "".join(f"  {path}: {why}\n" for path, why in skipped[:_LISTED])
         more = f"  ... and {len(skipped) - _LISTED} more\n" if len(skipped) > _LISTED else ""
         if files:
-            fix = ("Fix: remove or replace these files, lower image_size, or pass skip_bad=True to leave them "
-                   "out (they are counted and reported).")
+            fix = ("Fix: remove or replace these files, lower image_size, or leave them out (they are counted and "
+                   "reported) with the config key data.skip_bad: true -- on the command line "
+                   "--set data.skip_bad=true; in Python build_source(..., skip_bad=True).")
         else:
             fix = "No usable image is left: check the folder, or lower image_size if the images are small."
         raise BadDataError(f"image folder {root}: {len(skipped)} of {len(candidates)} images cannot be used "

@@ -180,6 +180,32 @@ class ImageSource(abc.ABC):
         if produced != expected:
             raise RuntimeError(f"{self.title}: the pipeline produced {produced} batches instead of {expected}")
 
+    def images_at(self, indices: Sequence[int], batch_size: int = 32, prefetch: Optional[int] = 2
+                  ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """The samples ``indices`` (of all shards) in that order, unflipped, ``batch_size`` at a time (the last
+        batch smaller): ``(images, labels)`` as ``epoch()`` yields them. For reading (part of) a dataset
+        with bounded memory: ``prefetch`` batches are queued per pipeline stage (MindSpore's default, 16,
+        holds hundreds of large images; None keeps it).
+        """
+        order = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        full = len(order) // batch_size * batch_size
+        for part, size in ((order[:full], batch_size), (order[full:], len(order) - full)):
+            if size == 0:
+                continue
+            batches = self._iterate(part, np.zeros(len(part), dtype=bool), size)
+            previous = ds.config.get_prefetch_size()
+            if prefetch:
+                ds.config.set_prefetch_size(int(prefetch))   # read when the pipeline starts, at the first batch
+            try:
+                first = next(batches, None)
+            finally:
+                ds.config.set_prefetch_size(previous)
+            if first is not None:
+                yield first
+                yield from batches
+
     def _report_failure(self, error: DataError) -> None:
         """Called by Python code inside the pipeline before it raises, so ``epoch()`` can re-raise ``error``."""
         self._failure = error

@@ -5,7 +5,8 @@ command line. The numeric metrics (``frechet``, ``kid``, ``neighbours``) are num
 feature extractors (``classifier``: the project's Fashion-MNIST CNN, shipped; ``inception``: the
 FID Inception-v3, weights supplied by the user) are MindSpore networks. See docs/evaluation.md.
 """
-from ms_diffusion.metrics.evaluate import METRICS, check_images, evaluate_samples, format_table, load_samples
+from ms_diffusion.metrics.evaluate import (METRICS, Samples, check_images, evaluate_samples, format_table, load_samples,
+                                          open_samples)
 from ms_diffusion.metrics.features import (FeatureExtractor, classifier_extractor, fit_to_extractor, get_extractor,
                                           inception_extractor)
 from ms_diffusion.metrics.frechet import (FrechetResult, GaussianStats, TooFewSamplesError, bootstrap_frechet_distance,
@@ -17,7 +18,8 @@ from ms_diffusion.metrics.neighbours import (Memorization, PrecisionRecall, memo
                                              precision_recall)
 from ms_diffusion.metrics.reference import Reference, cache_dir, memorization_reference, reference_features
 
-__all__ = ["METRICS", "evaluate_samples", "format_table", "load_samples", "check_images", "FeatureExtractor",
+__all__ = ["METRICS", "evaluate_samples", "format_table", "load_samples", "open_samples", "Samples", "check_images",
+           "FeatureExtractor",
            "classifier_extractor", "inception_extractor", "get_extractor", "fit_to_extractor", "GaussianStats",
            "FrechetResult", "TooFewSamplesError", "gaussian_stats", "sqrtm_psd", "trace_sqrt_product",
            "frechet_distance", "frechet_distance_from_features", "bootstrap_frechet_distance",

@@ -1,19 +1,27 @@
-"""Whole dataset splits as in-memory arrays, and a fingerprint of the data for cache keys."""
+"""Dataset splits read in bounded chunks (``DatasetStream``) or whole (``DatasetArrays``), and a fingerprint
+of the data for cache keys.
+
+Evaluation reads real images through ``DatasetStream.chunks``: only the images asked for (a subset
+is chosen by index *before* anything is decoded or resized), a few megabytes at a time, so memory
+does not grow with the dataset or the image size.
+"""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ms_diffusion.data import build_source, canonical_dataset_name
 from ms_diffusion.data.source import ImageSource, PathLike
 
-__all__ = ["DatasetArrays", "load_dataset_arrays"]
+__all__ = ["DatasetArrays", "DatasetStream", "open_dataset", "load_dataset_arrays", "CHUNK_BYTES"]
 
 _MAX_BATCH = 1000
+#: Bytes of float32 images per chunk read from a dataset (at least one image, at most 1000).
+CHUNK_BYTES = 8 << 20
 
 
 @dataclass
@@ -32,13 +40,6 @@ class DatasetArrays:
     fingerprint: str
 
 
-def _largest_divisor(n: int, cap: int) -> int:
-    for b in range(min(cap, n), 0, -1):
-        if n % b == 0:
-            return b
-    return 1
-
-
 def _fingerprint(source: ImageSource, dataset: str, split: str) -> str:
     h = hashlib.sha256()
     h.update(f"{dataset}|{split}|{source.total_samples}|{source.channels}|{source.image_size}".encode())
@@ -55,24 +56,75 @@ def _fingerprint(source: ImageSource, dataset: str, split: str) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class DatasetStream:
+    """A split of a dataset, read in chunks on demand: ``count`` images of ``shape`` (C, H, W) in [0, 1].
+
+    ``fingerprint`` identifies the data as in ``DatasetArrays``. Nothing is read until ``chunks``.
+    """
+
+    source: ImageSource
+    dataset: str
+    split: str
+    origin: str
+    fingerprint: str
+
+    @property
+    def count(self) -> int:
+        return self.source.total_samples
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (self.source.channels, *self.source.image_size)
+
+    def chunk_size(self, max_bytes: Optional[int] = None) -> int:
+        """Images per chunk: as many float32 images as fit in ``max_bytes`` (default ``CHUNK_BYTES``; 1 to 1000)."""
+        c, h, w = self.shape
+        return int(min(_MAX_BATCH, max(1, (CHUNK_BYTES if max_bytes is None else max_bytes) // (4 * c * h * w))))
+
+    def batches(self, indices: Optional[Sequence[int]] = None, max_bytes: Optional[int] = None
+                ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        """(images float32 (B, C, H, W), labels int32 (B,)) of ``indices`` (default: all, in file order), in order."""
+        order = np.arange(self.count) if indices is None else np.asarray(indices, dtype=np.int64)
+        return self.source.images_at(order, self.chunk_size(max_bytes))
+
+    def chunks(self, indices: Optional[Sequence[int]] = None, max_bytes: Optional[int] = None
+               ) -> Iterator[np.ndarray]:
+        """Images float32 (B, C, H, W) in [0, 1] of ``indices`` (default: all, in file order), in order,
+        at most ``max_bytes`` (or one image) per chunk."""
+        for images, _ in self.batches(indices, max_bytes):
+            yield images
+
+
+def open_dataset(dataset: str, split: str = "train", *, data_dir: Optional[PathLike] = None,
+                 image_size: Optional[int] = None, channels: Optional[int] = None) -> DatasetStream:
+    """``split`` of ``dataset`` (any name ``build_source`` accepts) at ``image_size`` / ``channels``, unread.
+
+    Raises the data module's DataNotFoundError (a clear message with the fixes) when the data is missing.
+    """
+    kind = canonical_dataset_name(dataset)
+    source = build_source(kind, data_dir=data_dir, split=split, image_size=image_size, channels=channels,
+                          random_flip=False, num_workers=2)
+    return DatasetStream(source=source, dataset=kind, split=split, origin=str(source.origin),
+                         fingerprint=_fingerprint(source, kind, split))
+
+
 def load_dataset_arrays(dataset: str, split: str = "train", *, data_dir: Optional[PathLike] = None,
                         image_size: Optional[int] = None, channels: Optional[int] = None) -> DatasetArrays:
     """Read every image of ``split`` of ``dataset`` (any name ``build_source`` accepts) into memory.
 
     The whole of Fashion-MNIST train (60,000 images, 188 MB as float32) takes ~3 s. Raises the data
-    module's DataNotFoundError (a clear message with the fixes) when the data is missing.
+    module's DataNotFoundError (a clear message with the fixes) when the data is missing. Evaluation
+    uses ``open_dataset`` instead, which reads in chunks.
     """
-    kind = canonical_dataset_name(dataset)
-    source = build_source(kind, data_dir=data_dir, split=split, image_size=image_size, channels=channels,
-                          random_flip=False, num_workers=2)
-    n = source.total_samples
-    batch = _largest_divisor(n, _MAX_BATCH)
-    xs, ys = [], []
-    for images, labels in source.epoch(0, batch):
-        xs.append(images)
-        ys.append(labels)
-    images = np.concatenate(xs)
-    labels = np.concatenate(ys).astype(np.int32)
-    order = np.argsort(source.epoch_indices(0), kind="stable")  # back to the files' order
-    return DatasetArrays(images=images[order], labels=labels[order], dataset=kind, split=split,
-                         origin=str(source.origin), fingerprint=_fingerprint(source, kind, split))
+    stream = open_dataset(dataset, split, data_dir=data_dir, image_size=image_size, channels=channels)
+    n = stream.count
+    images = np.empty((n, *stream.shape), dtype=np.float32)
+    labels = np.empty(n, dtype=np.int32)
+    done = 0
+    for x, y in stream.batches():
+        images[done:done + len(x)] = x
+        labels[done:done + len(x)] = y
+        done += len(x)
+    return DatasetArrays(images=images, labels=labels, dataset=stream.dataset, split=split, origin=stream.origin,
+                         fingerprint=stream.fingerprint)

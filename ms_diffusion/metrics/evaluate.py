@@ -17,17 +17,19 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ms_diffusion.metrics.features import FeatureExtractor, fit_to_extractor, get_extractor
+import ms_diffusion.metrics.data as _data
+from ms_diffusion.metrics.features import FeatureExtractor, extract_features, get_extractor
 from ms_diffusion.metrics.frechet import (TooFewSamplesError, bootstrap_frechet_distance, frechet_distance_from_features)
 from ms_diffusion.metrics.kid import kernel_inception_distance
-from ms_diffusion.metrics.neighbours import memorization, nearest_training_distances, precision_recall
-from ms_diffusion.metrics.reference import memorization_reference, reference_features
+from ms_diffusion.metrics.neighbours import memorization, precision_recall
+from ms_diffusion.metrics.reference import memorization_reference, reference_features, streamed_nearest_distances
 
-__all__ = ["METRICS", "evaluate_samples", "load_samples", "check_images", "format_table", "parse_metrics"]
+__all__ = ["METRICS", "evaluate_samples", "Samples", "open_samples", "load_samples", "check_images", "format_table",
+           "parse_metrics"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 METRICS = ("fd", "kid", "pr", "memorization")
@@ -56,16 +58,18 @@ def parse_metrics(spec: Union[str, Sequence[str]]) -> List[str]:
     return out
 
 
-def check_images(images: np.ndarray, what: str = "samples") -> np.ndarray:
-    """Validate generated images: (N, C, H, W) with C in {1, 3}, finite, in [0, 1]; returns float32."""
-    x = np.asarray(images)
-    if x.ndim != 4:
-        raise ValueError(f"{what} must be an array (N, C, H, W) in [0, 1], got shape {x.shape}")
-    if x.shape[1] not in (1, 3):
-        hint = " (it looks like (N, H, W, C): transpose it to (N, C, H, W))" if x.shape[-1] in (1, 3) else ""
-        raise ValueError(f"{what} must be (N, C, H, W) with C = 1 or 3, got shape {x.shape}{hint}")
-    if len(x) == 0:
+def _check_shape(shape: Sequence[int], what: str) -> None:
+    if len(shape) != 4:
+        raise ValueError(f"{what} must be an array (N, C, H, W) in [0, 1], got shape {tuple(shape)}")
+    if shape[1] not in (1, 3):
+        hint = " (it looks like (N, H, W, C): transpose it to (N, C, H, W))" if shape[-1] in (1, 3) else ""
+        raise ValueError(f"{what} must be (N, C, H, W) with C = 1 or 3, got shape {tuple(shape)}{hint}")
+    if shape[0] == 0:
         raise ValueError(f"{what}: no images")
+
+
+def _check_values(x: np.ndarray, what: str) -> np.ndarray:
+    """A chunk (B, C, H, W) of uint8 (0..255) or floats in [0, 1] -> float32 in [0, 1]."""
     if x.dtype == np.uint8:
         return x.astype(np.float32) / 255.0
     x = x.astype(np.float32, copy=False)
@@ -78,9 +82,188 @@ def check_images(images: np.ndarray, what: str = "samples") -> np.ndarray:
     return np.clip(x, 0.0, 1.0)
 
 
-def load_samples(path: PathLike, limit: Optional[int] = None) -> np.ndarray:
-    """Images (N, C, H, W) float32 in [0, 1] from an .npz (key ``images``, as ``sample.py --npz`` writes)
-    or a folder of image files (sorted by name, all one size; 1 channel when every image is grey, else 3).
+def check_images(images: np.ndarray, what: str = "samples") -> np.ndarray:
+    """Validate generated images: (N, C, H, W) with C in {1, 3}, finite, in [0, 1]; returns float32."""
+    x = np.asarray(images)
+    _check_shape(x.shape, what)
+    return _check_values(x, what)
+
+
+class Samples:
+    """Generated images read chunk by chunk: ``len(samples)`` images of ``shape`` (C, H, W).
+
+    ``chunks()`` yields validated float32 (B, C, H, W) in [0, 1], about ``CHUNK_BYTES`` at a time, in
+    order; it can be called again (the memorisation check reads the samples once per group). Made by
+    ``open_samples`` (an .npz or a folder, read lazily) or ``Samples.from_array``.
+    """
+
+    def __init__(self, name: str, count: int, shape: Sequence[int],
+                 read: Callable[[int], Iterator[np.ndarray]]):
+        self.name, self.count, self.shape, self._read = name, int(count), tuple(int(v) for v in shape), read
+
+    @classmethod
+    def from_array(cls, images: np.ndarray, name: str = "samples") -> "Samples":
+        x = np.asarray(images)
+        _check_shape(x.shape, name)
+
+        def read(rows: int) -> Iterator[np.ndarray]:
+            for s in range(0, len(x), rows):
+                yield x[s:s + rows]
+
+        return cls(name, len(x), x.shape[1:], read)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def chunks(self, max_bytes: Optional[int] = None) -> Iterator[np.ndarray]:
+        """Validated float32 chunks (B, C, H, W) in [0, 1] of ``max_bytes`` (default ``CHUNK_BYTES``) or one image."""
+        rows = max(1, (_data.CHUNK_BYTES if max_bytes is None else max_bytes) // (4 * int(np.prod(self.shape))))
+        for chunk in self._read(rows):
+            yield _check_values(np.asarray(chunk), self.name)
+
+    def load(self) -> np.ndarray:
+        """All of them as one float32 array (N, C, H, W) in [0, 1]."""
+        out = np.empty((self.count, *self.shape), np.float32)
+        done = 0
+        for chunk in self.chunks():
+            out[done:done + len(chunk)] = chunk
+            done += len(chunk)
+        return out
+
+
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+def _open_folder(p: Path, limit: Optional[int]) -> Samples:
+    from PIL import Image
+
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{p} holds no image files ({', '.join(_IMAGE_SUFFIXES)})")
+    if limit is not None:
+        files = files[:limit]
+
+    def rgb(f: Path) -> np.ndarray:
+        try:
+            with Image.open(f) as im:
+                return np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+        except OSError as err:
+            raise ValueError(f"cannot read image {f}: {err}") from None
+
+    # one pass over the headers (and the pixels of colour-mode files until one is not grey): sizes, channels
+    sizes, grey = set(), True
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                sizes.add((im.height, im.width))
+                mode = im.mode
+        except OSError as err:
+            raise ValueError(f"cannot read image {f}: {err}") from None
+        if grey and mode not in _GREY_MODES:
+            x = rgb(f)
+            grey = bool(np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2]))
+    if len(sizes) > 1:
+        shapes = sorted(sizes)   # (H, W)
+        raise ValueError(f"images in {p} differ in size ({', '.join(map(str, shapes[:4]))}); one image per "
+                         f"file is expected (not a sample grid)")
+    (h, w), = sizes
+    channels = 1 if grey else 3   # all grey: one channel
+
+    def read(rows: int) -> Iterator[np.ndarray]:
+        for s in range(0, len(files), rows):
+            chunk = np.stack([rgb(f) for f in files[s:s + rows]])
+            yield chunk[:, :1] if grey else chunk
+
+    return Samples(str(p), len(files), (channels, h, w), read)
+
+
+def _npz_problem(p: Path) -> Optional[str]:
+    """Why ``p`` is not an .npz archive (a zip), or None if it starts like one."""
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return None
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"\x93NUMPY"):
+        return "it is a single .npy array, not an .npz archive (rename it .npy and np.savez(FILE, images=array))"
+    return f"it is not an .npz (zip) archive (it starts with {head[:8]!r})"
+
+
+def _open_npz(p: Path, limit: Optional[int]) -> Samples:
+    fix = "write samples with sample.py --npz FILE.npz or numpy.savez(FILE, images=array)"
+    problem = _npz_problem(p)
+    if problem:
+        raise ValueError(f"cannot read samples {p}: {problem}; {fix}")
+
+    def member():
+        """(zip file, open 'images.npy' member positioned at the data, shape, dtype, fortran order)."""
+        try:
+            zf = zipfile.ZipFile(p)
+        except (OSError, EOFError, zipfile.BadZipFile) as err:  # truncated / damaged
+            raise ValueError(f"cannot read samples {p}: {err} (a damaged or truncated .npz); {fix}") from None
+        names = [n[:-4] if n.endswith(".npy") else n for n in zf.namelist()]
+        if "images" not in names:
+            zf.close()
+            raise ValueError(f"{p} has no 'images' array (has: {', '.join(names) or 'nothing'}); "
+                             f"write it with sample.py --npz")
+        f = zf.open(zf.namelist()[names.index("images")])
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:   # 3.0 (utf-8 field names): only numpy's private reader takes it
+                shape, fortran, dtype = np.lib.format._read_array_header(f, version)
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+            f.close()
+            zf.close()
+            raise ValueError(f"cannot read samples {p}: its 'images' member is not a numpy array ({err}); "
+                             f"{fix}") from None
+        if dtype.hasobject:
+            f.close()
+            zf.close()
+            raise ValueError(f"{p}: 'images' holds Python objects, not numbers; {fix}")
+        return zf, f, shape, dtype, fortran
+
+    zf, f, shape, dtype, fortran = member()
+    f.close()
+    zf.close()
+    _check_shape(shape, str(p))
+    count = shape[0] if limit is None else min(shape[0], limit)
+    row = int(np.prod(shape[1:]))
+
+    def read(rows: int) -> Iterator[np.ndarray]:
+        zf, f, _, _, _ = member()
+        try:
+            if fortran:   # column-major on disk: rows are not contiguous, read it whole (rare: np.asfortranarray)
+                data = np.frombuffer(f.read(), dtype=dtype).reshape(shape[::-1]).T
+                for s in range(0, count, rows):
+                    yield data[s:min(s + rows, count)]
+                return
+            for s in range(0, count, rows):
+                n = min(rows, count - s)
+                try:
+                    raw = f.read(n * row * dtype.itemsize)
+                except (OSError, EOFError, zipfile.BadZipFile) as err:
+                    raise ValueError(f"cannot read samples {p}: {err} (a damaged .npz); {fix}") from None
+                if len(raw) != n * row * dtype.itemsize:
+                    got = s + len(raw) // (row * dtype.itemsize)
+                    raise ValueError(f"cannot read samples {p}: 'images' ends after {got} of {shape[0]} images "
+                                     f"(a truncated .npz); {fix}")
+                yield np.frombuffer(raw, dtype=dtype).reshape(n, *shape[1:])
+        finally:
+            f.close()
+            zf.close()
+
+    return Samples(str(p), count, shape[1:], read)
+
+
+def open_samples(path: PathLike, limit: Optional[int] = None) -> Samples:
+    """Generated images from an .npz (key ``images`` (N, C, H, W), as ``sample.py --npz`` writes) or a folder
+    of image files (sorted by name, all one size; 1 channel when every image is grey, else 3), read
+    lazily in chunks. Shapes, sizes and the archive are checked now; values as the chunks are read.
 
     ``limit`` keeps the first ``limit`` images.
     """
@@ -89,44 +272,21 @@ def load_samples(path: PathLike, limit: Optional[int] = None) -> np.ndarray:
         raise FileNotFoundError(f"samples {str(p)!r} do not exist (give a folder of PNGs or an .npz from "
                                 f"sample.py --npz)")
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_SUFFIXES)
-        if not files:
-            raise ValueError(f"{p} holds no image files ({', '.join(_IMAGE_SUFFIXES)})")
-        if limit is not None:
-            files = files[:limit]
-        from PIL import Image
-
-        arrays = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0)
-            except OSError as err:
-                raise ValueError(f"cannot read image {f}: {err}") from None
-        shapes = sorted({a.shape[1:] for a in arrays})
-        if len(shapes) > 1:
-            raise ValueError(f"images in {p} differ in size ({', '.join(map(str, shapes[:4]))}); one image per "
-                             f"file is expected (not a sample grid)")
-        stacked = np.stack(arrays)
-        if np.array_equal(stacked[:, 0], stacked[:, 1]) and np.array_equal(stacked[:, 1], stacked[:, 2]):
-            stacked = stacked[:, :1]  # all grey: one channel
-        return check_images(stacked, str(p))
+        return _open_folder(p, limit)
     if p.suffix.lower() != ".npz":
         raise ValueError(f"samples must be a folder of images or an .npz file, got {str(p)!r}")
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            if "images" not in z.files:
-                raise ValueError(f"{p} has no 'images' array (has: {', '.join(z.files) or 'nothing'}); "
-                                 f"write it with sample.py --npz")
-            images = z["images"]
-    except (OSError, EOFError, zipfile.BadZipFile) as err:  # not a zip / truncated
-        raise ValueError(f"cannot read {p}: {err}") from None
-    if limit is not None:
-        images = images[:limit]
-    return check_images(images, str(p))
+    return _open_npz(p, limit)
 
 
-def evaluate_samples(images: np.ndarray, dataset: str = "fashion_mnist", *,
+def load_samples(path: PathLike, limit: Optional[int] = None) -> np.ndarray:
+    """Images (N, C, H, W) float32 in [0, 1] from an .npz or a folder (see ``open_samples``), all in memory.
+
+    ``limit`` keeps the first ``limit`` images.
+    """
+    return open_samples(path, limit).load()
+
+
+def evaluate_samples(images: Union[np.ndarray, Samples], dataset: str = "fashion_mnist", *,
                      metrics: Union[str, Sequence[str]] = METRICS, features: str = "classifier",
                      weights: Optional[PathLike] = None, extractor: Optional[FeatureExtractor] = None,
                      data_dir: Optional[PathLike] = None, reference_split: str = "train",
@@ -144,19 +304,25 @@ def evaluate_samples(images: np.ndarray, dataset: str = "fashion_mnist", *,
     ``nn_distance_median_held_out``. ``features`` is ``"classifier"`` (``weights`` defaults to the
     shipped checkpoint) or ``"inception"`` (``weights``: a converted checkpoint); ``extractor``
     overrides both. Reference features are cached (see ``ms_diffusion.metrics.reference``).
+
+    ``images`` may be ``Samples`` (``open_samples``: an .npz or a folder read lazily). Memory is
+    bounded by what is asked, not by the data: samples and real images go through the feature
+    network a few megabytes at a time (only features are kept), a ``max_reference`` subset is chosen
+    before any real image is read, and the memorisation check streams the training set past at most
+    ``QUERY_BYTES`` of samples at a time.
     """
-    images = check_images(images)
+    samples = images if isinstance(images, Samples) else Samples.from_array(images)
     wanted = parse_metrics(metrics)
-    n = len(images)
+    n = len(samples)
     result: Dict[str, Any] = {"num_samples": n}
     feature_metrics = [m for m in wanted if m in ("fd", "kid", "pr")]
     if feature_metrics:
         ext = extractor or get_extractor(features, weights)
+        fake = extract_features(ext, samples.chunks())   # first: reads and checks every sample before the reference
         ref = reference_features(ext, dataset, reference_split, data_dir=data_dir, max_images=max_reference,
-                                 seed=seed, use_cache=use_cache, image_shape=tuple(images.shape[1:]), log=log)
+                                 seed=seed, use_cache=use_cache, image_shape=samples.shape, log=log)
         result["features"] = ext.key
         result["reference"] = ref.describe()
-        fake = ext(fit_to_extractor(images, ext))
         if "fd" in wanted:
             fd = frechet_distance_from_features(fake, ref.stats)
             result["fd"] = fd.value
@@ -174,16 +340,19 @@ def evaluate_samples(images: np.ndarray, dataset: str = "fashion_mnist", *,
             pr = precision_recall(real, fake, k=pr_k)
             result.update(precision=pr.precision, recall=pr.recall, pr_k=pr.k, pr_num_real=pr.num_real)
     if "memorization" in wanted:
-        train, held_out = memorization_reference(dataset, tuple(images.shape[1:]), data_dir=data_dir,
+        if not feature_metrics:
+            for _ in samples.chunks():   # check every sample before the held-out distances are computed
+                pass
+        train, held_out = memorization_reference(dataset, samples.shape, data_dir=data_dir,
                                                  num_held_out=memorization_held_out, seed=seed, use_cache=use_cache,
                                                  log=log)
-        dist = nearest_training_distances(images, train.images)
+        dist = streamed_nearest_distances(samples.chunks(), train)
         memo = memorization(dist, held_out, threshold=memorization_threshold, quantile=memorization_quantile)
         result.update(memorization=memo.fraction_below, memorization_threshold=memo.threshold,
                       memorization_reference_fraction=memo.reference_fraction, nn_distance_median=memo.median,
                       nn_distance_median_held_out=memo.reference_median, memorization_num_held_out=memo.num_reference,
-                      memorization_train_images=len(train.images))
-        result.setdefault("reference", f"{train.dataset} train ({len(train.images)} images)")
+                      memorization_train_images=train.count)
+        result.setdefault("reference", f"{train.dataset} train ({train.count} images)")
     return result
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 
 __all__ = ["FeatureExtractor", "classifier_extractor", "inception_extractor", "get_extractor", "fit_to_extractor",
-           "EXTRACTOR_KINDS"]
+           "extract_features", "EXTRACTOR_KINDS"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 EXTRACTOR_KINDS = ("classifier", "inception")
@@ -26,6 +26,8 @@ class FeatureExtractor:
     """A feature network: ``extractor(images (N, C, H, W) in [0, 1]) -> (N, dim) float32``.
 
     ``input_shape`` is the (C, H, W) it requires, or None when it resizes any input itself.
+    ``batch_size`` is how many images ``fn`` runs through the network at once (None: unknown);
+    ``extract_features`` feeds it multiples of that, so streamed features equal one whole call's.
     """
 
     name: str
@@ -35,6 +37,7 @@ class FeatureExtractor:
     input_shape: Optional[Tuple[int, int, int]]
     description: str
     fn: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    batch_size: Optional[int] = None
 
     @property
     def key(self) -> str:
@@ -73,7 +76,7 @@ def classifier_extractor(weights: Optional[PathLike] = None, batch_size: int = 5
     desc = "Fashion-MNIST classifier" + (f" (test accuracy {acc:.1%})" if isinstance(acc, float) else "")
     ext = FeatureExtractor(name="fmnist-classifier", weights_sha256=meta["sha256"], weights_path=str(path),
                            dim=cfg.feature_dim, input_shape=(cfg.in_channels, cfg.image_size, cfg.image_size),
-                           description=desc, fn=fn)
+                           description=desc, fn=fn, batch_size=batch_size)
     _LOADED[_memo_key("classifier", path)] = ext
     return ext
 
@@ -92,7 +95,8 @@ def inception_extractor(weights: PathLike, batch_size: int = 50) -> FeatureExtra
         return inception_features(net, images, batch_size)
 
     ext = FeatureExtractor(name="inception-v3-fid", weights_sha256=file_sha256(path), weights_path=str(path),
-                           dim=FID_FEATURE_DIM, input_shape=None, description="FID Inception-v3 (pool3)", fn=fn)
+                           dim=FID_FEATURE_DIM, input_shape=None, description="FID Inception-v3 (pool3)", fn=fn,
+                           batch_size=batch_size)
     _LOADED[_memo_key("inception", path)] = ext
     return ext
 
@@ -134,3 +138,39 @@ def fit_to_extractor(images: np.ndarray, extractor: FeatureExtractor) -> np.ndar
         x = np.stack([[np.asarray(Image.fromarray(ch, mode="F").resize((w, h), Image.BICUBIC)) for ch in img]
                       for img in x])
     return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+_PENDING_BYTES = 64 << 20  # fitted images held for an extractor that does not say its batch size
+
+
+def extract_features(extractor: FeatureExtractor, chunks: Iterable[np.ndarray]) -> np.ndarray:
+    """Features (N, dim) float32 of images that arrive in chunks (each (B, C, H, W) in [0, 1]), never all held.
+
+    Each chunk goes through ``fit_to_extractor`` (a per-image map) as it arrives; the fitted images
+    reach the network in multiples of ``extractor.batch_size``, i.e. in the very batches one call on
+    all the images would use, so the features are the same bit for bit. Memory: one chunk, plus
+    fewer than ``batch_size`` fitted images (or 64 MB of them when the batch size is unknown).
+    """
+    feats: List[np.ndarray] = []
+    pending: List[np.ndarray] = []
+    held = 0
+    for chunk in chunks:
+        fitted = fit_to_extractor(chunk, extractor)
+        pending.append(fitted)
+        held += len(fitted)
+        step = extractor.batch_size
+        if step:
+            if held >= step:
+                x = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                cut = held // step * step
+                feats.append(extractor(x[:cut]))
+                pending = [x[cut:].copy()] if cut < held else []   # not a view pinning x
+                held -= cut
+        elif sum(p.nbytes for p in pending) >= _PENDING_BYTES:
+            feats.append(extractor(np.concatenate(pending)))
+            pending, held = [], 0
+    if held:
+        feats.append(extractor(np.concatenate(pending)))
+    if not feats:
+        raise ValueError("no images to extract features from")
+    return np.concatenate(feats) if len(feats) > 1 else feats[0]

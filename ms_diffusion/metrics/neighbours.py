@@ -27,9 +27,9 @@ import numpy as np
 from ms_diffusion.metrics.frechet import TooFewSamplesError, _as_features
 
 __all__ = ["pairwise_distances", "nearest_distances", "kth_neighbour_radii", "precision_recall", "PrecisionRecall",
-           "nearest_training_distances", "memorization", "Memorization"]
+           "nearest_training_distances", "nearest_sq_distances", "memorization", "Memorization"]
 
-_BLOCK = 2048
+_BLOCK = 512   # rows per block: a few (block, M) float64 arrays at a time (10,000 real vectors: 41 MB each)
 
 
 def _sq_norms(x: np.ndarray) -> np.ndarray:
@@ -39,8 +39,14 @@ def _sq_norms(x: np.ndarray) -> np.ndarray:
 def pairwise_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Euclidean distances (N, M) between rows of x (N, D) and y (M, D), computed in float64."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    d2 = _sq_norms(x)[:, None] + _sq_norms(y)[None, :] - 2.0 * (x @ y.T)
-    return np.sqrt(np.clip(d2, 0.0, None))
+    # (|x|^2 + |y|^2) - 2 x.y as one expression would evaluate it, with two (N, M) arrays instead of four
+    d2 = np.add.outer(_sq_norms(x), _sq_norms(y))
+    xy = x @ y.T
+    xy *= 2.0
+    d2 -= xy
+    del xy
+    np.clip(d2, 0.0, None, out=d2)
+    return np.sqrt(d2, out=d2)
 
 
 def nearest_distances(x: np.ndarray, y: np.ndarray, block: int = _BLOCK) -> np.ndarray:
@@ -108,13 +114,20 @@ def nearest_training_distances(images: np.ndarray, train_images: np.ndarray, blo
     if x.shape[1] != t.shape[1]:
         raise ValueError(f"images of shape {images.shape[1:]} cannot be compared with training images of shape "
                          f"{train_images.shape[1:]}")
+    return np.sqrt(np.clip(nearest_sq_distances(x, t, block), 0.0, None) / x.shape[1])
+
+
+def nearest_sq_distances(x: np.ndarray, t: np.ndarray, block: int = 1024) -> np.ndarray:
+    """Squared Euclidean distance from each row of x (N, D) float32 to its nearest row of t (M, D) float32:
+    (N,) float64, not clipped at 0. The minimum over a split of ``t`` is the minimum of the parts' minima,
+    so the training set can be streamed (``ms_diffusion.metrics.reference``)."""
     t_sq = _sq_norms(t).astype(np.float64)
     out = np.empty(len(x))
     for s in range(0, len(x), block):
         xb = x[s:s + block]
         # the dot products in float32 (the BLAS-heavy part), the norms and the sum in float64
         d2 = _sq_norms(xb).astype(np.float64)[:, None] + t_sq[None, :] - 2.0 * (xb @ t.T).astype(np.float64)
-        out[s:s + block] = np.sqrt(np.clip(d2.min(axis=1), 0.0, None) / x.shape[1])
+        out[s:s + block] = d2.min(axis=1)
     return out
 
 

@@ -26,6 +26,7 @@ the autoencoder's weights and config: what a ``latent`` diffusion config names a
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -188,7 +189,8 @@ class AutoencoderTrainer(TrainerBase):
         record: Dict[str, Any] = {}
         d_norm = None
         batches = self._batches()
-        try:
+        with self._stop_signals() as stop, closing(bar):
+            self._stop_if_asked(stop)
             while self.step < cfg.num_steps:
                 images, _ = next(batches)
                 x = Tensor(images * np.float32(2.0) - np.float32(1.0))
@@ -209,7 +211,8 @@ class AutoencoderTrainer(TrainerBase):
                 if g_norm is None:
                     continue  # accumulating micro-batches
                 self.step += 1
-                self.overflows += sum(not bool(f.asnumpy()) for f in finite)
+                skipped = sum(not bool(f.asnumpy()) for f in finite)
+                self.overflows += skipped
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.num_steps:
                     now = time.perf_counter()
@@ -222,13 +225,14 @@ class AutoencoderTrainer(TrainerBase):
                     self._log_line(record)
                     bar.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}",
                                     img_s=f"{img_per_s:.1f}")
-                if self.step % cfg.save_every == 0 or self.step == cfg.num_steps:
-                    self.save()
+                self._track_update(skipped == 0)   # max_bad_steps skipped updates in a row: TrainingDiverged
+                saved = None
+                if self._save_due():
+                    saved = self.save()
                     self._write_plots()
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.num_steps):
                     self._reconstruction_grid()
-        finally:
-            bar.close()
+                self._stop_if_asked(stop, saved)   # after SIGINT / SIGTERM: TrainingInterrupted, with a checkpoint
         summary = {"step": self.step, "loss": record.get("loss", float("nan")),
                    "rec_loss": record.get("rec_loss", float("nan")), "img_per_s": record.get("img_per_s", 0.0),
                    "overflows": self.overflows, "out_dir": str(self.out_dir)}

@@ -5,11 +5,16 @@ Parameters a checkpoint holds by overriding ``_state_groups`` ({group: {name: Pa
 as ``group.name``) and may add JSON state (``_extra_state`` / ``_load_extra_state``). This base
 keeps the rest identical for all trainers: the exact data position (epoch, batch in epoch) and the
 host RNG state, so a resumed run continues bit for bit; atomic step checkpoints with pruning; the
-``log.jsonl`` lines and the loss plot.
+``log.jsonl`` lines and the loss plot; and what stops a loop between two updates: a SIGINT / SIGTERM
+(``_stop_signals`` / ``_stop_if_asked``: save this step, raise ``TrainingInterrupted``) and a run of
+``max_bad_steps`` skipped updates (``_track_update``: ``TrainingDiverged``, nothing saved). See
+docs/recovery.md.
 """
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -18,9 +23,11 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ms_diffusion.imageio import plot_losses
-from ms_diffusion.training.checkpoint import (CheckpointError, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                              prune_checkpoints, save_checkpoint)
+from ms_diffusion.training.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
+                                              newest_readable_checkpoint, prune_checkpoints, remove_temporaries,
+                                              save_checkpoint)
 from ms_diffusion.training.distributed import check_replicas, gather_rng_states, resume_position, rng_for_resume
+from ms_diffusion.training.interrupt import TrainingDiverged, TrainingInterrupted, graceful_stop, signal_name
 
 __all__ = ["TrainerBase", "optimizer_state", "CHECKPOINT_FORMAT"]
 
@@ -55,7 +62,12 @@ class TrainerBase:
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of this epoch consumed
         self.overflows = 0
+        self.bad_streak = 0      # consecutive updates with a non-finite loss or gradient (skipped)
+        self._save_pending = False  # a periodic save waiting for the end of a bad streak
+        self._log_checked = False   # log.jsonl lines past the resumed step dropped (at this session's first line)
+        self._start_step = 0        # the step this session started from (0, or the resumed checkpoint's)
         self._history: List[Tuple[int, float]] = []
+        self._resumed: Optional[Tuple[Any, Optional[Path]]] = None  # (resume argument, checkpoint) once resumed
 
     # ------------------------------------------------------------------ checkpoint state
 
@@ -71,7 +83,8 @@ class TrainerBase:
 
     def state_meta(self) -> Dict[str, Any]:
         return {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "overflows": self.overflows, **self._extra_state(),
+                "batch_in_epoch": self.batch_in_epoch, "overflows": self.overflows, "bad_streak": self.bad_streak,
+                **self._extra_state(),
                 "rng": self.rng.bit_generator.state, "seed": self.seed, "world_size": self.world_size,
                 "batch_size": self.cfg.batch_size, **self.meta}
 
@@ -88,8 +101,9 @@ class TrainerBase:
         prune_checkpoints(self.out_dir / "checkpoints", self.cfg.keep_last)
         return path
 
-    def load(self, path) -> None:
-        arrays, meta = load_checkpoint(path)
+    def load(self, path, loaded: Optional[Tuple[Dict[str, np.ndarray], Dict[str, Any]]] = None) -> None:
+        """Restore the training state from checkpoint ``path`` (``loaded``: its (arrays, meta) if already read)."""
+        arrays, meta = loaded if loaded is not None else load_checkpoint(path)
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not supported (expected "
                                   f"{CHECKPOINT_FORMAT})")
@@ -108,6 +122,7 @@ class TrainerBase:
             for name, p in params.items():
                 p.set_data(Tensor(arrays[f"{group}.{name}"].astype(ms.dtype_to_nptype(p.dtype))))
         self.step, self.overflows = int(meta["step"]), int(meta.get("overflows", 0))
+        self.bad_streak = int(meta.get("bad_streak", 0))
         # another worker count or per-device batch: continue after the samples already consumed
         saved_batch = meta.get("batch_size") or meta.get("config", {}).get("train", {}).get("batch_size")
         self.epoch, self.batch_in_epoch = resume_position(
@@ -119,14 +134,24 @@ class TrainerBase:
                                                      world_size=self.world_size, step=self.step)
 
     def resume(self, resume) -> Optional[Path]:
-        """``resume`` is a checkpoint path, ``"auto"`` (latest in out_dir, if any) or None."""
-        path = None
-        if resume:
-            path = latest_checkpoint(self.out_dir / "checkpoints") if resume == "auto" else Path(resume)
-            if path is None:
+        """``resume`` is a checkpoint path, ``"auto"`` (latest in out_dir, if any) or None.
+
+        Done once: a second call with the same argument returns the same checkpoint without loading it again
+        (train.py resumes before it writes the run folder -- a checkpoint that does not fit the model is
+        refused first -- and then calls ``fit``, which resumes too)."""
+        if self._resumed is not None and self._resumed[0] == resume:
+            return self._resumed[1]
+        path, loaded = None, None
+        if resume == "auto":   # the newest checkpoint that reads: a truncated newer one is named and skipped
+            found = newest_readable_checkpoint(self.out_dir / "checkpoints", log=self.log)
+            if found is None:
                 self.log(f"no checkpoint in {self.out_dir / 'checkpoints'}; starting from scratch")
+            else:
+                path, loaded = found[0], found[1:]
+        elif resume:
+            path = Path(resume)
         if path is not None:
-            self.load(path)
+            self.load(path, loaded)
             self.log(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch_in_epoch})")
             if not self.rng_restored:
                 self.log(f"the checkpoint's noise/timestep streams were written with another seed or worker count; "
@@ -138,6 +163,8 @@ class TrainerBase:
                      f"= {self.world_size * self.cfg.batch_size * accum} images per update; the learning rate is per "
                      f"update and not scaled with the number of workers (docs/distributed.md); replicas verified "
                      f"identical")
+        self._resumed = (resume, path)
+        self._start_step = self.step
         return path
 
     def check_replicas(self, when: str) -> None:
@@ -145,6 +172,66 @@ class TrainerBase:
         arrays = {f"{group}.{name}": p.asnumpy() for group, params in self._state_groups().items()
                   for name, p in params.items()}
         check_replicas(arrays, self.step, self.epoch, self.batch_in_epoch, when)
+
+    # ------------------------------------------------------------------ stopping: signals and divergence
+
+    def _stop_signals(self):
+        """The loop's context (``training.interrupt.graceful_stop``): the first SIGINT / SIGTERM sets ``.signum``
+        and the loop stops after its step with a checkpoint (``_stop_if_asked``); a second aborts at once.
+        Single process only: the ranks of a data-parallel run could not agree on a step to stop at, so
+        there a signal keeps its immediate effect."""
+        def cleanup():
+            for folder in (self.out_dir, self.out_dir / "checkpoints"):
+                remove_temporaries(folder)
+        return graceful_stop(enabled=self.world_size == 1, cleanup=cleanup, folder=self.out_dir)
+
+    def _stop_if_asked(self, stop, saved: Optional[Path] = None) -> None:
+        """Between updates: after a stop signal, save this step (unless ``saved`` already holds it) and raise
+        ``TrainingInterrupted``. Before this session's first update there is nothing new to save."""
+        if stop.signum is None:
+            return
+        if self.step == self._start_step:
+            raise TrainingInterrupted(stop.signum, self.step, self._resumed[1] if self._resumed else None)
+        path = saved if saved is not None else self.save()
+        self._write_plots()
+        self._log_line({"step": self.step, "event": "interrupted", "signal": signal_name(stop.signum),
+                        "checkpoint": str(path), "time": time.time()})
+        raise TrainingInterrupted(stop.signum, self.step, path)
+
+    def _track_update(self, finite: bool) -> None:
+        """Count consecutive skipped updates (a non-finite loss or gradient); ``max_bad_steps`` of them in a
+        row stop the run with ``TrainingDiverged``, without saving. Uses only the all-reduced finiteness
+        flag, so every rank of a data-parallel run decides alike."""
+        if finite:
+            self.bad_streak = 0
+            return
+        self.bad_streak += 1
+        limit = int(getattr(self.cfg, "max_bad_steps", 0) or 0)
+        if not limit or self.bad_streak < limit:
+            return
+        first = self.step - self.bad_streak + 1
+        saved = list_checkpoints(self.out_dir / "checkpoints")
+        self._log_line({"step": self.step, "event": "diverged", "bad_steps": self.bad_streak, "time": time.time()})
+        self._write_plots()
+        newest = (f"the newest checkpoint, {saved[-1][1]} (step {saved[-1][0]}), is the last good state"
+                  if saved else "no checkpoint had been written yet")
+        raise TrainingDiverged(
+            f"training diverged: all {self.bad_streak} updates of steps {first}-{self.step} had a non-finite loss or "
+            f"gradient and were skipped (train.max_bad_steps={limit}); stopped without saving, {newest}. Lower "
+            f"train.lr (now {self.cfg.lr:g}) or keep train.clip_grad_norm on; with fp16 loss scaling, a longer streak "
+            f"while the loss scale settles is normal: raise train.max_bad_steps",
+            step=self.step, bad_steps=self.bad_streak, checkpoint=saved[-1][1] if saved else None)
+
+    def _save_due(self) -> bool:
+        """Whether to save after this update: every ``save_every`` updates and at the end; a save that falls in a
+        streak of skipped updates waits for the streak to end, so a diverging state is never saved (except at
+        the last step)."""
+        cfg = self.cfg
+        self._save_pending = self._save_pending or self.step % cfg.save_every == 0 or self.step >= cfg.num_steps
+        if self._save_pending and (self.bad_streak == 0 or self.step >= cfg.num_steps):
+            self._save_pending = False
+            return True
+        return False
 
     # ------------------------------------------------------------------ data and logs
 
@@ -164,8 +251,36 @@ class TrainerBase:
     def _log_line(self, record: Dict[str, Any]) -> None:
         if not self.is_main:
             return
+        if not self._log_checked:
+            self._drop_stale_log_lines()
         with open(self.out_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def _drop_stale_log_lines(self) -> None:
+        """Before this session's first log line: drop the lines past the step it started from (written after
+        that checkpoint by a run that was killed) and lines cut short, so that log.jsonl tells one history."""
+        self._log_checked = True
+        log = self.out_dir / "log.jsonl"
+        if not log.is_file():
+            return
+        text = log.read_text()
+        kept, dropped = [], 0
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                rec = None
+            if not isinstance(rec, dict) or int(rec.get("step", 0)) > self._start_step:
+                dropped += 1
+                continue
+            kept.append(line)
+        if not dropped and (not text or text.endswith("\n")):
+            return
+        tmp = log.with_name(f".{log.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, log)
+        self.log(f"log.jsonl: dropped {dropped} line(s) past step {self._start_step} (written after the checkpoint "
+                 f"this run continues from, or cut short)")
 
     def _write_plots(self) -> None:
         if self.is_main and self._history:

@@ -12,12 +12,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import mindspore as ms
 import numpy as np
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints", "latest_checkpoint",
+__all__ = ["CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints",
+           "latest_checkpoint", "newest_readable_checkpoint", "skipped_checkpoint_line", "remove_temporaries",
            "prune_checkpoints", "checkpoint_path", "export_safetensors", "load_safetensors", "META_KEY"]
 
 META_KEY = "ms_diffusion_meta"
@@ -27,6 +28,10 @@ PathLike = Union[str, os.PathLike]
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
+
+
+class UnreadableCheckpointError(CheckpointError):
+    """The file is there but does not parse: truncated (a full disk, a copy cut short) or not a checkpoint."""
 
 
 def checkpoint_path(directory: PathLike, step: int) -> Path:
@@ -46,22 +51,49 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, tmp_name: str, write) -> None:
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def _write_error(err: BaseException, path: Path) -> Optional[OSError]:
+    """``err`` from writing ``path`` as an ``OSError`` naming ``path`` (None if it is no I/O error). safetensors
+    reports I/O errors as ``SafetensorError("... (os error 28)")``, MindSpore re-raises ``OSError(28, ...)``
+    without the file name."""
+    code = err.errno if isinstance(err, OSError) else None
+    if not isinstance(err, OSError):
+        found = _OS_ERROR_RE.search(str(err))
+        if found is None:
+            return None
+        code = int(found.group(1))
+    reason = (os.strerror(code) if code else None) or (err.strerror if isinstance(err, OSError) else None) or str(err)
+    message = f"cannot write {path}: {reason}"
+    return OSError(code, message, str(path)) if code else OSError(message)
+
+
+def _atomic_write(path: Path, tmp_name: str, write, also_remove: Tuple[str, ...] = ()) -> None:
     """Call ``write(tmp)`` for a temporary file beside ``path``, fsync it and rename it over ``path``.
 
-    A crash at any point leaves the old ``path`` (or none) and no temporary file behind.
+    A crash at any point leaves the old ``path`` (or none) and no temporary file behind (``also_remove``:
+    names of the writer's own temporaries). A failed write (disk full, no permission) raises ``OSError``
+    naming ``path``.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(tmp_name)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except Exception as err:
+        wrapped = _write_error(err, path)
+        if wrapped is None:
+            raise
+        raise wrapped from err
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for name in (tmp_name,) + tuple(also_remove):
+            leftover = path.with_name(name)
+            if leftover.exists():
+                leftover.unlink()
 
 
 def save_checkpoint(path: PathLike, tensors: Mapping[str, Union[ms.Parameter, ms.Tensor, np.ndarray]],
@@ -76,9 +108,12 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Union[ms.Parameter, ms
             data = ms.Parameter(ms.Tensor(np.asarray(value.asnumpy() if isinstance(value, ms.Tensor) else value)),
                                 name=name, requires_grad=False)
         items.append({"name": name, "data": data})
-    # MindSpore appends ".ckpt" to names without it, so the temporary name keeps the suffix
-    _atomic_write(path, f".{path.stem}.tmp-{os.getpid()}.ckpt",
-                  lambda tmp: ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: json.dumps(meta)}))
+    # MindSpore appends ".ckpt" to names without it, so the temporary name keeps the suffix; MindSpore itself
+    # writes "<name>.tmp" first and leaves it behind when the write fails (a full disk)
+    tmp_name = f".{path.stem}.tmp-{os.getpid()}"
+    _atomic_write(path, tmp_name + ".ckpt",
+                  lambda tmp: ms.save_checkpoint(items, str(tmp), append_dict={META_KEY: json.dumps(meta)}),
+                  also_remove=(tmp_name + ".tmp",))
     return path
 
 
@@ -91,8 +126,8 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict]:
         raw = ms.load_checkpoint(str(path))
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long messages
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a MindSpore checkpoint): "
-                              f"{first}") from err
+        raise UnreadableCheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a MindSpore "
+                                        f"checkpoint): {first}") from err
     if META_KEY not in raw:
         raise CheckpointError(f"{str(path)!r} is a MindSpore checkpoint but not an ms_diffusion one (no metadata); "
                               f"convert foreign weights with scripts/convert_checkpoint.py")
@@ -117,6 +152,52 @@ def list_checkpoints(directory: PathLike) -> List[Tuple[int, Path]]:
 def latest_checkpoint(directory: PathLike) -> Optional[Path]:
     found = list_checkpoints(directory)
     return found[-1][1] if found else None
+
+
+def newest_readable_checkpoint(directory: PathLike, log: Callable[[str], None] = print
+                               ) -> Optional[Tuple[Path, Dict[str, np.ndarray], Dict]]:
+    """(path, arrays, meta) of the newest step checkpoint in ``directory`` that reads, None if there is none.
+
+    A newer file that does not read (truncated by a full disk, a copy cut short) is skipped with one line
+    through ``log`` naming it and the one used instead; if none reads, the newest one's error is raised.
+    """
+    found = list_checkpoints(directory)
+    first_error: Optional[CheckpointError] = None
+    bad: List[Tuple[Path, CheckpointError]] = []
+    for _, path in reversed(found):
+        try:
+            arrays, meta = load_checkpoint(path)
+        except CheckpointError as err:
+            first_error = first_error or err
+            bad.append((path, err))
+            continue
+        for bad_path, err in bad:
+            log(skipped_checkpoint_line(bad_path, err, path, meta.get("step")))
+        return path, arrays, meta
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def skipped_checkpoint_line(bad: PathLike, err: CheckpointError, used: PathLike, step) -> str:
+    """The one line that says a newer file was passed over: which, why, and what is used instead."""
+    why = "is unreadable (truncated or corrupt)" if isinstance(err, UnreadableCheckpointError) else f"was skipped ({err})"
+    return f"{bad} {why}; using {used} (step {step}) instead"
+
+
+def remove_temporaries(directory: PathLike, pid: Optional[int] = None) -> List[Path]:
+    """Delete the temporary files this process (``pid``) left in ``directory`` mid-write (an abort)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.glob(f".*.tmp-{os.getpid() if pid is None else int(pid)}*"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def prune_checkpoints(directory: PathLike, keep_last: int) -> List[Path]:
@@ -154,7 +235,7 @@ def load_safetensors(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict]:
             header = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
-        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
+        raise UnreadableCheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
     if META_KEY not in header:
         raise CheckpointError(f"{str(path)!r} has no ms_diffusion metadata; convert foreign weights with "
                               f"scripts/convert_checkpoint.py")

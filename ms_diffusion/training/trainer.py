@@ -9,6 +9,7 @@ one thing a resume does not replay.
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -61,6 +62,7 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 1000
     keep_last: int = 3
+    max_bad_steps: int = 20           # this many skipped (non-finite) updates in a row stop the run; 0: never
     sample_every: int = 1000
     num_samples: int = 16
     export_safetensors: bool = True
@@ -84,6 +86,7 @@ class TrainConfig:
             (self.ema_warmup in EMA_WARMUPS, f"ema_warmup must be one of {EMA_WARMUPS}"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must lie in [0, 1)"),
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
+            (self.max_bad_steps >= 0, "max_bad_steps must be >= 0 (0 never stops a diverging run)"),
             (self.eval_every >= 0, "eval_every must be >= 0 (0 turns periodic evaluation off)"),
             (self.eval_features in EXTRACTOR_KINDS, f"eval_features must be one of {EXTRACTOR_KINDS}"),
             (self.eval_features != "inception" or not self.eval_every or self.eval_weights,
@@ -215,7 +218,8 @@ class Trainer(TrainerBase):
         t_last, steps_last = time.perf_counter(), self.step
         last_loss, img_per_s = float("nan"), 0.0
         batches = self._batches()
-        try:
+        with self._stop_signals() as stop, closing(bar):
+            self._stop_if_asked(stop)
             while self.step < cfg.num_steps:
                 images, labels = next(batches)
                 inputs = self.diffusion.training_inputs(images, self.rng, labels if self.conditional else None)
@@ -228,7 +232,8 @@ class Trainer(TrainerBase):
                 if norm is None:
                     continue  # accumulating micro-batches
                 self.step += 1
-                if not bool(finite.asnumpy()):
+                finite = bool(finite.asnumpy())
+                if not finite:
                     self.overflows += 1
                 self.ema.update()
                 bar.update(1)
@@ -245,16 +250,17 @@ class Trainer(TrainerBase):
                     self._history.append((self.step, last_loss))
                     self._log_line(record)
                     bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{img_per_s:.1f}")
+                self._track_update(finite)   # max_bad_steps skipped updates in a row: TrainingDiverged
                 if (self.evaluate_fn is not None and self.is_main and cfg.eval_every
                         and (self.step % cfg.eval_every == 0 or self.step == cfg.num_steps)):
                     self._evaluate()  # before saving, so the checkpoint knows the best so far
-                if self.step % cfg.save_every == 0 or self.step == cfg.num_steps:
-                    self.save()
+                saved = None
+                if self._save_due():
+                    saved = self.save()
                     self._write_plots()
                 if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.num_steps):
                     self._sample_grid()
-        finally:
-            bar.close()
+                self._stop_if_asked(stop, saved)   # after SIGINT / SIGTERM: TrainingInterrupted, with a checkpoint
         summary = {"step": self.step, "loss": last_loss, "img_per_s": img_per_s, "overflows": self.overflows,
                    "out_dir": str(self.out_dir)}
         if self.best_eval is not None:
