@@ -81,6 +81,7 @@ def _peak_rss(argv, cwd, env) -> int:
     return kib[0] * 1024
 
 
+@pytest.mark.slow
 def test_7_evaluation_memory_does_not_grow_with_the_reference_set(tmp_path):
     """100 samples of 3x96x96, --max-reference 120: a 10x larger training split (3000 vs 300 images) used to be
     loaded whole at 3x96x96 (~1 GB more) before the subset was taken; now only what is asked is read."""

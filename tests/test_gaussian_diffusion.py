@@ -170,6 +170,7 @@ def test_offset_noise_and_immiscible_inputs():
     dict(objective="pred_v", self_condition=True, loss_type="l1", original_elbo_weight=0.1, learn_logvar=True),
     dict(objective="pred_x0", num_classes=3, loss_type="huber", v_posterior=0.1, zero_terminal_snr=True),
 ])
+@pytest.mark.slow
 def test_option_paths_train_and_sample(kwargs):
     d = tiny(sampling_timesteps=4, **kwargs)
     d.set_train(True)

@@ -130,6 +130,7 @@ def test_learned_variance_comes_from_the_conditional_pass():
     assert_close(log_var, want)
 
 
+@pytest.mark.slow
 def test_scale_zero_is_unconditional_and_scale_one_is_conditional():
     d = conditional("pred_v")
     kwargs = dict(sampler="dpmpp", steps=4, seed=3)

@@ -149,6 +149,7 @@ def test_training_inputs_and_graph_mode_equal_pynative():
         np.testing.assert_allclose(g.asnumpy(), e.asnumpy(), rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_guided_sampling_equals_two_pass_definition():
     ldm = _build("crossattn")
     ldm.set_train(False)

@@ -36,6 +36,7 @@ class _Ref:
         return "test reference"
 
 
+@pytest.mark.slow
 def test_evaluator_is_the_frechet_distance_of_seeded_samples():
     ms.set_seed(0)
     diffusion = _tiny(num_classes=3)

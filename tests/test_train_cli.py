@@ -134,6 +134,7 @@ def test_kill_and_resume_reaches_the_same_weights(workdir, uninterrupted):
     assert meta_a["batch_in_epoch"] == meta_b["batch_in_epoch"]
 
 
+@pytest.mark.slow
 def test_run_folder_contents(uninterrupted):
     for name in ("config.yaml", "log.jsonl", "loss.png", "model.safetensors"):
         assert (uninterrupted / name).is_file(), name
@@ -173,6 +174,7 @@ def test_user_errors_are_one_line(workdir, args, rc, message):
     assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_into_a_different_model_and_bad_class_are_clear_errors(workdir, uninterrupted):
     proc = _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", uninterrupted, "--resume",
                  "--set", "model.dim=16"], workdir, check=False)
