@@ -256,7 +256,6 @@ class StopWatcher:
             if folder is not None:
                 self._folders.remove(str(folder))
 
-
     @contextlib.contextmanager
     def immediate(self, cleanup: Optional[Callable[[], None]] = None) -> Iterator["StopWatcher"]:
         """Within the block a signal ends the process at once (exit 128 + signum), after ``cleanup``."""
