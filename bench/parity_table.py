@@ -132,7 +132,7 @@ def lucidrains_unet(kwargs: Dict[str, Any], name: str = "lucidrains Unet", size:
     """lucidrains Unet -> our Unet, config inferred from the weight shapes."""
     from ms_diffusion import Unet
     from ms_diffusion.interop.lucidrains import infer_unet_config, unet_plan
-    from ms_diffusion.interop.state import load_arrays_into
+    from ms_diffusion.io.state import load_arrays_into
 
     torch = _torch()
     L = _lucidrains()
@@ -258,7 +258,7 @@ def _reference_vae(tmp: Path):
 
 def _load_converted_model(path: Path):
     from ms_diffusion.interop.checkpoints import build_from_config, read_ms_checkpoint
-    from ms_diffusion.interop.state import load_arrays_into
+    from ms_diffusion.io.state import load_arrays_into
 
     config, groups, meta = read_ms_checkpoint(path)
     _, model = build_from_config(config, (meta.get("first_stage") or {}).get("model"))

@@ -496,7 +496,7 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
             raise ConfigError("diffusion.first_stage: the latent diffusion needs its autoencoder: set it to the run "
                               "folder (or checkpoint) of an autoencoder trained with train.py")
         from ms_diffusion.pipeline import load_autoencoder  # the pipeline imports this module
-        from ms_diffusion.training.checkpoint import CheckpointError
+        from ms_diffusion.io.checkpoint import CheckpointError
 
         try:
             first_stage_model, info = load_autoencoder(first_stage)

@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ms_diffusion.interop.state import ConversionError, load_arrays_into
-    from ms_diffusion.metrics.classifier import file_sha256
+    from ms_diffusion.io.state import ConversionError, load_arrays_into
+    from ms_diffusion.io.hashing import file_sha256
     from ms_diffusion.metrics.inception import InceptionV3FID, convert_fid_inception_state_dict, save_fid_inception
 
     src = Path(args.weights)

@@ -297,7 +297,7 @@ def test_9_pytorch_checkpoint_says_convert_it(tmp_path):
 ])
 def test_9_pytorch_checkpoint_variants(tmp_path, name, content):
     from ms_diffusion.pipeline import load_diffusion
-    from ms_diffusion.training.checkpoint import CheckpointError
+    from ms_diffusion.io.checkpoint import CheckpointError
 
     path = tmp_path / name
     _torch_zip(path) if content == "zip" else path.write_bytes(content)

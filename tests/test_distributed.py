@@ -20,7 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ms_diffusion.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ms_diffusion.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "scripts" / "run_distribute_train.sh"

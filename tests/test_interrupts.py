@@ -27,7 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ms_diffusion.training.checkpoint import (export_safetensors, latest_checkpoint, list_checkpoints,
+from ms_diffusion.io.checkpoint import (export_safetensors, latest_checkpoint, list_checkpoints,
                                               load_checkpoint, load_safetensors)
 
 pytestmark = pytest.mark.slow   # a dozen small training runs in subprocesses (~1-2 min on 2 cores)

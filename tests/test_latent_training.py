@@ -13,7 +13,7 @@ import yaml
 from ms_diffusion.cli.sample import main as sample_main
 from ms_diffusion.cli.train import main as train_main
 from ms_diffusion.diffusion import LatentDiffusion
-from ms_diffusion.training.checkpoint import latest_checkpoint, load_checkpoint, load_safetensors
+from ms_diffusion.io.checkpoint import latest_checkpoint, load_checkpoint, load_safetensors
 from tests.test_train_cli import _images
 
 pytestmark = pytest.mark.slow   # two small training runs through the CLIs (~1.5 min on 2 cores)

@@ -273,7 +273,7 @@ def test_classifier_checkpoint_round_trip_and_errors(tmp_path):
     x = np.random.default_rng(9).random((3, 1, 28, 28)).astype(np.float32)
     np.testing.assert_allclose(classifier_outputs(loaded, x)[0], classifier_outputs(net, x)[0], rtol=1e-6)
     assert meta["test_accuracy"] == 0.5 and len(meta["sha256"]) == 64 and loaded.config == TINY
-    from ms_diffusion.training.checkpoint import CheckpointError
+    from ms_diffusion.io.checkpoint import CheckpointError
 
     with pytest.raises(CheckpointError, match="does not exist; train one"):
         load_classifier(tmp_path / "missing.ckpt")

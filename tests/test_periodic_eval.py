@@ -10,7 +10,7 @@ from ms_diffusion.config import ConfigError, build_diffusion, config_from_dict
 from ms_diffusion.metrics import FeatureExtractor, fit_to_extractor, frechet_distance_from_features, gaussian_stats
 from ms_diffusion.pipeline import generate, load_diffusion
 from ms_diffusion.training import TrainConfig, Trainer
-from ms_diffusion.training.checkpoint import load_checkpoint, load_safetensors
+from ms_diffusion.io.checkpoint import load_checkpoint, load_safetensors
 from ms_diffusion.training.evaluation import SampleEvaluator, build_evaluator
 
 from .test_training import FixedBatches

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ms_diffusion.training.checkpoint import list_checkpoints, load_checkpoint
+from ms_diffusion.io.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, N_IMAGES, BATCH = 16, 12, 4

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from ms_diffusion.training.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from ms_diffusion.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE_EVERY, STOP_AT = 40, 20, 30   # killed at step 30: after the step-20 checkpoint, before step 40's

@@ -9,7 +9,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.amp import DynamicLossScaler
 
 from ms_diffusion.training import EMA, TrainStep, build_lr_schedule
-from ms_diffusion.training.checkpoint import (CheckpointError, export_safetensors, list_checkpoints, load_checkpoint,
+from ms_diffusion.io.checkpoint import (CheckpointError, export_safetensors, list_checkpoints, load_checkpoint,
                                               load_safetensors, prune_checkpoints, save_checkpoint)
 from ms_diffusion.training.optim import current_lr
 

@@ -9,7 +9,7 @@
 """
 from ms_diffusion.interop.names import LUCIDRAINS_UNET_TO_MS, MS_TO_LUCIDRAINS_UNET, rename
 from ms_diffusion.interop.plan import Plan, build_plan
-from ms_diffusion.interop.state import ConversionError, load_arrays_into, named_parameters, state_arrays
+from ms_diffusion.io.state import ConversionError, load_arrays_into, named_parameters, state_arrays
 from ms_diffusion.interop.transforms import Transform
 
 __all__ = ["LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET", "rename", "ConversionError", "load_arrays_into",

@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 from mindspore import nn
 
-from ms_diffusion.interop.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, load_arrays_into
 from ms_diffusion.interop.torch_io import PathLike
 
 __all__ = ["Converted", "save_converted", "read_ms_checkpoint", "build_from_config", "build_network_section",
@@ -106,7 +106,7 @@ def save_converted(converted: Converted, path: PathLike, weights: str = "ema") -
     """Write ``converted``: a model as ``.ckpt`` (online + ema groups) or ``.safetensors`` (the ``weights``
     set), a bare network as ``.safetensors``. The weights are loaded into a model built from the recorded
     config first, so a file that would not load back is never written."""
-    from ms_diffusion.training.checkpoint import export_safetensors, save_checkpoint
+    from ms_diffusion.io.checkpoint import export_safetensors, save_checkpoint
 
     p = Path(path)
     provenance = dict(converted.meta)
@@ -144,7 +144,7 @@ def is_network_file(path: PathLike) -> bool:
     """True for a ``.safetensors`` network file written by ``save_converted`` (metadata ``network``)."""
     from safetensors import safe_open
 
-    from ms_diffusion.training.checkpoint import META_KEY
+    from ms_diffusion.io.checkpoint import META_KEY
 
     p = Path(path)
     if p.suffix != ".safetensors" or not p.is_file():
@@ -156,7 +156,7 @@ def is_network_file(path: PathLike) -> bool:
 
 def load_network(path: PathLike) -> Tuple[nn.Cell, Dict[str, np.ndarray], Dict[str, Any]]:
     """A network file -> (network with its weights loaded, {name: array}, metadata)."""
-    from ms_diffusion.training.checkpoint import load_safetensors
+    from ms_diffusion.io.checkpoint import load_safetensors
 
     arrays, meta = load_safetensors(path)
     if "network" not in meta:
@@ -171,27 +171,15 @@ def read_ms_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Dict[s
     """An ms_diffusion checkpoint (run folder, ``.ckpt`` or ``.safetensors``): (config dict, {group: arrays}, meta).
 
     Groups are ``online`` and ``ema`` of a ``.ckpt``; a ``.safetensors`` export has the one set its
-    metadata names. Optimizer and loss-scaler groups are training state and are left out.
+    metadata names (``io.weights.read_weight_groups``); a file that is not one raises ConversionError.
     """
-    from ms_diffusion.pipeline import resolve_checkpoint
-    from ms_diffusion.training.checkpoint import load_checkpoint, load_safetensors
+    from ms_diffusion.io.checkpoint import CheckpointError
+    from ms_diffusion.io.weights import read_weight_groups
 
-    p = resolve_checkpoint(path)
-    if p.suffix == ".safetensors":
-        arrays, meta = load_safetensors(p)
-        groups = {meta.get("weights", "ema"): arrays}
-    else:
-        arrays, meta = load_checkpoint(p)
-        groups = {}
-        for group in ("online", "ema"):
-            prefix = f"{group}."
-            found = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-            if found:
-                groups[group] = found
-    if "config" not in meta:
-        raise ConversionError(f"{p} has no experiment config in its metadata; it was not written by ms_diffusion")
-    if not groups:
-        raise ConversionError(f"{p} holds no online or ema weights")
+    try:
+        p, groups, meta = read_weight_groups(path)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
     meta = dict(meta)
     meta["path"] = str(p)
     return meta["config"], groups, meta

@@ -34,7 +34,7 @@ from ms_diffusion.interop.checkpoints import (Converted, autoencoder_experiment,
 from ms_diffusion.interop.names import (DIFFUSERS_ATTENTION_LAYOUT, DIFFUSERS_LEGACY_ATTENTION, DIFFUSERS_VAE_LAYOUT,
                                         TORCH_LEAVES, Spec, diffusers_unet_rules, diffusers_vae_rules)
 from ms_diffusion.interop.plan import Plan, build_plan
-from ms_diffusion.interop.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, load_arrays_into
 from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write_weights
 
 __all__ = ["vae_plan", "unet_plan", "autoencoder_config_from_diffusers", "unet_kwargs_from_diffusers",

@@ -38,7 +38,7 @@ from ms_diffusion.interop.checkpoints import (Converted, autoencoder_experiment,
                                               load_network, read_ms_checkpoint)
 from ms_diffusion.interop.names import LDM, LDM_SCHEDULE_BUFFERS
 from ms_diffusion.interop.plan import Entry, Plan, build_plan, select_prefix
-from ms_diffusion.interop.state import ConversionError, load_arrays_into, problem_report
+from ms_diffusion.io.state import ConversionError, load_arrays_into, problem_report
 from ms_diffusion.interop.torch_io import PathLike, flat_arrays, read_weights
 from ms_diffusion.interop.transforms import IDENTITY
 

@@ -33,7 +33,7 @@ import numpy as np
 from ms_diffusion.interop.checkpoints import Converted, build_from_config, read_ms_checkpoint
 from ms_diffusion.interop.names import LUCIDRAINS_SCHEDULE_BUFFERS, LUCIDRAINS_UNET
 from ms_diffusion.interop.plan import Plan, build_plan
-from ms_diffusion.interop.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, load_arrays_into
 from ms_diffusion.interop.torch_io import PathLike, flat_arrays, read_weights
 
 __all__ = ["infer_unet_config", "infer_schedule", "unet_plan", "diffusion_plan", "read_lucidrains",

@@ -19,39 +19,22 @@ the network by the ``*_rules`` functions below; they still return plain rule tab
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import List, Mapping, Sequence, Tuple, Type
 
 from mindspore import nn
 
+from ms_diffusion.io.state import Rule, rename, rename_staged
 from ms_diffusion.interop.transforms import CONV1D, FUSED_QKV, FUSED_QKV_BIAS, IDENTITY, LINEAR, Transform
 from ms_diffusion.models.unet_ldm import AttentionBlock
 from ms_diffusion.nn.norms import GroupNorm
 
-Rule = Tuple[str, str]
 Layout = Mapping[str, Tuple[Tuple[str, ...], Transform]]
 
 __all__ = ["Rule", "LeafRule", "Spec", "rename", "rename_staged", "LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET",
            "TORCH_LEAVES", "LUCIDRAINS_UNET", "LUCIDRAINS_SCHEDULE_BUFFERS", "LDM", "LDM_SCHEDULE_BUFFERS",
            "DIFFUSERS_VAE_LAYOUT", "DIFFUSERS_ATTENTION_LAYOUT", "DIFFUSERS_LEGACY_ATTENTION", "DIFFUSERS_RESNET",
            "diffusers_vae_rules", "diffusers_unet_rules"]
-
-
-def rename(name: str, rules: Sequence[Rule]) -> str:
-    """Apply the first matching rule (regex, replacement); names no rule matches are unchanged."""
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
-
-
-def rename_staged(name: str, stages: Sequence[Sequence[Rule]]) -> str:
-    """``rename`` through each stage of rules in turn."""
-    for rules in stages:
-        name = rename(name, rules)
-    return name
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 from mindspore import nn
 
 from ms_diffusion.interop.names import Spec, rename, rename_staged
-from ms_diffusion.interop.state import ConversionError, named_parameters, numpy_dtype, problem_report
+from ms_diffusion.io.state import ConversionError, named_parameters, numpy_dtype, problem_report
 from ms_diffusion.interop.transforms import IDENTITY, Transform
 
 __all__ = ["Entry", "Plan", "build_plan", "select_prefix"]

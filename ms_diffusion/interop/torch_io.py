@@ -14,7 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from ms_diffusion.interop.state import ConversionError
+from ms_diffusion.io.state import ConversionError
 
 __all__ = ["read_weights", "write_weights", "read_diffusers_folder", "flat_arrays", "contiguous", "PathLike"]
 

@@ -23,7 +23,6 @@ the default reaches >= 90% in three epochs (about ten minutes).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -35,10 +34,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from ms_diffusion.interop.state import ConversionError, load_arrays_into, named_parameters
+from ms_diffusion.io.hashing import file_sha256
+from ms_diffusion.io.state import ConversionError, load_arrays_into, named_parameters
 from ms_diffusion.nn.layers import conv2d, dense
 from ms_diffusion.runtime import maybe_jit
-from ms_diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ms_diffusion.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ms_diffusion.training.optim import build_lr_schedule, build_optimizer
 from ms_diffusion.training.step import TrainStep
 
@@ -219,15 +219,6 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, *, config: Classifi
         epoch += 1
     net.set_train(False)
     return net, history
-
-
-def file_sha256(path: PathLike) -> str:
-    """Hex SHA-256 of a file's bytes (the weights identity used in cache keys)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_classifier(net: FashionClassifier, path: PathLike, meta: Optional[Dict] = None) -> Path:

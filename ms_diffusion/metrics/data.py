@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ms_diffusion.io.hashing import update_with_file
 from ms_diffusion.data import build_source, canonical_dataset_name
 from ms_diffusion.data.source import ImageSource, PathLike
 
@@ -48,9 +49,7 @@ def _fingerprint(source: ImageSource, dataset: str, split: str) -> str:
         from ms_diffusion.data.fashion_mnist import _split_files
 
         for name in sorted(_split_files(split)):
-            with open(Path(folder) / name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
+            update_with_file(h, Path(folder) / name)
     else:
         h.update(str(source.origin).encode())
     return h.hexdigest()[:16]

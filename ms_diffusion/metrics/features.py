@@ -83,7 +83,7 @@ def classifier_extractor(weights: Optional[PathLike] = None, batch_size: int = 5
 
 def inception_extractor(weights: PathLike, batch_size: int = 50) -> FeatureExtractor:
     """pool3 features of the FID Inception-v3 from a checkpoint made by scripts/convert_fid_inception.py."""
-    from ms_diffusion.metrics.classifier import file_sha256
+    from ms_diffusion.io.hashing import file_sha256
     from ms_diffusion.metrics.inception import FID_FEATURE_DIM, inception_features, load_fid_inception
 
     path = Path(weights)

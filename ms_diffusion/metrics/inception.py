@@ -26,9 +26,9 @@ from typing import Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from ms_diffusion.interop.state import ConversionError, load_arrays_into, named_parameters
+from ms_diffusion.io.state import ConversionError, load_arrays_into, named_parameters
 from ms_diffusion.runtime import maybe_jit
-from ms_diffusion.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ms_diffusion.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 __all__ = ["InceptionV3FID", "BasicConv2d", "convert_fid_inception_state_dict", "load_fid_inception",
            "save_fid_inception", "inception_features", "INCEPTION_KIND", "FID_INPUT_SIZE", "FID_FEATURE_DIM"]

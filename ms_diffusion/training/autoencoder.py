@@ -36,14 +36,14 @@ from mindspore import Parameter, Tensor, nn, ops
 from tqdm.auto import tqdm
 
 from ms_diffusion.imageio import save_grid
-from ms_diffusion.interop.state import named_parameters
+from ms_diffusion.io.state import named_parameters
 from ms_diffusion.losses.autoencoder import (DISCRIMINATOR_LOG_KEYS, GENERATOR_LOG_KEYS, DiscriminatorLoss,
                                              GeneratorLoss, LPIPSWithDiscriminator)
 from ms_diffusion.models.autoencoder import AutoencoderKL
 from ms_diffusion.models.distributions import split_moments
 from ms_diffusion.runtime import maybe_jit
 from ms_diffusion.training.base import TrainerBase, optimizer_state
-from ms_diffusion.training.checkpoint import export_safetensors
+from ms_diffusion.io.checkpoint import export_safetensors
 from ms_diffusion.training.optim import build_lr_schedule, build_optimizer, current_lr
 from ms_diffusion.training.step import TrainStep
 from ms_diffusion.training.trainer import TrainConfig

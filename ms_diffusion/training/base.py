@@ -23,7 +23,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ms_diffusion.imageio import plot_losses
-from ms_diffusion.training.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
+from ms_diffusion.io.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
                                               newest_readable_checkpoint, prune_checkpoints, remove_temporaries,
                                               save_checkpoint)
 from ms_diffusion.training.distributed import check_replicas, gather_rng_states, resume_position, rng_for_resume

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ms_diffusion.training.checkpoint import list_checkpoints
+from ms_diffusion.io.checkpoint import list_checkpoints
 
 try:
     import fcntl

@@ -20,11 +20,11 @@ from mindspore import Tensor, nn
 from tqdm.auto import tqdm
 
 from ms_diffusion.imageio import save_grid
-from ms_diffusion.interop.state import named_parameters
+from ms_diffusion.io.state import named_parameters
 from ms_diffusion.metrics.features import EXTRACTOR_KINDS
 from ms_diffusion.training.amp import AMP_DTYPES, AMP_LEVELS, apply_amp
 from ms_diffusion.training.base import CHECKPOINT_FORMAT, TrainerBase, optimizer_state
-from ms_diffusion.training.checkpoint import export_safetensors
+from ms_diffusion.io.checkpoint import export_safetensors
 from ms_diffusion.training.ema import EMA, EMA_WARMUPS
 from ms_diffusion.training.optim import LR_SCHEDULES, OPTIMIZERS, build_lr_schedule, build_optimizer, current_lr
 from ms_diffusion.training.step import TrainStep, make_loss_scaler

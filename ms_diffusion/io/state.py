@@ -1,18 +1,38 @@
-"""Load named numpy arrays into a Cell, refusing any silent loss of weights."""
+"""State dicts: rename parameter names by rule tables, load named numpy arrays into a Cell refusing any silent
+loss of weights."""
 from __future__ import annotations
 
-from typing import Dict, Iterable, Mapping, Sequence
+import re
+from typing import Dict, Iterable, Mapping, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import nn
 
-from ms_diffusion.interop.names import Rule, rename
-
-__all__ = ["ConversionError", "load_arrays_into", "state_arrays", "named_parameters", "problem_report", "numpy_dtype"]
+__all__ = ["Rule", "rename", "rename_staged", "ConversionError", "load_arrays_into", "state_arrays",
+           "named_parameters", "problem_report", "numpy_dtype"]
 
 _NUMPY_DTYPES = {ms.float32: np.float32, ms.float16: np.float16, ms.float64: np.float64, ms.int32: np.int32,
                  ms.int64: np.int64, ms.int16: np.int16, ms.int8: np.int8, ms.uint8: np.uint8, ms.bool_: np.bool_}
+
+
+Rule = Tuple[str, str]
+
+
+def rename(name: str, rules: Sequence[Rule]) -> str:
+    """Apply the first matching rule (regex, replacement); names no rule matches are unchanged."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def rename_staged(name: str, stages: Sequence[Sequence[Rule]]) -> str:
+    """``rename`` through each stage of rules in turn."""
+    for rules in stages:
+        name = rename(name, rules)
+    return name
 
 
 class ConversionError(ValueError):
