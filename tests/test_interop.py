@@ -87,6 +87,31 @@ def test_transforms_are_exact_both_ways():
         LINEAR.torch_shapes((6, 4, 3, 3))
 
 
+def test_name_tables_derive_both_directions_and_refuse_ambiguity():
+    from ms_diffusion.interop import LUCIDRAINS_UNET_TO_MS, MS_TO_LUCIDRAINS_UNET, rename
+    from ms_diffusion.interop.names import LUCIDRAINS_UNET, LUCIDRAINS_UNET_NAMES, template_rules
+
+    assert LUCIDRAINS_UNET.rules == (tuple(MS_TO_LUCIDRAINS_UNET),)                 # the plan's table is the same
+    # the table's order does not matter: more specific templates are tried first
+    reordered = template_rules(LUCIDRAINS_UNET_NAMES[::-1])
+    for to_torch, to_ms in ((MS_TO_LUCIDRAINS_UNET, LUCIDRAINS_UNET_TO_MS), reordered):
+        for ours, theirs in (("downs.3.downsample.conv.weight", "downs.3.3.1.weight"),
+                             ("downs.3.downsample.weight", "downs.3.3.weight"),
+                             ("ups.0.upsample.conv.bias", "ups.0.3.1.bias"),
+                             ("ups.10.block2.block1.proj.bias", "ups.10.1.block1.proj.bias"),
+                             ("downs.1.attn.to_out.1.g", "downs.1.2.to_out.1.g"),
+                             ("mid_attn.to_qkv.weight", "mid_attn.to_qkv.weight")):
+            assert rename(ours, to_torch) == theirs and rename(theirs, to_ms) == ours
+    with pytest.raises(ValueError, match="appear twice"):
+        template_rules([("a.{i}.", "b.{i}."), ("c.{i}.", "b.{i}.")])                # not injective
+    with pytest.raises(ValueError, match="different placeholders"):
+        template_rules([("a.{i}.", "b.")])
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        template_rules([("a.{k}.", "b.{k}.")])
+    with pytest.raises(ValueError, match="ambiguous"):                             # x.downs. is claimed twice
+        template_rules([("x.{stage}.", "y.{stage}."), ("x.downs.", "z.")])
+
+
 def test_plan_lists_missing_unexpected_and_mismatched_names():
     from ms_diffusion.interop.lucidrains import unet_plan
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from ms_diffusion import Unet
-from ms_diffusion.interop import LUCIDRAINS_UNET_TO_MS, MS_TO_LUCIDRAINS_UNET, load_arrays_into, rename, state_arrays
+from ms_diffusion.interop import (LUCIDRAINS_UNET_TO_MS, MS_TO_LUCIDRAINS_UNET, load_arrays_into, named_parameters,
+                                  rename, state_arrays)
 
 
 def _inputs(b, c, h, w, seed=0):
@@ -105,3 +106,32 @@ def test_forward_parity_with_lucidrains(kwargs):
     assert rel < 5e-6, rel  # README: ≤5e-6 (worst case here, full attention + learned variance: 3.5e-6)
     back = {rename(k, MS_TO_LUCIDRAINS_UNET): v for k, v in state_arrays(net).items()}
     assert set(back) == set(ref.state_dict())
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("kwargs", [
+    dict(dim=8, dim_mults=(1, 2, 4), channels=1),                                  # full attention: last stage
+    dict(dim=8, dim_mults=(1, 2, 2, 4), channels=3, full_attn=(False,) * 4),       # linear attention only
+    dict(dim=8, dim_mults=(1, 2), channels=3, learned_variance=True, full_attn=(True, True)),
+    dict(dim=16, dim_mults=(1,), channels=1),                                      # one stage: bare convs only
+    dict(dim=8, init_dim=12, dim_mults=(1, 3, 2), channels=2, self_condition=True, learned_sinusoidal_cond=True,
+         attn_heads=(1, 2, 2), attn_dim_head=(8, 8, 16), full_attn=(False, True, False)),
+    dict(dim=8, dim_mults=(2, 4), channels=1, random_fourier_features=True, out_dim=5),
+])
+def test_lucidrains_name_maps_are_a_bijection(kwargs):
+    """Every anchor key maps to one of our parameters (same shape) and back, every parameter of ours to an
+    anchor key and back, no two names collide -- and the conversion plan uses the same table."""
+    from ms_diffusion.interop.lucidrains import unet_plan
+    from tests.anchors import lucidrains
+
+    theirs = {k: tuple(v.shape) for k, v in lucidrains().Unet(**kwargs).state_dict().items()}
+    net = Unet(**kwargs)
+    ours = {k: tuple(p.shape) for k, p in named_parameters(net).items()}
+    to_ms = {k: rename(k, LUCIDRAINS_UNET_TO_MS) for k in theirs}
+    to_torch = {k: rename(k, MS_TO_LUCIDRAINS_UNET) for k in ours}
+    assert len(set(to_ms.values())) == len(theirs) and len(set(to_torch.values())) == len(ours)   # injective
+    assert set(to_ms.values()) == set(ours), sorted(set(to_ms.values()) ^ set(ours))[:5]            # onto
+    assert set(to_torch.values()) == set(theirs), sorted(set(to_torch.values()) ^ set(theirs))[:5]
+    assert all(to_torch[ms] == k for k, ms in to_ms.items())                                        # inverse
+    assert all(ours[ms] == theirs[k] for k, ms in to_ms.items())
+    assert {e.ms_name: e.torch_names for e in unet_plan(net).entries} == {k: (t,) for k, t in to_torch.items()}

@@ -43,6 +43,15 @@ __all__ = ["vae_plan", "unet_plan", "autoencoder_config_from_diffusers", "unet_k
 DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
+# config.json keys that are plain renames of ours, (our key, diffusers' key, diffusers' default): read and
+# written from these tables. AutoencoderKL: ldm's ddconfig; UNet: UNetModel kwargs (= its attributes).
+_VAE_CONFIG_KEYS: Tuple[Tuple[str, str, int], ...] = (
+    ("in_channels", "in_channels", 3), ("out_ch", "out_channels", 3), ("num_res_blocks", "layers_per_block", 1),
+    ("norm_num_groups", "norm_num_groups", 32), ("resolution", "sample_size", 32))
+_UNET_CONFIG_KEYS: Tuple[Tuple[str, str, int], ...] = (
+    ("image_size", "sample_size", 64), ("in_channels", "in_channels", 4), ("out_channels", "out_channels", 4),
+    ("num_res_blocks", "layers_per_block", 2))
+
 
 # ----------------------------------------------------------------------------- plans
 
@@ -100,6 +109,23 @@ def _expect(config: Mapping[str, Any], problems: List[str], key: str, allowed, w
         problems.append(f"{key}={value!r}" + (f" ({what})" if what else ""))
 
 
+def _read_keys(config: Mapping[str, Any], table, problems: List[str]) -> Dict[str, int]:
+    """{our key: int} for a ``*_CONFIG_KEYS`` table (diffusers' default where the key is absent or null)."""
+    out = {}
+    for ours, theirs, default in table:
+        value = config.get(theirs)
+        if isinstance(value, (list, tuple)):
+            problems.append(f"per-level {theirs}")
+            value = None
+        out[ours] = default if value is None else int(value)
+    return out
+
+
+def _write_keys(values: Mapping[str, Any], table) -> Dict[str, int]:
+    """{diffusers' key: int} for a ``*_CONFIG_KEYS`` table from our values (absent or None: diffusers' default)."""
+    return {theirs: default if values.get(ours) is None else int(values[ours]) for ours, theirs, default in table}
+
+
 def _per_level(value, n: int) -> List:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
@@ -119,11 +145,9 @@ def autoencoder_config_from_diffusers(config: Mapping[str, Any]) -> Tuple[Dict[s
     if any(c % blocks[0] for c in blocks):
         problems.append(f"block_out_channels={blocks} are not multiples of the first")
     latent = int(config.get("latent_channels", 4))
-    ddconfig = {"double_z": True, "z_channels": latent, "resolution": int(config.get("sample_size", 32)),
-                "in_channels": int(config.get("in_channels", 3)), "out_ch": int(config.get("out_channels", 3)),
-                "ch": int(blocks[0]), "ch_mult": [int(c // blocks[0]) for c in blocks],
-                "num_res_blocks": int(config.get("layers_per_block", 1)), "attn_resolutions": [], "dropout": 0.0,
-                "norm_num_groups": int(config.get("norm_num_groups", 32))}
+    ddconfig = {"double_z": True, "z_channels": latent, **_read_keys(config, _VAE_CONFIG_KEYS, problems),
+                "ch": int(blocks[0]), "ch_mult": [int(c // blocks[0]) for c in blocks], "attn_resolutions": [],
+                "dropout": 0.0}
     if not config.get("mid_block_add_attention", True):
         ddconfig["attn_type"] = "none"
     return {"ddconfig": ddconfig, "embed_dim": latent}, problems
@@ -220,16 +244,12 @@ def unet_kwargs_from_diffusers(config: Mapping[str, Any], class_name: Optional[s
         if groups is not None and groups != config.get("norm_num_groups", 32):
             problems.append(f"attn_norm_num_groups={groups} differs from norm_num_groups")
     kwargs: Dict[str, Any] = {
-        "image_size": int(config.get("sample_size") or 64), "in_channels": int(config.get("in_channels", 4)),
-        "model_channels": channels[0], "out_channels": int(config.get("out_channels", 4)),
-        "num_res_blocks": int(config.get("layers_per_block", 2)),
+        **_read_keys(config, _UNET_CONFIG_KEYS, problems), "model_channels": channels[0],
         "attention_resolutions": [2 ** i for i in levels], "dropout": float(config.get("dropout", 0.0)),
         "channel_mult": [c // channels[0] for c in channels],
         "use_scale_shift_norm": config.get("resnet_time_scale_shift") == "scale_shift",
         "norm_num_groups": int(config.get("norm_num_groups", 32)), "legacy": False,
     }
-    if isinstance(config.get("layers_per_block"), (list, tuple)):
-        problems.append("per-level layers_per_block")
     if any(c % channels[0] for c in channels):
         problems.append(f"block_out_channels={channels} are not multiples of the first")
     if config.get("num_class_embeds") is not None:
@@ -262,11 +282,10 @@ def diffusers_vae_config(vae) -> Dict[str, Any]:
         raise ConversionError("this AutoencoderKL has no diffusers counterpart: " + "; ".join(problems))
     ch = int(dd["ch"])
     n = len(dd.get("ch_mult", (1, 2, 4, 8)))
-    return {"_class_name": "AutoencoderKL", "in_channels": int(dd["in_channels"]), "out_channels": int(dd["out_ch"]),
+    return {"_class_name": "AutoencoderKL", **_write_keys(dd, _VAE_CONFIG_KEYS),
             "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
             "block_out_channels": [ch * int(m) for m in dd.get("ch_mult", (1, 2, 4, 8))],
-            "layers_per_block": int(dd["num_res_blocks"]), "act_fn": "silu", "latent_channels": vae.embed_dim,
-            "norm_num_groups": int(dd.get("norm_num_groups", 32)), "sample_size": int(dd["resolution"]),
+            "act_fn": "silu", "latent_channels": vae.embed_dim,
             "mid_block_add_attention": dd.get("attn_type", "vanilla") != "none"}
 
 
@@ -323,8 +342,8 @@ def diffusers_unet_config(unet) -> Dict[str, Any]:
     levels = [i for i in range(n) if 2 ** i in unet.attention_resolutions]
     attn = _attention_layers(unet)
     mid = unet.middle_block.cell_list[1]
-    common = {"sample_size": unet.image_size, "in_channels": unet.in_channels, "out_channels": unet.out_channels,
-              "block_out_channels": channels, "layers_per_block": unet.num_res_blocks, "flip_sin_to_cos": True,
+    ours = {key: getattr(unet, key) for key, _, _ in _UNET_CONFIG_KEYS}
+    common = {**_write_keys(ours, _UNET_CONFIG_KEYS), "block_out_channels": channels, "flip_sin_to_cos": True,
               "freq_shift": 0, "act_fn": "silu", "norm_num_groups": int(unet.out[0].num_groups), "norm_eps": 1e-5,
               "downsample_padding": 1, "num_class_embeds": unet.num_classes,
               "resnet_time_scale_shift": "scale_shift" if unet.middle_block.cell_list[0].use_scale_shift_norm

@@ -43,7 +43,7 @@ from ms_diffusion.interop.torch_io import PathLike, flat_arrays, read_weights
 from ms_diffusion.interop.transforms import IDENTITY
 
 __all__ = ["LdmConfig", "parse_ldm_config", "read_ldm_checkpoint", "unet_plan", "autoencoder_plan",
-           "latent_diffusion_plan", "lit_ema_state", "ldm_to_ms", "ms_to_ldm", "COMPONENTS",
+           "latent_diffusion_plan", "lit_ema_key", "lit_ema_state", "ldm_to_ms", "ms_to_ldm", "COMPONENTS",
            "UNET_PREFIX", "FIRST_STAGE_PREFIX", "COND_STAGE_PREFIX"]
 
 UNET_PREFIX = "model.diffusion_model."
@@ -221,6 +221,14 @@ def read_ldm_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict[str
     return flat_arrays(content, str(path)), info
 
 
+def lit_ema_key(torch_name: str) -> str:
+    """LitEma's key (after ``model_ema.``) for a ``model.*`` name: LitEma shadows the DiffusionWrapper's parameters
+    under their names without dots (``model.diffusion_model.out.2.bias`` -> ``diffusion_modelout2bias``)."""
+    if not torch_name.startswith("model."):
+        raise ValueError(f"LitEma shadows model.* parameters only, not {torch_name!r}")
+    return torch_name[len("model."):].replace(".", "")
+
+
 def lit_ema_state(state: Mapping[str, np.ndarray], torch_names: List[str]) -> Optional[Dict[str, np.ndarray]]:
     """The UNet weights held by LitEma (``model_ema.<name without dots>``), under their ``model.*`` names.
 
@@ -233,7 +241,7 @@ def lit_ema_state(state: Mapping[str, np.ndarray], torch_names: List[str]) -> Op
         return None
     flat = {}
     for name in torch_names:
-        key = name[len("model."):].replace(".", "")
+        key = lit_ema_key(name)
         if key in flat:
             raise ConversionError(f"LitEma names {flat[key]!r} and {name!r} identically ({key!r})")
         flat[key] = name
@@ -404,7 +412,7 @@ def ms_to_ldm(path: PathLike, weights: str = "ema", prefix: Optional[str] = None
     if weights == "both":
         for t, v in plan.to_torch(groups["ema"]).items():
             if t.startswith(UNET_PREFIX):
-                out[EMA_PREFIX + t[len("model."):].replace(".", "")] = v
+                out[EMA_PREFIX + lit_ema_key(t)] = v
         out[EMA_PREFIX + "decay"] = np.array(0.9999, np.float32)
         out[EMA_PREFIX + "num_updates"] = np.array(int((meta.get("ema") or {}).get("step", 0)), np.int32)
     return out

@@ -44,6 +44,8 @@ LUCIDRAINS_DIFFUSION_DEFAULTS: Dict[str, Any] = {"timesteps": 1000, "objective":
                                                  "ddim_sampling_eta": 0.0, "auto_normalize": True}
 _TRAINER_KEYS = {"step", "model", "opt", "ema", "scaler", "version"}
 _EMA_COUNTERS = ("initted", "step")
+# ema-pytorch's EMA holds the averaged copy and the online module under these prefixes
+_EMA_AVERAGED, _EMA_ONLINE = "ema_model.", "online_model."
 
 
 # ----------------------------------------------------------------------------- Unet config from shapes
@@ -199,12 +201,12 @@ def diffusion_plan(diffusion, buffer_hint: str = "") -> Plan:
 
 def _split_ema(ema: Mapping[str, Any]) -> Tuple[Dict[str, np.ndarray], Optional[Dict[str, np.ndarray]], int]:
     """ema-pytorch state dict -> (averaged model, online model copy or None, EMA step)."""
-    averaged = {k[len("ema_model."):]: v for k, v in ema.items() if k.startswith("ema_model.")}
-    online = {k[len("online_model."):]: v for k, v in ema.items() if k.startswith("online_model.")}
-    other = sorted(k for k in ema if not k.startswith(("ema_model.", "online_model.")) and k not in _EMA_COUNTERS)
+    averaged = {k[len(_EMA_AVERAGED):]: v for k, v in ema.items() if k.startswith(_EMA_AVERAGED)}
+    online = {k[len(_EMA_ONLINE):]: v for k, v in ema.items() if k.startswith(_EMA_ONLINE)}
+    other = sorted(k for k in ema if not k.startswith((_EMA_AVERAGED, _EMA_ONLINE)) and k not in _EMA_COUNTERS)
     if other or not averaged:
         raise ConversionError(f"the 'ema' entry is not an ema-pytorch EMA state dict (unexpected keys "
-                              f"{other[:5]}, {len(averaged)} ema_model.* keys)")
+                              f"{other[:5]}, {len(averaged)} {_EMA_AVERAGED}* keys)")
     step = int(np.asarray(ema.get("step", 0)))
     return flat_arrays(averaged, "ema.ema_model"), (flat_arrays(online, "ema.online_model") if online else None), step
 
@@ -234,7 +236,7 @@ def read_lucidrains(path: PathLike) -> Dict[str, Any]:
         step = content.get("step")
         return {"kind": "trainer", "online": online, "ema": ema, "step": None if step is None else int(step),
                 "ema_step": ema_step, "dropped": dropped, "version": content.get("version")}
-    if any(k.startswith("ema_model.") for k in content):
+    if any(k.startswith(_EMA_AVERAGED) for k in content):
         ema, ema_online, ema_step = _split_ema(content)
         return {"kind": "diffusion" if "betas" in ema else "unet", "online": ema_online or ema, "ema": ema,
                 "step": None, "ema_step": ema_step, "dropped": dropped}
@@ -342,8 +344,8 @@ def ms_to_lucidrains(path: PathLike, weights: str = "both", unet_only: bool = Fa
 
     ema_step = ((meta.get("ema") or {}).get("step") or (meta.get("converted_from") or {}).get("ema_step")
                 or meta.get("step") or 0)
-    ema = {f"online_model.{k}": v for k, v in states["online"].items()}
-    ema.update({f"ema_model.{k}": v for k, v in states["ema"].items()})
+    ema = {_EMA_ONLINE + k: v for k, v in states["online"].items()}
+    ema.update({_EMA_AVERAGED + k: v for k, v in states["ema"].items()})
     ema["initted"] = np.array(True)
     ema["step"] = np.array(int(ema_step), np.int64)
     return {"step": int(meta.get("step") or 0), "model": states["online"], "ema": ema,

@@ -1,10 +1,14 @@
-"""Parameter-name maps between PyTorch sources and ms_diffusion, as data.
+"""Parameter-name maps between PyTorch sources and ms_diffusion, as data: one table per source.
 
-Every map is written in one direction, **ours -> PyTorch**: ordered regex rules (the first rule
-that matches a name rewrites it) grouped in stages (each stage applies its first matching rule to
-the output of the previous one). ``ms_diffusion.interop.plan`` walks one of our cells, maps each
-parameter through a ``Spec`` and inverts the result, so the PyTorch -> ours direction and the
-missing / unexpected / shape checks come from the same table. What a table holds:
+Nothing is written in both directions. A source's ``Spec`` holds its rules **ours -> PyTorch**:
+ordered regex rules (the first rule that matches a name rewrites it) grouped in stages (each stage
+applies its first matching rule to the output of the previous one). ``ms_diffusion.interop.plan``
+walks one of our cells, maps each parameter through the ``Spec`` and inverts the result, so the
+PyTorch -> ours direction and the missing / unexpected / shape checks come from the same table.
+Where plain rename rules are wanted in both directions (``LUCIDRAINS_UNET_TO_MS`` for
+``load_arrays_into``), they are compiled from one table of (our template, their template) pairs with
+named placeholders (``downs.{i}.downsample.conv.`` <-> ``downs.{i}.3.1.``) by ``template_rules``,
+which also checks that the table is a bijection. What a ``Spec`` holds:
 
 * ``rules``: module paths (``downs.0.block1.`` -> ``downs.0.0.``);
 * ``TORCH_LEAVES``: leaf names implied by a layer's type (GroupNorm ``gamma`` -> ``weight``,
@@ -15,10 +19,12 @@ missing / unexpected / shape checks come from the same table. What a table holds
   separate q/k/v for our fused ``qkv``.
 
 Rule lists whose indices depend on the network (diffusers' block numbering) are generated from
-the network by the ``*_rules`` functions below; they still return plain rule tables.
+the network by the ``*_rules`` functions below; they still return plain rule tables (ours -> PyTorch).
 """
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import dataclass, field
 from typing import List, Mapping, Sequence, Tuple, Type
 
@@ -31,7 +37,8 @@ from ms_diffusion.nn.norms import GroupNorm
 
 Layout = Mapping[str, Tuple[Tuple[str, ...], Transform]]
 
-__all__ = ["Rule", "LeafRule", "Spec", "rename", "rename_staged", "LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET",
+__all__ = ["Rule", "LeafRule", "Spec", "rename", "rename_staged", "NamePair", "PLACEHOLDERS", "template_rules",
+           "LUCIDRAINS_UNET_NAMES", "LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET",
            "TORCH_LEAVES", "LUCIDRAINS_UNET", "LUCIDRAINS_SCHEDULE_BUFFERS", "LDM", "LDM_SCHEDULE_BUFFERS",
            "DIFFUSERS_VAE_LAYOUT", "DIFFUSERS_ATTENTION_LAYOUT", "DIFFUSERS_LEGACY_ATTENTION", "DIFFUSERS_RESNET",
            "diffusers_vae_rules", "diffusers_unet_rules"]
@@ -72,40 +79,114 @@ TORCH_LEAVES: Tuple[LeafRule, ...] = (
     LeafRule((nn.Embedding,), {"embedding_table": "weight"}),
 )
 
+# ----------------------------------------------------------------------------- name templates
+
+NamePair = Tuple[str, str]
+
+# what each ``{placeholder}`` of a template matches, and the values the table self-check tries
+PLACEHOLDERS: Mapping[str, Tuple[str, Tuple[str, ...]]] = {
+    "i": (r"\d+", ("0", "13")),
+    "stage": (r"downs|ups", ("downs", "ups")),
+}
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+def _fields(template: str) -> List[str]:
+    names = _FIELD.findall(template)
+    unknown = sorted(set(names) - set(PLACEHOLDERS))
+    if unknown:
+        raise ValueError(f"name template {template!r}: unknown placeholder(s) {unknown}; known: {sorted(PLACEHOLDERS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"name template {template!r} repeats a placeholder")
+    return names
+
+
+def _pattern(template: str) -> str:
+    r"""``downs.{i}.3.`` -> ``^downs\.(?P<i>\d+)\.3\.`` (matches a name's prefix)."""
+    parts, pos = ["^"], 0
+    for m in _FIELD.finditer(template):
+        parts += [re.escape(template[pos:m.start()]), f"(?P<{m.group(1)}>{PLACEHOLDERS[m.group(1)][0]})"]
+        pos = m.end()
+    return "".join(parts) + re.escape(template[pos:])
+
+
+def _replacement(template: str) -> str:
+    r"""``downs.{i}.downsample.`` -> ``downs.\g<i>.downsample.``."""
+    return _FIELD.sub(lambda m: rf"\g<{m.group(1)}>", template.replace("\\", "\\\\"))
+
+
+def _specificity(template: str) -> Tuple[int, int]:
+    """Sort key: more segments first, then more literal text (``downs.{i}.3.1.`` before ``downs.{i}.3.``)."""
+    return -template.count("."), -len(_FIELD.sub("", template))
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
+
+
+def template_rules(pairs: Sequence[NamePair]) -> Tuple[List[Rule], List[Rule]]:
+    """(rules ours -> PyTorch, rules PyTorch -> ours) from one table of (our template, their template) pairs,
+    so that both directions come from the same data.
+
+    A template is a module-path prefix with named placeholders (``downs.{i}.downsample.conv.``, see
+    ``PLACEHOLDERS``); both templates of a pair use the same ones. Rules are tried most specific template
+    first (``_specificity``), whatever the table's order. ValueError unless no template appears twice and
+    each pair, filled with the placeholders' example values, maps to its partner and back under the derived
+    rules (no other template claims it). That the rules are a bijection on a real network's names is
+    tested against the PyTorch networks (tests/test_unet.py).
+    """
+    for side in (0, 1):
+        seen = [p[side] for p in pairs]
+        twice = sorted({t for t in seen if seen.count(t) > 1})
+        if twice:
+            raise ValueError(f"name table: template(s) {twice} appear twice")
+    for ours, theirs in pairs:
+        if sorted(_fields(ours)) != sorted(_fields(theirs)):
+            raise ValueError(f"name templates {ours!r} and {theirs!r} use different placeholders")
+
+    def compiled(src: int) -> List[Rule]:
+        ordered = sorted(pairs, key=lambda p: _specificity(p[src]))
+        return [(_pattern(p[src]), _replacement(p[1 - src])) for p in ordered]
+
+    forward, backward = compiled(0), compiled(1)
+    for combination in itertools.product(*(examples for _, examples in PLACEHOLDERS.values())):
+        values = dict(zip(PLACEHOLDERS, combination))
+        for ours, theirs in pairs:
+            a, b = _fill(ours, values) + "w", _fill(theirs, values) + "w"
+            if rename(a, forward) != b or rename(b, backward) != a:
+                raise ValueError(f"name table is ambiguous: {a!r} <-> {b!r} does not survive the derived rules "
+                                 f"({a!r} -> {rename(a, forward)!r}, {b!r} -> {rename(b, backward)!r}); another "
+                                 f"template matches it too")
+    return forward, backward
+
+
 # ----------------------------------------------------------------------------- lucidrains
 
 # lucidrains keeps each U-Net stage as ModuleList([block1, block2, attn, down/upsample]); its
 # Down/Upsample are Sequential(rearrange or upsample, conv), the last stage a bare conv.
-LUCIDRAINS_UNET_TO_MS: List[Rule] = [
-    (r"^downs\.(\d+)\.3\.1\.", r"downs.\1.downsample.conv."),
-    (r"^downs\.(\d+)\.3\.", r"downs.\1.downsample."),
-    (r"^ups\.(\d+)\.3\.1\.", r"ups.\1.upsample.conv."),
-    (r"^ups\.(\d+)\.3\.", r"ups.\1.upsample."),
-    (r"^(downs|ups)\.(\d+)\.0\.", r"\1.\2.block1."),
-    (r"^(downs|ups)\.(\d+)\.1\.", r"\1.\2.block2."),
-    (r"^(downs|ups)\.(\d+)\.2\.", r"\1.\2.attn."),
-]
-
-MS_TO_LUCIDRAINS_UNET: List[Rule] = [
-    (r"^downs\.(\d+)\.downsample\.conv\.", r"downs.\1.3.1."),
-    (r"^downs\.(\d+)\.downsample\.", r"downs.\1.3."),
-    (r"^ups\.(\d+)\.upsample\.conv\.", r"ups.\1.3.1."),
-    (r"^ups\.(\d+)\.upsample\.", r"ups.\1.3."),
-    (r"^(downs|ups)\.(\d+)\.block1\.", r"\1.\2.0."),
-    (r"^(downs|ups)\.(\d+)\.block2\.", r"\1.\2.1."),
-    (r"^(downs|ups)\.(\d+)\.attn\.", r"\1.\2.2."),
-]
+# (our module-path prefix, lucidrains'); both rule lists are derived from this one table.
+LUCIDRAINS_UNET_NAMES: Tuple[NamePair, ...] = (
+    ("downs.{i}.downsample.conv.", "downs.{i}.3.1."),
+    ("downs.{i}.downsample.", "downs.{i}.3."),
+    ("ups.{i}.upsample.conv.", "ups.{i}.3.1."),
+    ("ups.{i}.upsample.", "ups.{i}.3."),
+    ("{stage}.{i}.block1.", "{stage}.{i}.0."),
+    ("{stage}.{i}.block2.", "{stage}.{i}.1."),
+    ("{stage}.{i}.attn.", "{stage}.{i}.2."),
+)
+MS_TO_LUCIDRAINS_UNET, LUCIDRAINS_UNET_TO_MS = template_rules(LUCIDRAINS_UNET_NAMES)
 
 LUCIDRAINS_UNET = Spec("denoising-diffusion-pytorch Unet", rules=(tuple(MS_TO_LUCIDRAINS_UNET),),
                        leaves=TORCH_LEAVES)
 
-# GaussianDiffusion's registered buffers (float32), in registration order; checked, never copied
-LUCIDRAINS_SCHEDULE_BUFFERS: Tuple[str, ...] = (
+# the schedule buffers ldm's DDPM.register_schedule and lucidrains' GaussianDiffusion both register
+# (float32, in registration order); checked against ours, never copied
+_SCHEDULE_BUFFERS: Tuple[str, ...] = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "loss_weight",
 )
+LUCIDRAINS_SCHEDULE_BUFFERS: Tuple[str, ...] = _SCHEDULE_BUFFERS + ("loss_weight",)
 
 # ----------------------------------------------------------------------------- ldm / Stable Diffusion
 
@@ -116,11 +197,7 @@ LDM = Spec("ldm", leaves=TORCH_LEAVES, layouts={
 })
 
 # ldm DDPM.register_schedule's persistent buffers (lvlb_weights is registered persistent=False)
-LDM_SCHEDULE_BUFFERS: Tuple[str, ...] = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-)
+LDM_SCHEDULE_BUFFERS: Tuple[str, ...] = _SCHEDULE_BUFFERS
 
 # ----------------------------------------------------------------------------- diffusers
 
