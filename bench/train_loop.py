@@ -29,7 +29,8 @@ def main() -> None:
     from mindspore import Tensor
 
     from ms_diffusion import runtime
-    from ms_diffusion.config import build_data_source, build_diffusion, load_config
+    from ms_diffusion.config import load_config
+    from ms_diffusion.experiment import build_data_source, build_diffusion
     from ms_diffusion.training import Trainer
 
     overrides = [f"train.num_steps={args.steps}", "train.warmup_steps=0", "train.sample_every=0",

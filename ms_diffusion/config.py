@@ -1,58 +1,47 @@
-"""Experiment configs: YAML -> validated, typed sections -> built objects.
+"""Experiment configs: YAML -> validated, typed sections. Parsing only: ``ms_diffusion.experiment`` builds.
 
 A config has top-level keys ``name, seed, device, mode, out_dir`` and sections:
 
-* ``model``: ``type`` (a registered network) + that class's constructor arguments;
-* ``diffusion``: ``type`` (a registered objective) + its arguments (the model is passed in);
-  ``latent`` names its frozen first stage, an autoencoder run (``first_stage``);
+* ``model``: ``type`` (a network registered in ``models.MODELS``) + its constructor arguments;
+* ``diffusion``: ``type`` (an objective in ``diffusion.DIFFUSIONS``) + its arguments (the model is
+  passed in); ``latent`` names its frozen first stage, an autoencoder run (``first_stage``);
 * ``loss`` instead of ``diffusion`` for autoencoder models (``model.type: autoencoder_kl``):
-  ``type`` (a registered autoencoder loss) + its arguments;
-* ``data``: ``name`` (a registered dataset) + ``build_source`` arguments;
+  ``type`` (an autoencoder loss in ``losses.LOSSES``) + its arguments;
+* ``data``: ``name`` (a dataset in ``data.DATASETS``) + its constructor arguments;
 * ``train``: ``TrainConfig`` fields; ``sample``: ``SampleConfig`` fields.
 
-Keys are checked against the registered class signatures / dataclass fields: an unknown or
-misspelt key is an error naming it and the closest valid key; values are coerced to the annotated
-types (YAML lists -> tuples, "1e-4" -> float) or rejected. Only ``yaml.safe_load`` is used, and a
-config can only name registered classes (no dotted-path imports).
+Keys are checked against the registered signatures / dataclass fields (``ms_diffusion.registry``):
+an unknown or misspelt key is an error naming it and the closest valid key; values are coerced to
+the annotated types (YAML lists -> tuples, "1e-4" -> float) or rejected. Only ``yaml.safe_load`` is
+used, and a config can only name registered classes (no dotted-path imports).
 """
 from __future__ import annotations
 
-import collections.abc
 import copy
 import dataclasses
-import difflib
-import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import yaml
 
-from ms_diffusion.diffusion import GaussianDiffusion, LatentDiffusion
-from ms_diffusion.diffusion.latent import LDM_DIFFUSION_DEFAULTS, ClassEmbedder
-from ms_diffusion.losses import LPIPSWithDiscriminator
-from ms_diffusion.models import AutoencoderKL, UNetModel, Unet
+from ms_diffusion.data import DATASETS
+from ms_diffusion.diffusion.registry import DIFFUSIONS
+from ms_diffusion.losses import LOSSES
+from ms_diffusion.metrics.features import EXTRACTOR_KINDS
+from ms_diffusion.models import MODELS
+from ms_diffusion.registry import ConfigError, coerce, unknown_key
 from ms_diffusion.training.trainer import TrainConfig
 
-__all__ = ["ConfigError", "ExperimentConfig", "SampleConfig", "load_config", "config_from_dict", "MODELS",
-           "DIFFUSIONS", "LOSSES", "AUTOENCODER_MODELS", "build_model", "build_network", "build_diffusion",
-           "build_autoencoder_loss", "build_latent_diffusion", "apply_overrides", "DEFAULT_CONFIG"]
+__all__ = ["ConfigError", "ExperimentConfig", "SampleConfig", "load_config", "config_from_dict", "apply_overrides",
+           "resolve_config_path", "AUTOENCODER_MODELS", "DEFAULT_CONFIG", "CONFIG_DIR"]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_CONFIG = "fashion_mnist_fast.yaml"
 
-MODELS: Dict[str, Callable] = {"unet": Unet, "unet_ldm": UNetModel, "autoencoder_kl": AutoencoderKL}
-DIFFUSIONS: Dict[str, Callable] = {"gaussian": GaussianDiffusion}   # + "latent", registered below its builder
 #: model types trained as autoencoders: their config has a ``loss`` section instead of ``diffusion``
 AUTOENCODER_MODELS = ("autoencoder_kl",)
-LOSSES: Dict[str, Callable] = {"lpips_discriminator": LPIPSWithDiscriminator}
-# arguments of a registered class that code passes in and a config cannot name
-_BUILD_ONLY = {"diffusion": ("self", "model", "first_stage_model"), "loss": ("self", "perceptual_model")}
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the fix."""
 
 
 @dataclass
@@ -112,8 +101,6 @@ class ExperimentConfig:
         return _plain(d)
 
 
-# ----------------------------------------------------------------------------- type coercion
-
 def _plain(value):
     """Tuples -> lists, recursively (for YAML/JSON)."""
     if isinstance(value, dict):
@@ -123,123 +110,6 @@ def _plain(value):
     return value
 
 
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _coerce(value, annotation, where: str):
-    """Return ``value`` converted to ``annotation`` or raise ConfigError naming ``where``."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return value
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} is not a valid {_type_name(annotation)}")
-    if origin in (tuple, list, collections.abc.Sequence) or annotation in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if args and origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],)
-        if args and origin is tuple and len(args) > 1:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, collections.abc.Mapping) or annotation is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        if not f.is_integer():
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(f)
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        try:
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    hint = f" — did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
-    return ConfigError(f"unknown key {where + key!r}{hint}")
-
-
-def _signature_params(fn: Callable, skip: Sequence[str]) -> Dict[str, inspect.Parameter]:
-    try:
-        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)
-    except Exception:  # an annotation that cannot be resolved: check names only for those
-        hints = {}
-    sig = inspect.signature(fn)
-    out = {}
-    for name, p in sig.parameters.items():
-        if name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        annotation = hints.get(name, p.annotation)
-        if isinstance(annotation, str):
-            annotation = inspect.Parameter.empty
-        out[name] = p.replace(annotation=annotation)
-    return out
-
-
-def _validate_kwargs(section: str, values: Mapping[str, Any], fn: Callable, skip: Sequence[str]) -> Dict[str, Any]:
-    params = _signature_params(fn, skip)
-    out = {}
-    for key, value in values.items():
-        if key not in params:
-            raise _unknown_key(key, params, f"{section}.")
-        out[key] = _coerce(value, params[key].annotation, f"{section}.{key}")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in out]
-    if missing:
-        raise ConfigError(f"{section}: missing required key(s) {missing}")
-    return out
-
-
-def _unknown_choice(where: str, what: str, value, choices: Sequence[str]) -> ConfigError:
-    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
-    hint = f" — did you mean {close[0]!r}?" if close else f"; choose one of {sorted(choices)}"
-    return ConfigError(f"{where}: unknown {what} {value!r}{hint}")
-
-
-def _registered(section: str, values: Mapping[str, Any], key: str, registry: Mapping[str, Callable],
-                skip: Sequence[str]) -> Dict[str, Any]:
-    values = dict(values or {})
-    kind = values.pop(key, None)
-    if kind is None:
-        raise ConfigError(f"{section}: missing {key!r}; choose one of {sorted(registry)}")
-    if kind not in registry:
-        raise _unknown_choice(f"{section}.{key}", key, kind, registry)
-    return {key: kind, **_validate_kwargs(section, values, registry[kind], skip)}
-
-
 def _dataclass_section(section: str, values: Mapping[str, Any], cls):
     values = dict(values or {})
     hints = typing.get_type_hints(cls)
@@ -247,19 +117,13 @@ def _dataclass_section(section: str, values: Mapping[str, Any], cls):
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise _unknown_key(key, names, f"{section}.")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
+            raise unknown_key(key, names, f"{section}.")
+        kwargs[key] = coerce(value, hints[key], f"{section}.{key}")
     return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------- loading
 
-def _data_builder():
-    from ms_diffusion.data import DATASET_NAMES, build_source
-    return DATASET_NAMES, build_source
-
-
-_DATA_FILLED = ("name", "image_size", "channels", "seed", "num_shards", "shard_id")
 _TOP_LEVEL = {f.name for f in dataclasses.fields(ExperimentConfig)}
 
 
@@ -269,39 +133,34 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
     for key in raw:
         if key not in _TOP_LEVEL:
-            raise _unknown_key(key, _TOP_LEVEL, "")
+            raise unknown_key(key, _TOP_LEVEL, "")
     cfg = ExperimentConfig()
     for key in ("name", "device", "mode", "out_dir"):
         if key in raw:
-            setattr(cfg, key, _coerce(raw[key], Optional[str] if key == "out_dir" else str, key))
+            setattr(cfg, key, coerce(raw[key], Optional[str] if key == "out_dir" else str, key))
     if "seed" in raw:
-        cfg.seed = _coerce(raw["seed"], int, "seed")
+        cfg.seed = coerce(raw["seed"], int, "seed")
     if cfg.mode not in ("graph", "pynative"):
         raise ConfigError(f"mode: expected graph or pynative, got {cfg.mode!r}")
-    cfg.model = _registered("model", raw.get("model", {"type": "unet"}), "type", MODELS, ("self",))
+    cfg.model = MODELS.validate(raw.get("model", {"type": "unet"}))
     if cfg.is_autoencoder:
         if raw.get("diffusion") is not None:
             raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder: it is trained with a `loss:` "
                               f"section, not `diffusion:` (see configs/autoencoder_kl_fashion_mnist.yaml)")
         cfg.diffusion = None
-        cfg.loss = _registered("loss", raw.get("loss") or {"type": "lpips_discriminator"}, "type", LOSSES,
-                               _BUILD_ONLY["loss"])
+        cfg.loss = LOSSES.validate(raw.get("loss") or {"type": "lpips_discriminator"})
     else:
         if raw.get("loss") is not None:
             raise ConfigError(f"a `loss:` section belongs to autoencoder models ({', '.join(AUTOENCODER_MODELS)}); "
                               f"model.type {cfg.model['type']!r} is trained by its `diffusion:` section")
-        cfg.diffusion = _registered("diffusion", raw.get("diffusion", {"type": "gaussian"}), "type", DIFFUSIONS,
-                                    _BUILD_ONLY["diffusion"])
-    datasets, build_source = _data_builder()
-    data = dict(raw.get("data") or {"name": "fashion_mnist"})
-    name = data.pop("name", None)
-    if name not in datasets:
-        raise _unknown_choice("data.name", "dataset", name, datasets)
-    cfg.data = {"name": name, **_validate_kwargs("data", data, build_source, _DATA_FILLED)}
+        cfg.diffusion = DIFFUSIONS.validate(raw.get("diffusion", {"type": "gaussian"}))
+    cfg.data = DATASETS.validate(raw.get("data") or {"name": "fashion_mnist"})
     try:
         cfg.train = _dataclass_section("train", raw.get("train"), TrainConfig).validate()
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if cfg.train.eval_features not in EXTRACTOR_KINDS:
+        raise ConfigError(f"train: eval_features must be one of {EXTRACTOR_KINDS}")
     cfg.sample = _dataclass_section("sample", raw.get("sample"), SampleConfig)
     return cfg
 
@@ -391,145 +250,3 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ex
     if "name" not in raw and not any(o.startswith("name=") for o in overrides or ()):
         cfg.name = p.stem
     return cfg
-
-
-# ----------------------------------------------------------------------------- building
-
-def build_network(section: Mapping[str, Any]):
-    """A network from a ``model:`` section ({type, arguments}), validated like a config's."""
-    kwargs = _registered("model", section, "type", MODELS, ("self",))
-    return MODELS[kwargs.pop("type")](**kwargs)
-
-
-def build_model(cfg: ExperimentConfig):
-    kwargs = dict(cfg.model)
-    return MODELS[kwargs.pop("type")](**kwargs)
-
-
-def build_diffusion(cfg: ExperimentConfig, model=None, **build_args):
-    """The diffusion objective around ``model`` (default: built from ``cfg.model``).
-
-    ``build_args`` are the registered builder's code-only arguments (e.g. ``first_stage_model``).
-    """
-    if cfg.diffusion is None:
-        raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder, not a diffusion model; train it "
-                          f"with train.py and use its run as diffusion.first_stage of a `latent` config")
-    kwargs = dict(cfg.diffusion)
-    return DIFFUSIONS[kwargs.pop("type")](model if model is not None else build_model(cfg), **kwargs, **build_args)
-
-
-def build_autoencoder_loss(cfg: ExperimentConfig) -> LPIPSWithDiscriminator:
-    """The ``loss:`` section of an autoencoder config as its loss Cell (discriminator, logvar, LPIPS)."""
-    if cfg.loss is None:
-        raise ConfigError("this config has no `loss:` section (only autoencoder models have one)")
-    kwargs = dict(cfg.loss)
-    return LOSSES[kwargs.pop("type")](**kwargs)
-
-
-def data_geometry(built) -> Tuple[Tuple[int, int], int]:
-    """((H, W), channels) of the training images of a built diffusion or autoencoder.
-
-    A latent diffusion trains on images of its first stage's size, not on its latents.
-    """
-    if isinstance(built, AutoencoderKL):
-        res = int(built.ddconfig["resolution"])
-        return (res, res), built.in_channels
-    if isinstance(built, LatentDiffusion):
-        return tuple(built.pixel_size), built.first_stage_model.in_channels
-    return tuple(built.image_size), built.channels
-
-
-def build_data_source(cfg: ExperimentConfig, diffusion, shard_id: int = 0, num_shards: int = 1):
-    """The data source of ``cfg`` shaped for ``diffusion`` (a built diffusion or autoencoder)."""
-    _, build_source = _data_builder()
-    kwargs = dict(cfg.data)
-    name = kwargs.pop("name")
-    size, channels = data_geometry(diffusion)
-    return build_source(name, image_size=size, channels=channels, seed=cfg.seed, num_shards=num_shards,
-                        shard_id=shard_id, **kwargs)
-
-
-# ----------------------------------------------------------------------------- latent diffusion
-
-_CLASS_CONDITIONINGS = (None, "crossattn", "adm")
-
-
-def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = None,
-                           first_stage_model: Optional[AutoencoderKL] = None, conditioning_key: Optional[str] = None,
-                           num_classes: Optional[int] = None, cond_drop_prob: float = 0.1, scale_factor: float = 1.0,
-                           scale_by_std: bool = False, image_size: Optional[int] = None, auto_normalize: bool = True,
-                           **diffusion_kwargs) -> LatentDiffusion:
-    """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder.
-
-    ``first_stage``: an autoencoder run folder, step checkpoint or ``model.safetensors`` (written by
-    ``train.py`` with an autoencoder config); its architecture and weights are loaded, frozen, and
-    recorded (``first_stage_info``: path, sha256, step, model section) so that the latent
-    diffusion's checkpoints, which hold the first stage's weights too, load on their own. Code that
-    already has the autoencoder passes ``first_stage_model`` instead (``pipeline.load_diffusion``).
-
-    Class conditioning from the data's labels: ``conditioning_key: crossattn`` with ``num_classes``
-    (a ``ClassEmbedder`` into the unet's ``context_dim``) or ``adm`` (the unet's ``num_classes`` is
-    N + 1: N classes and the null class). Any ``GaussianDiffusion`` option (``timesteps``,
-    ``sampling_timesteps``, ``learn_logvar``, ...) may follow; unset ones take ldm's defaults.
-    """
-    if conditioning_key not in _CLASS_CONDITIONINGS:
-        raise ConfigError(f"diffusion.conditioning_key {conditioning_key!r}: a config trains on images and class "
-                          f"labels, so choose one of {list(_CLASS_CONDITIONINGS)} (concat / hybrid conditionings "
-                          f"need conditioning inputs: use LatentDiffusion from Python)")
-    cond_stage = None
-    if conditioning_key == "crossattn":
-        if num_classes is None:
-            raise ConfigError("diffusion.num_classes: conditioning_key crossattn embeds class labels; set the number "
-                              "of classes")
-        if model.context_dim is None:
-            raise ConfigError("model.context_dim: crossattn conditioning needs use_spatial_transformer: true and "
-                              "context_dim in the unet_ldm model")
-        cond_stage = ClassEmbedder(model.context_dim, num_classes)
-    elif conditioning_key == "adm":
-        if model.num_classes is None or (num_classes is not None and model.num_classes != num_classes + 1):
-            raise ConfigError(f"model.num_classes: adm conditioning needs the unet's num_classes = classes + 1 (the "
-                              f"null class); got {model.num_classes} for num_classes={num_classes}")
-    elif num_classes is not None:
-        raise ConfigError("diffusion.num_classes is set but conditioning_key is not: choose crossattn or adm")
-    if first_stage_model is None:
-        if not first_stage:
-            raise ConfigError("diffusion.first_stage: the latent diffusion needs its autoencoder: set it to the run "
-                              "folder (or checkpoint) of an autoencoder trained with train.py")
-        from ms_diffusion.pipeline import load_autoencoder  # the pipeline imports this module
-        from ms_diffusion.io.checkpoint import CheckpointError
-
-        try:
-            first_stage_model, info = load_autoencoder(first_stage)
-        except CheckpointError as err:
-            raise ConfigError(f"diffusion.first_stage: {err}") from None
-    else:
-        info = None
-    latent_channels = first_stage_model.embed_dim
-    if (model.in_channels, model.out_channels) != (latent_channels, latent_channels):
-        raise ConfigError(f"model.in_channels / out_channels are {model.in_channels} / {model.out_channels} but the "
-                          f"first stage's latents have {latent_channels} channels (its embed_dim); set both to "
-                          f"{latent_channels}")
-    ldm = LatentDiffusion(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
-                          cond_stage_model=cond_stage, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor,
-                          scale_by_std=scale_by_std, auto_normalize=auto_normalize, **diffusion_kwargs)
-    ldm.first_stage_info = info
-    return ldm
-
-
-def _with_diffusion_options(builder: Callable) -> Callable:
-    """Give ``builder`` (which forwards ``**diffusion_kwargs``) a signature that lists GaussianDiffusion's
-    options with ldm's defaults, so config keys are checked and coerced against them."""
-    own = inspect.signature(builder)
-    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
-    taken = {p.name for p in params}
-    hints = typing.get_type_hints(GaussianDiffusion.__init__)
-    for name, p in inspect.signature(GaussianDiffusion.__init__).parameters.items():
-        if name in ("self", "model", "immiscible") or name in taken:
-            continue
-        params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints.get(name, p.annotation),
-                                default=LDM_DIFFUSION_DEFAULTS.get(name, p.default)))
-    builder.__signature__ = own.replace(parameters=params)
-    return builder
-
-
-DIFFUSIONS["latent"] = _with_diffusion_options(build_latent_diffusion)

@@ -7,22 +7,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
 
-from ms_diffusion.config import ExperimentConfig, build_diffusion, build_model, build_network, config_from_dict
+from ms_diffusion.config import ExperimentConfig, config_from_dict
 from ms_diffusion.diffusion import LatentDiffusion
-from ms_diffusion.io.hashing import file_sha256
-from ms_diffusion.io.state import ConversionError, load_arrays_into
-from ms_diffusion.models import AutoencoderKL
-from ms_diffusion.samplers import resolve_sampler
+from ms_diffusion.experiment import build_diffusion, load_autoencoder, load_weights_into
 from ms_diffusion.io.checkpoint import CheckpointError
 from ms_diffusion.io.weights import read_weights, resolve_checkpoint
+from ms_diffusion.models import build_network
 
 __all__ = ["resolve_checkpoint", "read_weights", "load_diffusion", "load_autoencoder", "describe_degenerate",
-           "to_images", "generate", "Generated"]
+           "to_images", "generate", "Generated", "cycled_classes"]
+
+
+def cycled_classes(num: int, num_classes: Optional[int]) -> Optional[List[int]]:
+    """Labels 0, 1, ..., num_classes - 1, 0, 1, ... for ``num`` images (every class equally often); None for an
+    unconditional model (``num_classes`` None or 0)."""
+    return [i % num_classes for i in range(num)] if num_classes else None
 
 
 def describe_degenerate(images: np.ndarray) -> Optional[str]:
@@ -40,13 +44,6 @@ def describe_degenerate(images: np.ndarray) -> Optional[str]:
         return (f"all {len(flat)} images are constant (every pixel of an image has one value: {shown}); the weights "
                 f"do not produce images -- a diverged or barely trained run?")
     return None
-
-
-def _load_into(cell, arrays: Dict[str, np.ndarray], p: Path) -> None:
-    try:
-        load_arrays_into(cell, arrays)
-    except ConversionError as err:
-        raise CheckpointError(f"{p}: {err}") from None
 
 
 def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[Callable[[str], None]] = None
@@ -68,32 +65,11 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
         # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
         build_args["first_stage_model"] = build_network(meta["first_stage"]["model"])
     diffusion = build_diffusion(cfg, **build_args)
-    _load_into(diffusion, selected, p)
+    load_weights_into(diffusion, selected, p)
     diffusion.set_train(False)
     meta = dict(meta)
     meta["path"] = str(p)
     return cfg, diffusion, meta
-
-
-def load_autoencoder(path: Union[str, Path]) -> Tuple[AutoencoderKL, Dict[str, Any]]:
-    """A trained autoencoder (run folder, step checkpoint or model.safetensors) as a frozen first stage.
-
-    Returns (AutoencoderKL in eval mode with every parameter frozen, info) with info = {"path",
-    "sha256" of the file, "step", "model": its config's model section}: what a latent diffusion
-    records so that its own checkpoints rebuild the first stage without this file.
-    """
-    p, arrays, meta = read_weights(path, "online")
-    cfg = config_from_dict(meta["config"])
-    if not cfg.is_autoencoder:
-        raise CheckpointError(f"{str(p)!r} is a {cfg.model['type']!r} checkpoint, not an autoencoder; name the run "
-                              f"folder of a model trained with an autoencoder config (model.type autoencoder_kl)")
-    autoencoder = build_model(cfg)
-    _load_into(autoencoder, arrays, p)
-    for param in autoencoder.get_parameters():
-        param.requires_grad = False
-    autoencoder.set_train(False)
-    info = {"path": str(p), "sha256": file_sha256(p), "step": meta.get("step"), "model": dict(meta["config"]["model"])}
-    return autoencoder, info
 
 
 def to_images(diffusion, x: ms.Tensor) -> ms.Tensor:
@@ -122,8 +98,7 @@ def generate(diffusion, num: int, *, batch_size: int = 64, seed: int = 0, sample
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
     rng = np.random.default_rng(seed)
     images, frames, frame_ts = [], [], []
-    name = resolve_sampler(sampler or ("ddim" if diffusion.is_ddim_sampling else "ddpm"))
-    total_steps = steps or (diffusion.num_timesteps if name == "ddpm" else diffusion.sampling_timesteps)
+    _, total_steps = diffusion.sampling_plan(sampler, steps)
     every = max(total_steps // gif_frames, 1) if gif_frames else 0
     done = 0
     while done < num:

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
     from ms_diffusion.io.hashing import file_sha256
-    from ms_diffusion.metrics.classifier import ClassifierConfig, accuracy, save_classifier, train_classifier
+    from ms_diffusion.metrics.classifier import ClassifierConfig, accuracy, save_classifier
+    from ms_diffusion.training.classifier import train_classifier
     from ms_diffusion.metrics.data import load_dataset_arrays
 
     widths = tuple(int(w) for w in args.widths.split(","))

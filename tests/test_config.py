@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ms_diffusion.config import (CONFIG_DIR, ConfigError, apply_overrides, build_diffusion, config_from_dict,
-                                 load_config)
+from ms_diffusion.config import CONFIG_DIR, ConfigError, apply_overrides, config_from_dict, load_config
+from ms_diffusion.experiment import build_diffusion
 
 
 def test_shipped_configs_parse():

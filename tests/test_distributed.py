@@ -115,7 +115,8 @@ def _trainer(cfg_path: Path, out_dir: Path, *, rank: int, world_size: int, batch
     import dataclasses
 
     from ms_diffusion import runtime
-    from ms_diffusion.config import build_data_source, build_diffusion, load_config
+    from ms_diffusion.config import load_config
+    from ms_diffusion.experiment import build_data_source, build_diffusion
     from ms_diffusion.training import Trainer
 
     cfg = load_config(str(cfg_path), [])
@@ -138,7 +139,7 @@ def _reference(cfg_path: Path, out_dir: Path, steps: int) -> Tuple[Dict[str, np.
     Returns (state groups as arrays, each rank's noise-stream state at the end)."""
     from mindspore import Tensor
 
-    from ms_diffusion.config import build_data_source
+    from ms_diffusion.experiment import build_data_source
     from ms_diffusion.training.distributed import fresh_rng
 
     trainer, cfg = _trainer(cfg_path, out_dir, rank=0, world_size=1, batch_size=WORLD * BATCH)

@@ -154,7 +154,8 @@ def latent_run(workdir, autoencoder_run):
 def test_latent_checkpoint_holds_the_first_stage_and_its_scale(workdir, autoencoder_run, latent_run):
     from mindspore import Tensor
 
-    from ms_diffusion.config import build_data_source, load_config
+    from ms_diffusion.config import load_config
+    from ms_diffusion.experiment import build_data_source
     from ms_diffusion.models.distributions import split_moments
     from ms_diffusion.pipeline import load_autoencoder
 

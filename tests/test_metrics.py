@@ -16,8 +16,9 @@ from ms_diffusion.metrics import (TooFewSamplesError, bootstrap_frechet_distance
                                   frechet_distance_from_features, gaussian_stats, kernel_inception_distance,
                                   memorization, mmd2_unbiased, nearest_training_distances, polynomial_kernel,
                                   paired_bootstrap_ratios, precision_recall, sqrtm_psd, trace_sqrt_product)
-from ms_diffusion.metrics.classifier import (ClassifierConfig, accuracy, FashionClassifier, classifier_outputs, load_classifier,
-                                             save_classifier, train_classifier)
+from ms_diffusion.metrics.classifier import (ClassifierConfig, FashionClassifier, accuracy, classifier_outputs,
+                                             load_classifier, save_classifier)
+from ms_diffusion.training.classifier import train_classifier
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 

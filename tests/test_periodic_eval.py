@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from ms_diffusion import GaussianDiffusion, Unet
-from ms_diffusion.config import ConfigError, build_diffusion, config_from_dict
+from ms_diffusion.config import ConfigError, config_from_dict
+from ms_diffusion.experiment import build_diffusion
 from ms_diffusion.metrics import FeatureExtractor, fit_to_extractor, frechet_distance_from_features, gaussian_stats
 from ms_diffusion.pipeline import generate, load_diffusion
 from ms_diffusion.training import TrainConfig, Trainer
 from ms_diffusion.io.checkpoint import load_checkpoint, load_safetensors
-from ms_diffusion.training.evaluation import SampleEvaluator, build_evaluator
+from ms_diffusion.evaluation import SampleEvaluator, build_evaluator
 
 from .test_training import FixedBatches
 

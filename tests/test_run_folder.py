@@ -79,7 +79,8 @@ def workdir(tmp_path_factory) -> Path:
 def finished(workdir) -> Path:
     """A run folder as a finished 2-step train.py run leaves it (checkpoints at steps 1 and 2, export, log)."""
     from ms_diffusion import runtime
-    from ms_diffusion.config import build_data_source, build_diffusion, load_config
+    from ms_diffusion.config import load_config
+    from ms_diffusion.experiment import build_data_source, build_diffusion
     from ms_diffusion.training import Trainer
 
     cfg = load_config(str(workdir / "tiny.yaml"), [f"out_dir={workdir / 'finished'}"])

@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from ms_diffusion.config import build_diffusion, build_model, load_config
+from ms_diffusion.config import load_config
+from ms_diffusion.experiment import build_diffusion, build_model
 from ms_diffusion.nn.embeddings import SinusoidalPosEmb
 from tests.reference import mindspore_tutorial as tut
 

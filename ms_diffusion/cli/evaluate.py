@@ -91,14 +91,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.ckpt:
         import numpy as np
 
-        from ms_diffusion.pipeline import generate, load_diffusion
+        from ms_diffusion.pipeline import cycled_classes, generate, load_diffusion
 
         num = args.num or 1000
         cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights)
-        if getattr(diffusion, "num_classes", None) is not None:
-            classes = [i % diffusion.num_classes for i in range(num)]
-        else:
-            classes = None
+        classes = cycled_classes(num, getattr(diffusion, "num_classes", None))
         sampling = cfg.sample.generate_options(classes is not None, sampler=args.sampler, steps=args.steps,
                                                eta=args.eta, guidance_scale=args.guidance_scale,
                                                guidance_rescale=args.guidance_rescale)

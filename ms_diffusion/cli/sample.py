@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
     from ms_diffusion.imageio import save_gif, save_grid
-    from ms_diffusion.pipeline import describe_degenerate, generate, load_diffusion
+    from ms_diffusion.pipeline import cycled_classes, describe_degenerate, generate, load_diffusion
 
     for name in ("num", "batch_size", "steps"):
         value = getattr(args, name)
@@ -75,8 +75,8 @@ def _run(args: argparse.Namespace) -> int:
         if not 0 <= label < num_classes:
             raise UsageError(f"--class must lie in [0, {num_classes - 1}], got {label}")
         classes = [label] * num
-    elif num_classes is not None:
-        classes = [i % num_classes for i in range(num)]  # one of each class in turn
+    else:
+        classes = cycled_classes(num, num_classes)  # one of each class in turn
     sampling = s.generate_options(classes is not None, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
     if sampling["guidance_scale"] != 1.0 and classes is None:

@@ -95,7 +95,7 @@ def _run_folder(cfg, args: argparse.Namespace, dist):
 
 
 def _train_autoencoder(cfg, args: argparse.Namespace, info, dist, folder) -> int:
-    from ms_diffusion.config import build_autoencoder_loss, build_data_source, build_model
+    from ms_diffusion.experiment import build_autoencoder_loss, build_data_source, build_model
     from ms_diffusion.training.autoencoder import AutoencoderTrainer
 
     autoencoder = build_model(cfg)
@@ -113,22 +113,26 @@ def _train_autoencoder(cfg, args: argparse.Namespace, info, dist, folder) -> int
     return 0
 
 
-def _measure_latent_scale(cfg, diffusion) -> float:
+def _measure_latent_scale(cfg, diffusion, source) -> float:
     """scale_by_std: set the latent diffusion's scale_factor from the first batch of the unsharded data
-    (the same on every rank); a resumed run then replaces it with the checkpoint's value."""
+    (the same on every rank; ``source`` when it is unsharded); a resumed run then replaces it with the
+    checkpoint's value."""
     import numpy as np
     from mindspore import Tensor
 
-    from ms_diffusion.config import build_data_source
+    from ms_diffusion.experiment import build_data_source
 
-    images, _ = next(iter(build_data_source(cfg, diffusion).epoch(0, cfg.train.batch_size)))
+    if source.num_shards != 1:
+        source = build_data_source(cfg, diffusion)
+    images, _ = next(iter(source.epoch(0, cfg.train.batch_size)))
     noise = np.random.default_rng([cfg.seed, 2]).standard_normal(diffusion.latent_shape(images.shape[0]))
     return diffusion.measure_scale_factor(images, Tensor(noise.astype(np.float32)))
 
 
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
-    from ms_diffusion.config import build_data_source, build_diffusion, load_config
+    from ms_diffusion.config import load_config
+    from ms_diffusion.experiment import build_data_source, build_diffusion, build_ema_copy
     from ms_diffusion.training.distributed import init_data_parallel
 
     if args.overwrite and args.resume:
@@ -141,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.is_autoencoder:
         return _train_autoencoder(cfg, args, info, dist, folder)
     diffusion = build_diffusion(cfg)
-    ema_diffusion = build_diffusion(cfg)
+    ema_diffusion = build_ema_copy(cfg, diffusion)
     source = build_data_source(cfg, diffusion, shard_id=dist.rank, num_shards=dist.world_size)
     out_dir = cfg.run_dir
     meta = {"config": cfg.to_dict()}
@@ -149,18 +153,18 @@ def _run(args: argparse.Namespace) -> int:
         meta["first_stage"] = diffusion.first_stage_info
     notes = []
     if getattr(diffusion, "scale_by_std", False):
-        scale = _measure_latent_scale(cfg, diffusion)
+        scale = _measure_latent_scale(cfg, diffusion, source)
         notes.append(f"scale_by_std: scale_factor = {scale:.4f} (1 / std of the first batch's latents)")
 
-    from ms_diffusion.pipeline import generate
+    from ms_diffusion.evaluation import build_evaluator
+    from ms_diffusion.pipeline import cycled_classes, generate
     from ms_diffusion.training import Trainer
-    from ms_diffusion.training.evaluation import build_evaluator
 
     num_classes = getattr(diffusion, "num_classes", None)
 
     def sample_fn(ema, n):
         """Training-time grid: classes in turn (guided by sample.guidance_scale) for class-conditional models."""
-        classes = [i % num_classes for i in range(n)] if num_classes else None
+        classes = cycled_classes(n, num_classes)
         return generate(ema, n, batch_size=n, seed=cfg.sample.seed, classes=classes,
                         **cfg.sample.generate_options(bool(num_classes))).images
 

@@ -36,9 +36,9 @@ from ms_diffusion.data.source import (DEFAULT_DATA_ROOT, BadDataError, DataError
                                       PathLike, data_root)
 from ms_diffusion.data.transforms import SizeLike, array_channel_ops, as_channels, as_size, resize_crop_ops
 
-__all__ = ["FashionMnistSource", "locate_fashion_mnist", "default_fashion_mnist_dir", "FASHION_MNIST_URL",
-           "FASHION_MNIST_URL_ENV", "DEBIAN_FASHION_MNIST_DIR", "DEFAULT_FASHION_MNIST_DIR", "FASHION_MNIST_CLASSES",
-           "FASHION_MNIST_SPLITS"]
+__all__ = ["FashionMnistSource", "locate_fashion_mnist", "split_files", "default_fashion_mnist_dir",
+           "FASHION_MNIST_URL", "FASHION_MNIST_URL_ENV", "DEBIAN_FASHION_MNIST_DIR", "DEFAULT_FASHION_MNIST_DIR",
+           "FASHION_MNIST_CLASSES", "FASHION_MNIST_SPLITS"]
 
 #: The archive of the MindSpore "Diffusion Model" tutorial (Fashion-MNIST as raw IDX files).
 FASHION_MNIST_URL = "https://mindspore-website.obs.cn-north-4.myhuaweicloud.com/notebook/datasets/dataset.zip"
@@ -68,7 +68,7 @@ def default_fashion_mnist_dir() -> Path:
     return Path(data_root()) / FASHION_MNIST_DIRNAME
 
 
-def _split_files(split: str) -> List[str]:
+def split_files(split: str) -> List[str]:
     if split not in FASHION_MNIST_SPLITS:
         raise ValueError(f"Fashion-MNIST split must be one of {FASHION_MNIST_SPLITS}, got {split!r}")
     pairs = [_FILES["train"], _FILES["test"]] if split == "all" else [_FILES[split]]
@@ -107,7 +107,7 @@ def _reader_files(folder: Path, split: str) -> List[str]:
 
 
 def _readable_as_is(folder: Path, split: str) -> bool:
-    return folder.is_dir() and _reader_files(folder, split) == sorted(_split_files(split))
+    return folder.is_dir() and _reader_files(folder, split) == sorted(split_files(split))
 
 
 def _idx_header(path: Path) -> Tuple[int, int]:
@@ -134,7 +134,7 @@ def _idx_header(path: Path) -> Tuple[int, int]:
 
 
 def _count_samples(folder: Path, split: str) -> int:
-    names = sorted(_split_files(split))  # MindSpore's order: t10k before train
+    names = sorted(split_files(split))  # MindSpore's order: t10k before train
     images, labels = [n for n in names if "-images-" in n], [n for n in names if "-labels-" in n]
     total = 0
     for images_name, labels_name in zip(images, labels):
@@ -181,7 +181,7 @@ def _materialise(src: Path, split: str, dest: Path) -> Tuple[Path, str]:
         folder = folder.parent
     written: List[Path] = []
     try:
-        for name in _split_files(split):
+        for name in split_files(split):
             target, raw, packed = dest / name, src / name, src / (name + ".gz")
             if target.is_file():
                 continue
@@ -202,7 +202,7 @@ def _materialise(src: Path, split: str, dest: Path) -> Tuple[Path, str]:
                 actions.add("decompressed")
             written.append(target)
         if not _readable_as_is(dest, split):
-            extra = sorted(set(_reader_files(dest, split)) - set(_split_files(split)))
+            extra = sorted(set(_reader_files(dest, split)) - set(split_files(split)))
             raise DataError(f"{dest} holds other files that MindSpore would also read as Fashion-MNIST "
                             f"({', '.join(extra)}); move them out of that folder")
     except BaseException:
@@ -237,7 +237,7 @@ def _download(url: str, dest: Path, split: str) -> None:
         from download import download
     except ImportError as exc:  # a declared dependency, but say so plainly if it is missing
         raise RuntimeError("the 'download' package is not installed (pip install download)") from exc
-    names = _split_files(split)
+    names = split_files(split)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".fashion-mnist-download-", dir=dest.parent))
     try:
@@ -262,7 +262,7 @@ def locate_fashion_mnist(data_dir: Optional[PathLike] = None, split: str = "trai
     module docstring). Raises ``DataNotFoundError`` naming every place tried and the ways to provide
     the data.
     """
-    names = _split_files(split)
+    names = split_files(split)
     default = default_fashion_mnist_dir()
     wanted = " and ".join(names)
     if data_dir is not None:

@@ -171,9 +171,12 @@ class ImageFolderSource(ImageSource):
 
     title = "Image folder"
 
-    def __init__(self, data_dir: PathLike, *, image_size: Optional[SizeLike] = None, channels: Optional[int] = None,
-                 random_flip: bool = False, seed: int = 0, num_shards: int = 1, shard_id: int = 0,
-                 num_workers: Optional[int] = None, skip_bad: bool = False):
+    def __init__(self, data_dir: Optional[PathLike] = None, *, image_size: Optional[SizeLike] = None,
+                 channels: Optional[int] = None, random_flip: bool = False, seed: int = 0, num_shards: int = 1,
+                 shard_id: int = 0, num_workers: Optional[int] = None, skip_bad: bool = False):
+        if data_dir is None:
+            raise DataNotFoundError("the image_folder dataset needs a folder: pass --data-dir DIR (a folder of images, "
+                                    "optionally one subfolder per class)")
         size = as_size(DEFAULT_FOLDER_IMAGE_SIZE if image_size is None else image_size)
         channels = as_channels(3 if channels is None else channels)
         self.scan = scan_image_folder(data_dir, size, channels=channels, skip_bad=skip_bad, num_workers=num_workers)

@@ -10,62 +10,39 @@ plus ldm's loss options (l1 / l2 / huber, l_simple_weight, original_elbo_weight 
 v_posterior, learned per-timestep logvar) and improved-DDPM learned variances (a Unet with
 ``learned_variance=True``; hybrid loss with ``vb_loss_weight``).
 
+The class holds the schedule buffers, the loss and the entry points; the parts live beside it:
+``parameterization`` (eps / x0 / v), ``gaussian_terms`` (loss terms), ``training_inputs`` (the
+per-batch randomness), ``guidance`` and ``denoiser`` (the compiled network call of the samplers).
+
 Randomness: ``diffusion(images)`` draws timesteps and noise with MindSpore's seeded RNG ops.
-Training code draws them on the host instead (``training_inputs``) and passes them in, which
-makes runs resumable bit-for-bit and is required for immiscible noise assignment in graph mode.
+Training code draws them on the host instead (``training_inputs``) and passes them to
+``training_loss``, which makes runs resumable bit-for-bit and is required for immiscible noise
+assignment in graph mode.
 """
 from __future__ import annotations
 
-import math
-import random
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ms_diffusion.diffusion.assignment import linear_sum_assignment, pairwise_distances
+from ms_diffusion.diffusion import training_inputs as inputs
+from ms_diffusion.diffusion.denoiser import compile_predict, denoiser_options, make_denoiser
+from ms_diffusion.diffusion.gaussian_terms import LOSS_TYPES, check_loss_type, elementwise_loss, mean_flat, vb_bits
+from ms_diffusion.diffusion import parameterization
+from ms_diffusion.diffusion.parameterization import OBJECTIVES, check_objective, diffuse, training_target
+from ms_diffusion.models.contract import check_denoiser_network
 from ms_diffusion.nn.layers import to_float32
-from ms_diffusion.runtime import maybe_jit
 from ms_diffusion.samplers import ddim_invert, resolve_sampler, run_sampler
-from ms_diffusion.samplers.base import gaussian, make_rng
-from ms_diffusion.samplers.thresholding import check_threshold, clip_x0, resolve_clip
+from ms_diffusion.samplers.base import Denoise, SampleResult, gaussian, make_rng
 from ms_diffusion.schedules import NoiseSchedule, make_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = ["GaussianDiffusion", "OBJECTIVES", "LOSS_TYPES"]
 
-OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
-LOSS_TYPES = ("l2", "l1", "huber")
-_LN2 = math.log(2.0)
-
-
-def _normal_kl(mean1, logvar1, mean2, logvar2):
-    return 0.5 * (-1.0 + logvar2 - logvar1 + ops.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * ops.exp(-logvar2))
-
-
-def _approx_standard_normal_cdf(x):
-    return 0.5 * (1.0 + ops.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
-
-def _discretized_gaussian_log_likelihood(x, means, log_scales, thres: float = 0.999):
-    """log p(x) of 8-bit data x in [-1, 1] under N(means, exp(log_scales)^2), bins of width 2/255."""
-    centered = x - means
-    inv_std = ops.exp(-log_scales)
-    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = ops.log(ops.clamp(cdf_plus, min=1e-15))
-    log_one_minus_cdf_min = ops.log(ops.clamp(1.0 - cdf_min, min=1e-15))
-    log_delta = ops.log(ops.clamp(cdf_plus - cdf_min, min=1e-15))
-    return ops.where(x < -thres, log_cdf_plus, ops.where(x > thres, log_one_minus_cdf_min, log_delta))
-
-
-def _mean_flat(x):
-    return x.mean(axis=tuple(range(1, x.ndim)))
-
 
 class GaussianDiffusion(nn.Cell):
-    """DDPM objective around a denoising network (``Unet``-like: channels, out_dim, self_condition).
+    """DDPM objective around a denoising network (``models.contract.DenoiserNetwork``, e.g. ``Unet``).
 
     Images in [0, 1] (``auto_normalize``) or [-1, 1]; shape (B, channels, *image_size).
     """
@@ -101,13 +78,9 @@ class GaussianDiffusion(nn.Cell):
         vb_loss_weight: float = 0.001,
     ):
         super().__init__()
-        for attr in ("channels", "out_dim"):
-            if not hasattr(model, attr):
-                raise ValueError(f"the model must expose `{attr}` (as ms_diffusion.Unet does)")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
+        check_denoiser_network(model, type(self).__name__)
+        check_objective(objective)
+        check_loss_type(loss_type)
         self.model = model
         self.channels = int(model.channels)
         self.self_condition = bool(getattr(model, "self_condition", False))
@@ -189,6 +162,11 @@ class GaussianDiffusion(nn.Cell):
         out = ops.gather(a, t.astype(ms.int32), 0)
         return out.reshape((t.shape[0],) + (1,) * (ndim - 1))
 
+    def _level(self, t, ndim: int):
+        """(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) at timesteps t (B,), shaped (B, 1, ...) for ndim."""
+        return self._extract(self.sqrt_alphas_cumprod, t, ndim), self._extract(self.sqrt_one_minus_alphas_cumprod, t,
+                                                                                ndim)
+
     def check_images(self, shape: Sequence[int]) -> None:
         """Raise ValueError naming the problem if a batch of this shape cannot be trained on."""
         if len(shape) != 4:
@@ -200,13 +178,12 @@ class GaussianDiffusion(nn.Cell):
             raise ValueError(f"images are {shape[2]}x{shape[3]} but the diffusion was built for "
                              f"{self.image_size[0]}x{self.image_size[1]}; resize the data or set image_size")
 
-    # ------------------------------------------------------------------ forward process and conversions
+    # ------------------------------------------------------------------ forward process and conversions at timestep t
 
     def q_sample(self, x_start, t, noise):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
-        nd = x_start.ndim
-        return (self._extract(self.sqrt_alphas_cumprod, t, nd) * x_start
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * noise)
+        alpha, sigma = self._level(t, x_start.ndim)
+        return diffuse(x_start, noise, alpha, sigma)
 
     def predict_start_from_noise(self, x_t, t, noise):
         nd = x_t.ndim
@@ -216,19 +193,16 @@ class GaussianDiffusion(nn.Cell):
     def predict_noise_from_start(self, x_t, t, x0):
         # (x_t - sqrt(abar) x0) / sqrt(1 - abar): equal to lucidrains' (x_t / sqrt(abar) - x0) /
         # sqrt(1 / abar - 1) but finite at zero terminal SNR (abar = 0)
-        nd = x_t.ndim
-        return ((x_t - self._extract(self.sqrt_alphas_cumprod, t, nd) * x0)
-                / self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd))
+        alpha, sigma = self._level(t, x_t.ndim)
+        return (x_t - alpha * x0) / sigma
 
     def predict_v(self, x_start, t, noise):
-        nd = x_start.ndim
-        return (self._extract(self.sqrt_alphas_cumprod, t, nd) * noise
-                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * x_start)
+        alpha, sigma = self._level(t, x_start.ndim)
+        return training_target("pred_v", x_start, noise, alpha, sigma)
 
     def predict_start_from_v(self, x_t, t, v):
-        nd = x_t.ndim
-        return (self._extract(self.sqrt_alphas_cumprod, t, nd) * x_t
-                - self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd) * v)
+        alpha, sigma = self._level(t, x_t.ndim)
+        return alpha * x_t - sigma * v
 
     def q_posterior(self, x_start, x_t, t):
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x0)."""
@@ -238,50 +212,30 @@ class GaussianDiffusion(nn.Cell):
         return (mean, self._extract(self.posterior_variance, t, nd),
                 self._extract(self.posterior_log_variance_clipped, t, nd))
 
+    # ------------------------------------------------------------------ the network
+
     def _split_output(self, model_output):
         model_output = to_float32(model_output)  # a mixed-precision network's output; the loss stays fp32
         if self.learned_variance:
             return model_output[:, : self.channels], model_output[:, self.channels:]
         return model_output, None
 
+    def network_output(self, x, t, x_self_cond=None, cond=None):
+        """The network at (x, t): (prediction (B, C, H, W) float32, learned-variance fraction or None)."""
+        return self._split_output(self.model(x, t, x_self_cond, cond))
+
     def output_to_eps_x0(self, x, t, out, clip_x_start: bool = False, rederive_pred_noise: bool = False):
         """(pred_noise, pred_x_start) from the model's prediction of its objective at timesteps t (B,)."""
-        nd = x.ndim
-        alpha = self._extract(self.sqrt_alphas_cumprod, t, nd)
-        sigma = self._extract(self.sqrt_one_minus_alphas_cumprod, t, nd)
-        return self._eps_x0_at(x, out, alpha, sigma, "static" if clip_x_start else "none",
-                               rederive_pred_noise=rederive_pred_noise)
-
-    def _eps_x0_at(self, x, out, alpha, sigma, clip: str = "none", threshold_ratio: float = 0.995,
-                   sample_max_value: float = 1.0, rederive_pred_noise: bool = False):
-        """(eps, x0) from the model output ``out`` for x = alpha x0 + sigma eps (alpha, sigma broadcast to x).
-
-        x0 is clipped per ``clip`` (see ``samplers.thresholding``); eps is then re-derived from the
-        clipped x0 (always for pred_x0 / pred_v, as lucidrains; for pred_noise if ``rederive_pred_noise``).
-        The v conversion never divides, so it stays finite at zero SNR (alpha = 0) and for clean
-        data (sigma = 0).
-        """
-        eps = None
-        if self.objective == "pred_noise":
-            eps = out
-            x0 = (x - sigma * out) / alpha
-        elif self.objective == "pred_x0":
-            x0 = out
-        else:
-            x0 = alpha * x - sigma * out
-            eps = alpha * out + sigma * x
-        if clip != "none":
-            x0 = clip_x0(x0, clip, threshold_ratio, sample_max_value)
-            if self.objective != "pred_noise" or rederive_pred_noise:
-                eps = None
-        if eps is None:
-            eps = (x - alpha * x0) / sigma
-        return eps, x0
+        alpha, sigma = self._level(t, x.ndim)
+        # through the module: MindSpore's graph parser resolves a bare name equal to the method's own to the method
+        return parameterization.output_to_eps_x0(self.objective, x, out, alpha, sigma,
+                                                 "static" if clip_x_start else "none",
+                                                 rederive_pred_noise=rederive_pred_noise)
 
     def model_predictions(self, x, t, x_self_cond=None, classes=None, clip_x_start: bool = False,
                           rederive_pred_noise: bool = False):
         """(pred_noise, pred_x_start) of the model at (x, t). x: (B, C, H, W) in model space."""
-        out, _ = self._split_output(self.model(x, t, x_self_cond, classes))
+        out, _ = self.network_output(x, t, x_self_cond, classes)
         return self.output_to_eps_x0(x, t, out, clip_x_start, rederive_pred_noise)
 
     def learned_log_variance(self, t, var_frac, ndim: int):
@@ -293,7 +247,7 @@ class GaussianDiffusion(nn.Cell):
 
     def p_mean_variance(self, x, t, x_self_cond=None, classes=None, clip_denoised: bool = True):
         """Mean, variance, log-variance of p(x_{t-1} | x_t) and the x0 estimate."""
-        out, var_frac = self._split_output(self.model(x, t, x_self_cond, classes))
+        out, var_frac = self.network_output(x, t, x_self_cond, classes)
         _, x_start = self.output_to_eps_x0(x, t, out, clip_denoised)
         mean, var, log_var = self.q_posterior(x_start, x, t)
         if var_frac is not None:
@@ -303,33 +257,18 @@ class GaussianDiffusion(nn.Cell):
 
     # ------------------------------------------------------------------ training objective
 
-    def _elementwise_loss(self, pred, target):
-        d = pred - target
-        if self.loss_type == "l2":
-            return d * d
-        if self.loss_type == "l1":
-            return ops.abs(d)
-        ad = ops.abs(d)  # huber / smooth L1 with beta 1 (the MindSpore tutorial's loss)
-        return ops.where(ad < 1.0, 0.5 * d * d, ad - 0.5)
-
     def p_losses(self, x_start, t, noise, classes=None, self_cond: bool = False, loss_reduction: str = "mean"):
         """Loss of one batch. x_start (B, C, H, W) in model space, t (B,) int, noise like x_start."""
-        x = self.q_sample(x_start, t, noise)
+        alpha, sigma = self._level(t, x_start.ndim)
+        x = diffuse(x_start, noise, alpha, sigma)
         x_self_cond = None
         if self.self_condition and self_cond:
             _, x0_hat = self.model_predictions(x, t, None, classes)
             x_self_cond = ops.stop_gradient(x0_hat)
-        model_out = self.model(x, t, x_self_cond, classes)
-        out, var_frac = self._split_output(model_out)
+        out, var_frac = self.network_output(x, t, x_self_cond, classes)
+        target = training_target(self.objective, x_start, noise, alpha, sigma)
 
-        if self.objective == "pred_noise":
-            target = noise
-        elif self.objective == "pred_x0":
-            target = x_start
-        else:
-            target = self.predict_v(x_start, t, noise)
-
-        per_sample = _mean_flat(self._elementwise_loss(out, target))          # (B,)
+        per_sample = mean_flat(elementwise_loss(out, target, self.loss_type))     # (B,)
         loss = per_sample * ops.gather(self.loss_weight, t.astype(ms.int32), 0)
         if self.use_logvar:
             logvar_t = ops.gather(self.logvar, t.astype(ms.int32), 0)
@@ -344,61 +283,59 @@ class GaussianDiffusion(nn.Cell):
         return loss.mean()
 
     def _vb_terms(self, x_start, x_t, t, out, var_frac):
-        """improved-DDPM variational bound in bits/dim, with the predicted mean detached."""
+        """improved-DDPM variational bound in bits/dim (B,), with the predicted mean detached."""
         true_mean, _, true_log_var = self.q_posterior(x_start, x_t, t)
         _, x0_hat = self.output_to_eps_x0(x_t, t, out, False)
         model_mean, _, _ = self.q_posterior(x0_hat, x_t, t)
         model_mean = ops.stop_gradient(model_mean)
         model_log_var = self.learned_log_variance(t, var_frac, x_t.ndim)
-        kl = _mean_flat(_normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / _LN2
-        nll = -_mean_flat(_discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_var)) / _LN2
-        return ops.where(t == 0, nll, kl)
+        return vb_bits(x_start, t, true_mean, true_log_var, model_mean, model_log_var)
 
     def construct(self, img, classes=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
                   loss_reduction: str = "mean"):
         """Training loss of a batch of images (B, C, H, W) in [0, 1] (or [-1, 1] without auto_normalize).
 
         ``times`` (B,) int, ``noise`` (B, C, H, W) and ``self_cond`` (bool) are drawn here when not
-        given; given noise is used as is (offset noise and immiscible assignment already applied,
-        see ``training_inputs``). ``classes`` (B,) int are dropped to the null class with
-        probability ``cond_drop_prob`` (default: the model's).
+        given (``training_inputs.complete_in_graph``); given noise is used as is (offset noise and
+        immiscible assignment already applied, see ``training_inputs``). ``classes`` (B,) int are
+        dropped to the null class with probability ``cond_drop_prob`` (default: the model's).
         """
         self.check_images(img.shape)
-        b = img.shape[0]
         x_start = self.normalize(img)
-        if times is None:
-            times = ops.randint(0, self.num_timesteps, (b,), dtype=ms.int32)
-        if noise is None:
-            noise = ops.standard_normal(x_start.shape).astype(x_start.dtype)
-            if self.offset_noise_strength > 0:
-                offset = ops.standard_normal((b, self.channels, 1, 1)).astype(x_start.dtype)
-                noise = noise + self.offset_noise_strength * offset
-            if self.immiscible:
-                # host-side assignment: works in PyNative; compiled training passes noise instead
-                assign = self.noise_assignment(x_start.asnumpy(), noise.asnumpy())
-                noise = noise[Tensor(assign, ms.int32)]
-        if self_cond is None:
-            self_cond = self.self_condition and random.random() < 0.5
-        if classes is not None and self.num_classes is not None:
-            p = self.model.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
-            if p > 0:
-                keep = ops.uniform((b,), Tensor(0.0, ms.float32), Tensor(1.0, ms.float32)) >= p
-                classes = ops.where(keep, classes.astype(ms.int32), ops.full_like(classes, self.num_classes,
-                                                                                   dtype=ms.int32))
+        times, noise, self_cond, classes = self._complete_inputs(x_start, classes, times, noise, self_cond,
+                                                                 cond_drop_prob)
         return self.p_losses(x_start, times, noise, classes, self_cond, loss_reduction)
 
-    # ------------------------------------------------------------------ host-side randomness
+    def training_loss(self, images, *, times, noise, classes=None, self_cond: bool = False, posterior_noise=None,
+                      loss_reduction: str = "mean"):
+        """Loss of a batch whose randomness was drawn on the host (``training_inputs``); graph-safe.
+
+        images (B, C, H, W) in [0, 1] (or [-1, 1] without auto_normalize); ``times`` (B,) int32;
+        ``noise`` like images; ``classes`` (B,) int32 after label dropout, or None; ``self_cond`` a
+        Python bool. ``posterior_noise`` is LatentDiffusion's (None here). Returns the scalar mean
+        loss, or (B,) with ``loss_reduction="none"``.
+        """
+        if posterior_noise is not None:
+            raise ValueError("posterior_noise is only used by LatentDiffusion")
+        self.check_images(images.shape)
+        return self.p_losses(self.normalize(images), times, noise, classes, self_cond, loss_reduction)
+
+    # ------------------------------------------------------------------ per-batch randomness
+
+    def _complete_inputs(self, x_start, classes, times, noise, self_cond, cond_drop_prob):
+        """construct's missing inputs drawn in the graph; label dropout at cond_drop_prob (default: the model's)."""
+        p = 0.0
+        if classes is not None and self.num_classes is not None:
+            p = self.model.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
+        return inputs.complete_in_graph(x_start, classes, times, noise, self_cond, num_timesteps=self.num_timesteps,
+                                        offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
+                                        self_condition=self.self_condition, num_classes=self.num_classes,
+                                        cond_drop_prob=p)
 
     @staticmethod
     def noise_assignment(x_start: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        """Immiscible diffusion (Li et al. 2024): the permutation of noise closest to the batch.
-
-        lucidrains permutes the noise inside ``q_sample`` but keeps training against the
-        unpermuted noise; the noise actually added must be the target, which is what we do.
-        """
-        b = x_start.shape[0]
-        dist = pairwise_distances(x_start.reshape(b, -1), noise.reshape(b, -1))
-        return linear_sum_assignment(dist)
+        """Immiscible diffusion: the permutation of noise (B, ...) closest to the batch (B, ...), (B,) indices."""
+        return inputs.noise_assignment(x_start, noise)
 
     def training_inputs(self, images: np.ndarray, rng: np.random.Generator,
                         classes: Optional[np.ndarray] = None) -> Dict[str, object]:
@@ -406,65 +343,17 @@ class GaussianDiffusion(nn.Cell):
 
         ``images`` (B, C, H, W) as given to the loss (e.g. [0, 1]). Returns numpy ``times`` (B,)
         int32 and ``noise`` (B, C, H, W) float32 (offset noise and immiscible assignment applied),
-        ``self_cond`` (bool) and ``classes`` (B,) int32 or None. Pass them to the loss with
-        ``cond_drop_prob=0.0`` (dropout is already applied).
+        ``self_cond`` (bool) and ``classes`` (B,) int32 or None. Pass them to ``training_loss``
+        (label dropout is already applied).
         """
-        b = images.shape[0]
-        times = rng.integers(0, self.num_timesteps, size=(b,)).astype(np.int32)
-        noise = rng.standard_normal(images.shape).astype(np.float32)
-        if self.offset_noise_strength > 0:
-            noise += self.offset_noise_strength * rng.standard_normal(images.shape[:2] + (1, 1)).astype(np.float32)
-        if self.immiscible:
-            x_start = images * 2.0 - 1.0 if self.auto_normalize else images
-            noise = noise[self.noise_assignment(x_start, noise)]
-        self_cond = bool(self.self_condition and rng.random() < 0.5)
-        if classes is not None and self.num_classes is not None:
-            classes = np.asarray(classes, np.int32).copy()
-            p = float(self.model.cond_drop_prob)
-            if p > 0:
-                classes[rng.random(b) < p] = self.num_classes
-        elif classes is not None:
-            classes = None
-        return {"times": times, "noise": noise, "self_cond": self_cond, "classes": classes}
+        conditional = classes is not None and self.num_classes is not None
+        return inputs.draw_host_inputs(images, rng, classes, num_timesteps=self.num_timesteps,
+                                       offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
+                                       normalize=self.normalize, self_condition=self.self_condition,
+                                       num_classes=self.num_classes,
+                                       cond_drop_prob=float(self.model.cond_drop_prob) if conditional else 0.0)
 
     # ------------------------------------------------------------------ sampling
-
-    def _raw_prediction(self, x, t, x_self_cond, classes, guidance_scale, guidance_rescale, guided: bool,
-                        rescaled: bool):
-        """Model output at (x, t) split into (prediction (B, C, H, W), learned-variance fraction or None).
-
-        With ``guided`` the conditional and null-class passes run as one batch of 2B and combine as
-        uncond + s (cond - uncond) (Ho & Salimans); with ``rescaled`` the result's per-sample std is
-        pulled towards the conditional one's by phi = ``guidance_rescale`` (Lin et al. 2023,
-        diffusers ``rescale_noise_cfg``). Guidance acts on the mean prediction only; a learned
-        variance comes from the conditional pass (GLIDE). ``guidance_scale`` / ``guidance_rescale``
-        are 0-d tensors, so changing them does not recompile.
-        """
-        if not guided:
-            return self._split_output(self.model(x, t, x_self_cond, classes))
-        b = x.shape[0]
-        classes = classes.astype(ms.int32)
-        null = ops.full_like(classes, self.num_classes, dtype=ms.int32)
-        sc = None if x_self_cond is None else ops.cat((x_self_cond, x_self_cond), axis=0)
-        out, var_frac = self._split_output(self.model(ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), sc,
-                                                      ops.cat((classes, null), axis=0)))
-        cond, uncond = out[:b], out[b:]
-        guided_out = uncond + guidance_scale * (cond - uncond)
-        if rescaled:
-            axes = tuple(range(1, guided_out.ndim))
-            ratio = cond.std(axis=axes, keepdims=True) / guided_out.std(axis=axes, keepdims=True)
-            guided_out = guidance_rescale * (guided_out * ratio) + (1.0 - guidance_rescale) * guided_out
-        return guided_out, (None if var_frac is None else var_frac[:b])
-
-    def _predict(self, x, t, x_self_cond, classes, alpha, sigma, guidance_scale, guidance_rescale, guided: bool,
-                 rescaled: bool, clip: str, threshold_ratio: float, sample_max_value: float):
-        """(eps, x0[, log_var]) at (x, t), converted at level x = alpha x0 + sigma eps (0-d tensors)."""
-        out, var_frac = self._raw_prediction(x, t, x_self_cond, classes, guidance_scale, guidance_rescale, guided,
-                                             rescaled)
-        eps, x0 = self._eps_x0_at(x, out, alpha, sigma, clip, threshold_ratio, sample_max_value, True)
-        if var_frac is None:
-            return eps, x0
-        return eps, x0, self.learned_log_variance(t, var_frac, x.ndim)
 
     def model_condition(self, classes, batch_size: int) -> Optional[Tensor]:
         """The conditioning the denoiser passes to the network at sampling time (its 4th input).
@@ -485,7 +374,7 @@ class GaussianDiffusion(nn.Cell):
 
     def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
                  guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
-                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0):
+                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0) -> Denoise:
         """``denoise(x, t, x_self_cond=None, alpha_cumprod=None) -> (eps, x0[, log_var])`` for the samplers.
 
         The contract is in ``ms_diffusion.samplers.base``. The network call, guidance, the conversion
@@ -493,43 +382,33 @@ class GaussianDiffusion(nn.Cell):
         reused for every timestep (t, the level coefficients and the guidance weights are tensors).
         ``classes``: the network's conditioning through ``model_condition`` (class labels (B,) in
         [0, num_classes) for a class-conditional model; None: unconditional); ``guidance_scale``
-        != 1 runs classifier-free guidance; ``clip_denoised``: True / "static"
-        clips x0 to [-1, 1], "dynamic" applies Imagen's dynamic thresholding (``threshold_ratio``
-        quantile, ``sample_max_value``), False / "none" nothing; None uses the constructor's choice.
+        != 1 runs classifier-free guidance, ``guidance_rescale`` in [0, 1] rescales it (diffusers
+        ``rescale_noise_cfg``); ``clip_denoised``: True / "static" clips x0 to [-1, 1], "dynamic"
+        applies Imagen's dynamic thresholding (``threshold_ratio`` quantile, ``sample_max_value``),
+        False / "none" nothing; None uses the constructor's choice.
         """
         cond = self.model_condition(classes, batch_size)
-        guided = float(guidance_scale) != 1.0
-        if guided and (self.num_classes is None or cond is None):
-            raise ValueError("guidance_scale != 1 needs a class-conditional model (Unet(num_classes=...)) "
-                             "and classes to guide towards")
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
-        if guidance_rescale > 0 and not guided:
-            raise ValueError("guidance_rescale only acts on guided sampling: set guidance_scale != 1 too")
-        clip = resolve_clip(clip_denoised, self.clip_denoised)
-        if clip == "dynamic":
-            check_threshold(threshold_ratio, sample_max_value)
+        options = denoiser_options(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                   conditional=self.num_classes is not None and cond is not None,
+                                   clip_denoised=clip_denoised, default_clip=self.clip_denoised,
+                                   threshold_ratio=threshold_ratio, sample_max_value=sample_max_value)
         if self._predict_fn is None:
-            self._predict_fn = maybe_jit(self._predict)
-        fn = self._predict_fn
-        scale = Tensor(np.float32(guidance_scale))
-        rescale = Tensor(np.float32(guidance_rescale))
-        consts = (guided, float(guidance_rescale) > 0.0, clip, float(threshold_ratio), float(sample_max_value))
-        abar = self.schedule.alphas_cumprod
-        cache: Dict[Tuple[int, Optional[float]], Tuple[Tensor, Tensor, Tensor]] = {}
+            self._predict_fn = compile_predict(self)
+        return make_denoiser(self._predict_fn, batch_size, self.schedule.alphas_cumprod, cond, options,
+                             guidance_scale, guidance_rescale)
 
-        def denoise(x, t: int, x_self_cond=None, alpha_cumprod: Optional[float] = None):
-            key = (int(t), alpha_cumprod)
-            if key not in cache:
-                if not 0 <= key[0] < self.num_timesteps:
-                    raise ValueError(f"timestep {t} outside [0, {self.num_timesteps - 1}]")
-                ac = float(abar[key[0]]) if alpha_cumprod is None else float(alpha_cumprod)
-                cache[key] = (Tensor(np.full((batch_size,), key[0], np.int32)), Tensor(np.float32(math.sqrt(ac))),
-                              Tensor(np.float32(math.sqrt(1.0 - ac))))
-            tt, alpha, sigma = cache[key]
-            return fn(x, tt, x_self_cond, cond, alpha, sigma, scale, rescale, *consts)
+    def sampling_plan(self, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, int]:
+        """(canonical sampler name, network-evaluation steps) with this diffusion's defaults filled in.
 
-        return denoise
+        As lucidrains: DDIM with ``sampling_timesteps`` steps when fewer than the training timesteps
+        were configured, else ancestral DDPM over all ``num_timesteps``; a named non-DDPM sampler
+        defaults to ``sampling_timesteps`` steps, DDPM to ``num_timesteps``. ``steps`` given is
+        returned as is (the sampler validates it).
+        """
+        name = resolve_sampler(sampler or ("ddim" if self.is_ddim_sampling else "ddpm"))
+        if steps is None:
+            steps = self.sampling_timesteps if name != "ddpm" else self.num_timesteps
+        return name, steps
 
     def _sampler_options(self, name: str, eta: Optional[float], options: Dict) -> Dict:
         """Options for ``run_sampler``: the diffusion's spacing and DDIM eta, then the caller's.
@@ -585,17 +464,15 @@ class GaussianDiffusion(nn.Cell):
                                guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
                                threshold_ratio: float = 0.995, sample_max_value: float = 1.0,
                                x_T: Optional[ms.Tensor] = None, log_every_t: int = 0, progress: bool = False,
-                               **sampler_options):
+                               **sampler_options) -> SampleResult:
         """Like ``sample`` but returns the sampler's ``SampleResult`` (model space, with trajectory)."""
-        name = resolve_sampler(sampler or ("ddim" if self.is_ddim_sampling else "ddpm"))
+        name, steps = self.sampling_plan(sampler, steps)
         rng = make_rng(seed)
         shape = (batch_size, self.channels) + self.image_size
         if x_T is None:
             x_T = gaussian(rng, shape)
         elif tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        if steps is None:
-            steps = self.sampling_timesteps if name != "ddpm" else self.num_timesteps
         denoise = self.denoiser(batch_size, classes, guidance_scale, guidance_rescale, clip_denoised,
                                 threshold_ratio, sample_max_value)
         return run_sampler(name, denoise, self.schedule, x_T, rng, steps=steps, self_condition=self.self_condition,

@@ -167,6 +167,15 @@ class LatentDenoiser(nn.Cell):
         return self.diffusion_model(x, t, None, cond)
 
 
+def _compile_decode(ldm: "LatentDiffusion"):
+    # a closure, not ms.jit(ldm.decode_first_stage): jit of a bound method makes MindSpore parse that
+    # method instead of construct wherever the Cell is later called inside another graph (a train step)
+    def decode(z):
+        return ldm.decode_first_stage(z)
+
+    return maybe_jit(decode)
+
+
 class LatentDiffusion(GaussianDiffusion):
     """Diffusion on ``scale_factor * z``, z ~ q(z | x) of a frozen ``AutoencoderKL``.
 
@@ -175,7 +184,8 @@ class LatentDiffusion(GaussianDiffusion):
     trainer calls both alike) plus ``posterior_noise``; img (B, C, H, W) in [0, 1]
     (``auto_normalize``, default) or [-1, 1]; ``times`` / ``noise`` (latent-shaped) /
     ``posterior_noise`` (latent-shaped) are drawn in the graph when omitted, or on the host with
-    ``training_inputs``; ``self_cond`` is accepted and ignored (ldm has no self-conditioning). ``sample`` returns images
+    ``training_inputs`` and passed to ``training_loss(img, times=, noise=, classes=, posterior_noise=)``;
+    ``self_cond`` is accepted and ignored (ldm has no self-conditioning). ``sample`` returns images
     in [0, 1] (or [-1, 1]). Diffusion options not given take ``LDM_DIFFUSION_DEFAULTS``; any
     GaussianDiffusion keyword is accepted (``learn_logvar``, ``l_simple_weight``,
     ``original_elbo_weight``, ``sampling_timesteps``, ...).
@@ -293,12 +303,28 @@ class LatentDiffusion(GaussianDiffusion):
 
     # ------------------------------------------------------------------ training
 
-    def construct(self, img, cond=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
-                  loss_reduction: str = "mean", posterior_noise=None):
+    def _training_latents(self, img, posterior_noise=None):
+        """Images (B, C, H, W) as given to the loss -> scaled latents (B, z, h, w), no gradient to the first stage."""
         self.check_pixel_images(img.shape)
         moments = self.first_stage_model.encode_moments(self.normalize_images(img))
-        z = ops.stop_gradient(self.get_first_stage_encoding(moments, posterior_noise))
+        return ops.stop_gradient(self.get_first_stage_encoding(moments, posterior_noise))
+
+    def construct(self, img, cond=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
+                  loss_reduction: str = "mean", posterior_noise=None):
+        z = self._training_latents(img, posterior_noise)
         return super().construct(z, cond, times, noise, False, cond_drop_prob, loss_reduction)
+
+    def training_loss(self, images, *, times, noise, classes=None, self_cond: bool = False, posterior_noise=None,
+                      loss_reduction: str = "mean"):
+        """GaussianDiffusion's ``training_loss`` on the latents of ``images`` (host-drawn inputs; graph-safe).
+
+        ``noise`` and ``posterior_noise`` (the first stage's posterior sample; None: drawn in the
+        graph) are latent-shaped (B, z, h, w); ``classes`` is the conditioning after label dropout;
+        ``self_cond`` is ignored.
+        """
+        z = self._training_latents(images, posterior_noise)
+        return super().training_loss(z, times=times, noise=noise, classes=classes, self_cond=False,
+                                     loss_reduction=loss_reduction)
 
     def latent_shape(self, batch_size: int) -> tuple:
         return (batch_size, self.channels) + self.image_size
@@ -309,7 +335,7 @@ class LatentDiffusion(GaussianDiffusion):
 
         Returns numpy ``times`` (B,), latent-shaped ``noise`` and ``posterior_noise``, the labels
         after dropout in ``classes`` (class-conditional models; None otherwise) and ``self_cond``
-        (always False). Pass them to the loss with ``cond_drop_prob=0.0``.
+        (always False). Pass them to ``training_loss``.
         """
         shape = self.latent_shape(int(np.shape(images)[0]))
         out = super().training_inputs(np.zeros(shape, np.float32), rng, classes)
@@ -321,7 +347,7 @@ class LatentDiffusion(GaussianDiffusion):
     def decode_to_images(self, z) -> ms.Tensor:
         """Scaled latents -> images clipped to [-1, 1] and mapped like the training images ([0, 1] by default)."""
         if self._decode_fn is None:
-            self._decode_fn = maybe_jit(self.decode_first_stage)
+            self._decode_fn = _compile_decode(self)
         return self.unnormalize_images(ops.clamp(self._decode_fn(z), -1.0, 1.0))
 
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, cond=None,

@@ -1,7 +1,7 @@
 """Converted weights <-> ms_diffusion files.
 
 * A converted diffusion model (or autoencoder) is written like a training run's checkpoint:
-  ``.ckpt`` with groups ``online.*`` and ``ema.*`` (``training.checkpoint.save_checkpoint``) or a
+  ``.ckpt`` with groups ``online.*`` and ``ema.*`` (``io.checkpoint.save_checkpoint``) or a
   ``.safetensors`` export of one weight set (``export_safetensors``). Its metadata holds the
   experiment config (and a latent diffusion's ``first_stage`` architecture), so
   ``pipeline.load_diffusion`` -- ``sample.py --ckpt`` -- rebuilds it from the file alone. A
@@ -53,8 +53,9 @@ class Converted:
 
 def build_network_section(section: Mapping[str, Any]) -> nn.Cell:
     """A network from a ``model:`` section ({"type": registered name, **constructor arguments}), validated by
-    ``config.build_network``; a bad section raises ConversionError."""
-    from ms_diffusion.config import ConfigError, build_network
+    ``models.build_network``; a bad section raises ConversionError."""
+    from ms_diffusion.models import build_network
+    from ms_diffusion.registry import ConfigError
 
     try:
         return build_network(section)
@@ -85,7 +86,8 @@ def autoencoder_experiment(section: Mapping[str, Any], loss: Optional[Mapping[st
 def build_from_config(config: Mapping[str, Any], first_stage: Optional[Mapping[str, Any]] = None):
     """(ExperimentConfig, built model) for an experiment config dict: the diffusion, or the autoencoder of an
     autoencoder experiment. ``first_stage``: a latent diffusion's autoencoder section (built, not loaded)."""
-    from ms_diffusion.config import build_diffusion, build_model, config_from_dict
+    from ms_diffusion.config import config_from_dict
+    from ms_diffusion.experiment import build_diffusion, build_model
 
     cfg = config_from_dict(dict(config))
     if getattr(cfg, "is_autoencoder", False):

@@ -46,9 +46,9 @@ def _fingerprint(source: ImageSource, dataset: str, split: str) -> str:
     h.update(f"{dataset}|{split}|{source.total_samples}|{source.channels}|{source.image_size}".encode())
     folder = getattr(source, "folder", None)
     if dataset == "fashion_mnist" and folder is not None:
-        from ms_diffusion.data.fashion_mnist import _split_files
+        from ms_diffusion.data.fashion_mnist import split_files
 
-        for name in sorted(_split_files(split)):
+        for name in sorted(split_files(split)):
             update_with_file(h, Path(folder) / name)
     else:
         h.update(str(source.origin).encode())

@@ -26,24 +26,22 @@ the autoencoder's weights and config: what a ``latent`` diffusion config names a
 from __future__ import annotations
 
 import time
-from contextlib import closing
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
-from tqdm.auto import tqdm
 
 from ms_diffusion.imageio import save_grid
+from ms_diffusion.io.checkpoint import export_safetensors
 from ms_diffusion.io.state import named_parameters
 from ms_diffusion.losses.autoencoder import (DISCRIMINATOR_LOG_KEYS, GENERATOR_LOG_KEYS, DiscriminatorLoss,
                                              GeneratorLoss, LPIPSWithDiscriminator)
 from ms_diffusion.models.autoencoder import AutoencoderKL
 from ms_diffusion.models.distributions import split_moments
 from ms_diffusion.runtime import maybe_jit
-from ms_diffusion.training.base import TrainerBase, optimizer_state
-from ms_diffusion.io.checkpoint import export_safetensors
+from ms_diffusion.training.base import MicroStep, TrainerBase, optimizer_state
 from ms_diffusion.training.optim import build_lr_schedule, build_optimizer, current_lr
 from ms_diffusion.training.step import TrainStep
 from ms_diffusion.training.trainer import TrainConfig
@@ -70,7 +68,8 @@ def reconstruction_grid(inputs: np.ndarray, reconstructions: np.ndarray, path, n
 
 
 class AutoencoderTrainer(TrainerBase):
-    """Trains ``autoencoder`` with ``loss`` (its PatchGAN, logvar and LPIPS) on ``source`` batches.
+    """Trains ``autoencoder`` with ``loss`` (its PatchGAN, logvar and LPIPS) on ``source`` batches (``fit``: the
+    ``TrainerBase`` loop).
 
     ``config`` is the ``train:`` section: ``lr``, ``adam_betas`` (ldm: (0.5, 0.9)), ``optimizer``,
     ``lr_schedule`` and ``clip_grad_norm`` apply to both optimizers; ``sample_every`` /
@@ -79,6 +78,8 @@ class AutoencoderTrainer(TrainerBase):
     ``grad_reducer`` (e.g. ``DataParallel.grad_reducer``) builds a gradient all-reduce for a
     parameter list, or returns None for a single process.
     """
+
+    progress_desc = "train autoencoder"
 
     def __init__(self, autoencoder: AutoencoderKL, loss: LPIPSWithDiscriminator, source, config: TrainConfig,
                  out_dir, *, meta: Optional[Dict[str, Any]] = None, seed: int = 0, rank: int = 0,
@@ -157,88 +158,56 @@ class AutoencoderTrainer(TrainerBase):
         return reconstruction_grid(self._grid_inputs, self.reconstruct(self._grid_inputs),
                                    self.out_dir / "reconstructions" / f"step_{self.step:08d}.png")
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ hooks of the loop (TrainerBase.fit)
 
-    def _log_record(self, g_window: List[Tuple], d_window: List[Tuple], g_norm, d_norm,
-                    images_per_s: float) -> Dict[str, Any]:
+    def _train_micro_batch(self, images: np.ndarray, labels: np.ndarray) -> MicroStep:
+        x = Tensor(images * np.float32(2.0) - np.float32(1.0))
+        noise = Tensor(self.rng.standard_normal(self.autoencoder.latent_shape(images.shape)).astype(np.float32))
+        global_step = Tensor(self.step, ms.int32)
+        with_gan = self.step >= self.disc_start
+        # the GAN terms (adaptive weight, discriminator gradient) in their own graph: nested
+        # gradients inside the differentiated step take MindSpore's compiler far too long
+        gan = ms.mutable(self._gan_terms(x, global_step, noise)) if with_gan else None  # not constants
+        _, g_norm, g_finite, (g_logs, reconstructions) = self.g_step(x, global_step, noise, with_gan, gan)
+        d_logs, d_norm, finite = None, None, [g_finite]
+        if with_gan:
+            _, d_norm, d_finite, (d_logs,) = self.d_step(x, reconstructions, global_step)
+            finite.append(d_finite)
+        if g_norm is None:
+            return MicroStep(False, logs=(g_logs, d_logs))
+        return MicroStep(True, skipped=sum(not bool(f.asnumpy()) for f in finite), logs=(g_logs, d_logs),
+                         norms=(g_norm, d_norm))
+
+    def _log_record(self, window: List[MicroStep], img_per_s: float) -> Dict[str, Any]:
         record: Dict[str, Any] = {"step": self.step, "epoch": self.epoch}
-        g_logs = np.mean([[float(v.asnumpy()) for v in logs] for logs in g_window], axis=0)
+        g_logs = np.mean([[float(v.asnumpy()) for v in m.logs[0]] for m in window], axis=0)
         record["loss"] = float(g_logs[0])
         record.update({key: float(v) for key, v in zip(GENERATOR_LOG_KEYS, g_logs)})
+        d_window = [m.logs[1] for m in window if m.logs[1] is not None]
         if d_window:
             d_logs = np.mean([[float(v.asnumpy()) for v in logs] for logs in d_window], axis=0)
             record.update({key: float(v) for key, v in zip(DISCRIMINATOR_LOG_KEYS, d_logs)})
+        g_norm, d_norm = window[-1].norms
         record.update({"lr": current_lr(self.optimizer), "grad_norm": float(g_norm.asnumpy()),
                        "disc_grad_norm": None if d_norm is None else float(d_norm.asnumpy()),
-                       "overflows": self.overflows, "img_per_s": images_per_s, "time": time.time()})
+                       "overflows": self.overflows, "img_per_s": img_per_s, "time": time.time()})
         return record
 
-    def fit(self, resume=None) -> Dict[str, Any]:
-        """Train until ``num_steps`` updates; returns a summary (final losses, img/s, paths)."""
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.resume(resume)
-        self._load_history()
-        cfg = self.cfg
-        images_per_update = cfg.batch_size * cfg.grad_accum * self.world_size
-        bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc="train autoencoder", dynamic_ncols=True)
-        g_window: List[Tuple] = []
-        d_window: List[Tuple] = []
-        t_last, steps_last = time.perf_counter(), self.step
-        record: Dict[str, Any] = {}
-        d_norm = None
-        batches = self._batches()
-        with self._stop_signals() as stop, closing(bar):
-            self._stop_if_asked(stop)
-            while self.step < cfg.num_steps:
-                images, _ = next(batches)
-                x = Tensor(images * np.float32(2.0) - np.float32(1.0))
-                noise = Tensor(self.rng.standard_normal(self.autoencoder.latent_shape(images.shape))
-                               .astype(np.float32))
-                global_step = Tensor(self.step, ms.int32)
-                with_gan = self.step >= self.disc_start
-                # the GAN terms (adaptive weight, discriminator gradient) in their own graph: nested
-                # gradients inside the differentiated step take MindSpore's compiler far too long
-                gan = ms.mutable(self._gan_terms(x, global_step, noise)) if with_gan else None  # not constants
-                _, g_norm, g_finite, (g_logs, reconstructions) = self.g_step(x, global_step, noise, with_gan, gan)
-                g_window.append(g_logs)
-                finite = [g_finite]
-                if with_gan:
-                    _, d_norm, d_finite, (d_logs,) = self.d_step(x, reconstructions, global_step)
-                    d_window.append(d_logs)
-                    finite.append(d_finite)
-                if g_norm is None:
-                    continue  # accumulating micro-batches
-                self.step += 1
-                skipped = sum(not bool(f.asnumpy()) for f in finite)
-                self.overflows += skipped
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.num_steps:
-                    now = time.perf_counter()
-                    img_per_s = (self.step - steps_last) * images_per_update / max(now - t_last, 1e-9)
-                    t_last, steps_last = now, self.step
-                    record = self._log_record(g_window, d_window, g_norm, d_norm if with_gan else None, img_per_s)
-                    g_window.clear()
-                    d_window.clear()
-                    self._history.append((self.step, record["loss"]))
-                    self._log_line(record)
-                    bar.set_postfix(rec=f"{record['rec_loss']:.4f}", kl=f"{record['kl_loss']:.1f}",
-                                    img_s=f"{img_per_s:.1f}")
-                self._track_update(skipped == 0)   # max_bad_steps skipped updates in a row: TrainingDiverged
-                saved = None
-                if self._save_due():
-                    saved = self.save()
-                    self._write_plots()
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.num_steps):
-                    self._reconstruction_grid()
-                self._stop_if_asked(stop, saved)   # after SIGINT / SIGTERM: TrainingInterrupted, with a checkpoint
-        summary = {"step": self.step, "loss": record.get("loss", float("nan")),
-                   "rec_loss": record.get("rec_loss", float("nan")), "img_per_s": record.get("img_per_s", 0.0),
-                   "overflows": self.overflows, "out_dir": str(self.out_dir)}
-        if self.is_main and cfg.export_safetensors:
-            weights = {name: p.asnumpy() for name, p in named_parameters(self.autoencoder).items()}
-            meta = dict(self.meta)
-            meta.update({"step": self.step, "weights": "online"})
-            summary["safetensors"] = str(export_safetensors(self.out_dir / "model.safetensors", weights, meta))
-        return summary
+    def _progress_postfix(self, record: Dict[str, Any]) -> Dict[str, str]:
+        return {"rec": f"{record['rec_loss']:.4f}", "kl": f"{record['kl_loss']:.1f}",
+                "img_s": f"{record['img_per_s']:.1f}"}
+
+    def _periodic_outputs(self) -> None:
+        if self._due(self.cfg.sample_every):
+            self._reconstruction_grid()
+
+    def _summary(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        return {"step": self.step, "loss": record.get("loss", float("nan")),
+                "rec_loss": record.get("rec_loss", float("nan")), "img_per_s": record.get("img_per_s", 0.0),
+                "overflows": self.overflows, "out_dir": str(self.out_dir)}
+
+    def _export_weights(self) -> Path:
+        weights = {name: p.asnumpy() for name, p in named_parameters(self.autoencoder).items()}
+        meta = dict(self.meta)
+        meta.update({"step": self.step, "weights": "online"})
+        return export_safetensors(self.out_dir / "model.safetensors", weights, meta)

@@ -1,4 +1,10 @@
-"""What every trainer shares: run folder, data position, host RNG, grouped checkpoints, logs.
+"""What every trainer shares: the training loop, run folder, data position, host RNG, grouped checkpoints, logs.
+
+``TrainerBase.fit`` is the one loop (resume, progress bar, micro-batches, step counting, log lines,
+checkpoints, periodic outputs, stop signals, summary, final export); a trainer fills in what differs
+through hooks: ``_train_micro_batch`` (one micro-batch through its compiled step(s), returning a
+``MicroStep``), ``_log_record`` / ``_progress_postfix``, ``_after_update``, ``_periodic_evaluation``
+(before a save) and ``_periodic_outputs`` (after it), ``_summary`` and ``_export_weights``.
 
 A trainer subclass owns its networks, optimizers and compiled steps; it declares which
 Parameters a checkpoint holds by overriding ``_state_groups`` ({group: {name: Parameter}}, saved
@@ -15,12 +21,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
+from tqdm.auto import tqdm
 
 from ms_diffusion.imageio import plot_losses
 from ms_diffusion.io.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
@@ -29,7 +38,7 @@ from ms_diffusion.io.checkpoint import (CheckpointError, checkpoint_path, list_c
 from ms_diffusion.training.distributed import check_replicas, gather_rng_states, resume_position, rng_for_resume
 from ms_diffusion.training.interrupt import TrainingDiverged, TrainingInterrupted, graceful_stop, signal_name
 
-__all__ = ["TrainerBase", "optimizer_state", "CHECKPOINT_FORMAT"]
+__all__ = ["TrainerBase", "MicroStep", "optimizer_state", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -40,12 +49,26 @@ def optimizer_state(optimizer: nn.Optimizer) -> Dict[str, ms.Parameter]:
     return {name: p for name, p in optimizer.parameters_and_names() if id(p) not in own}
 
 
-class TrainerBase:
-    """Shared state and I/O of a trainer over an ``ImageSource``; subclasses implement ``_state_groups`` and ``fit``.
+@dataclass
+class MicroStep:
+    """What one micro-batch did, as the loop needs it; device values stay unread until a log line needs them."""
 
-    ``config`` needs ``batch_size``, ``keep_last``; ``meta`` (e.g. the experiment config) goes into
-    every checkpoint. Only ``rank == 0`` writes files.
+    updated: bool                 # this micro-batch completed an optimizer update (the last of grad_accum)
+    skipped: int = 0              # updates of it skipped as non-finite (several with several optimizers)
+    logs: Any = None              # this micro-batch's loss terms, averaged over the log window by ``_log_record``
+    norms: Tuple[Any, ...] = ()   # the update's gradient norms (Tensor, or None for an optimizer that did not step)
+
+
+class TrainerBase:
+    """Shared state, I/O and training loop of a trainer over an ``ImageSource``; subclasses implement
+    ``_state_groups``, ``_train_micro_batch``, ``_log_record`` and ``_export_weights`` (the other hooks have defaults).
+
+    ``config`` needs ``num_steps``, ``batch_size``, ``grad_accum``, ``log_every``, ``save_every``, ``keep_last``,
+    ``progress`` and ``export_safetensors``; ``meta`` (e.g. the experiment config) goes into every checkpoint.
+    Only ``rank == 0`` writes files.
     """
+
+    progress_desc = "train"   # the progress bar's description
 
     def __init__(self, source, config, out_dir, *, meta: Optional[Dict[str, Any]] = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print):
@@ -232,6 +255,94 @@ class TrainerBase:
             self._save_pending = False
             return True
         return False
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, resume=None) -> Dict[str, Any]:
+        """Train until ``num_steps`` updates; returns a summary (``_summary``: final loss, img/s, paths)."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.resume(resume)
+        self._load_history()
+        cfg = self.cfg
+        images_per_update = cfg.batch_size * cfg.grad_accum * self.world_size
+        bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   desc=self.progress_desc, dynamic_ncols=True)
+        window: List[MicroStep] = []
+        t_last, steps_last = time.perf_counter(), self.step
+        record: Dict[str, Any] = {}
+        batches = self._batches()
+        with self._stop_signals() as stop, closing(bar):
+            self._stop_if_asked(stop)
+            while self.step < cfg.num_steps:
+                images, labels = next(batches)
+                micro = self._train_micro_batch(images, labels)
+                window.append(micro)
+                if not micro.updated:
+                    continue  # accumulating micro-batches
+                self.step += 1
+                self.overflows += micro.skipped
+                self._after_update()
+                bar.update(1)
+                if self._due(cfg.log_every):
+                    now = time.perf_counter()
+                    img_per_s = (self.step - steps_last) * images_per_update / max(now - t_last, 1e-9)
+                    t_last, steps_last = now, self.step
+                    record = self._log_record(window, img_per_s)
+                    window.clear()
+                    self._history.append((self.step, record["loss"]))
+                    self._log_line(record)
+                    bar.set_postfix(**self._progress_postfix(record))
+                self._track_update(micro.skipped == 0)   # max_bad_steps skipped updates in a row: TrainingDiverged
+                self._periodic_evaluation()   # before saving, so the checkpoint knows the best so far
+                saved = None
+                if self._save_due():
+                    saved = self.save()
+                    self._write_plots()
+                self._periodic_outputs()
+                self._stop_if_asked(stop, saved)   # after SIGINT / SIGTERM: TrainingInterrupted, with a checkpoint
+        summary = self._summary(record)
+        if self.is_main and cfg.export_safetensors:
+            summary["safetensors"] = str(self._export_weights())
+        return summary
+
+    def _due(self, every: int) -> bool:
+        """Whether something done every ``every`` updates (0: never) is due after this update; always at the end."""
+        return bool(every) and (self.step % every == 0 or self.step == self.cfg.num_steps)
+
+    # ------------------------------------------------------------------ hooks of the loop
+
+    def _train_micro_batch(self, images: np.ndarray, labels: np.ndarray) -> MicroStep:
+        """Run one micro-batch (images (B, C, H, W) in [0, 1], labels (B,)) through the compiled step(s); the
+        host randomness it needs comes from ``self.rng``. ``self.step`` is still the number of updates before it."""
+        raise NotImplementedError
+
+    def _after_update(self) -> None:
+        """After each optimizer update (``self.step`` already counts it), before its log line."""
+
+    def _log_record(self, window: List[MicroStep], img_per_s: float) -> Dict[str, Any]:
+        """The log.jsonl line of this update, from the micro-batches since the last one (``window[-1]`` completed
+        this update). Must hold ``"loss"`` (the loss plot's value)."""
+        raise NotImplementedError
+
+    def _progress_postfix(self, record: Dict[str, Any]) -> Dict[str, str]:
+        """The progress bar's postfix for a log line."""
+        return {"loss": f"{record['loss']:.4f}", "img_s": f"{record['img_per_s']:.1f}"}
+
+    def _periodic_evaluation(self) -> None:
+        """After each update, before a save that falls on it (so that the checkpoint can hold its result)."""
+
+    def _periodic_outputs(self) -> None:
+        """After each update and its save (sample grids and the like)."""
+
+    def _summary(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        """What ``fit`` returns, from the last log line of this session (``{}`` if none), before the export."""
+        return {"step": self.step, "loss": record.get("loss", float("nan")), "img_per_s": record.get("img_per_s", 0.0),
+                "overflows": self.overflows, "out_dir": str(self.out_dir)}
+
+    def _export_weights(self) -> Path:
+        """Write ``model.safetensors`` (the weights for inference) at the end of ``fit``; returns its path."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ data and logs
 

@@ -1,4 +1,7 @@
-"""The training loop: data -> host-drawn noise -> compiled step -> EMA -> logs, samples, checkpoints.
+"""The diffusion trainer: data -> host-drawn noise -> compiled step -> EMA -> logs, samples, checkpoints.
+
+The loop itself is ``TrainerBase.fit``; ``Trainer`` supplies its steps as hooks (one micro-batch, the
+EMA update, the log line, evaluation before a save, the sample grid after it, the EMA export).
 
 Everything random is drawn on the host from one numpy Generator (timesteps, noise, offset noise,
 self-conditioning coin, label dropout) and the data order is a pure function of (seed, epoch), so
@@ -9,7 +12,6 @@ one thing a resume does not replay.
 from __future__ import annotations
 
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -17,14 +19,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
-from tqdm.auto import tqdm
 
 from ms_diffusion.imageio import save_grid
-from ms_diffusion.io.state import named_parameters
-from ms_diffusion.metrics.features import EXTRACTOR_KINDS
-from ms_diffusion.training.amp import AMP_DTYPES, AMP_LEVELS, apply_amp
-from ms_diffusion.training.base import CHECKPOINT_FORMAT, TrainerBase, optimizer_state
 from ms_diffusion.io.checkpoint import export_safetensors
+from ms_diffusion.io.state import named_parameters
+from ms_diffusion.training.amp import AMP_DTYPES, AMP_LEVELS, apply_amp
+from ms_diffusion.training.base import CHECKPOINT_FORMAT, MicroStep, TrainerBase, optimizer_state
 from ms_diffusion.training.ema import EMA, EMA_WARMUPS
 from ms_diffusion.training.optim import LR_SCHEDULES, OPTIMIZERS, build_lr_schedule, build_optimizer, current_lr
 from ms_diffusion.training.step import TrainStep, make_loss_scaler
@@ -88,7 +88,6 @@ class TrainConfig:
             (self.save_every >= 1 and self.log_every >= 1, "save_every and log_every must be >= 1"),
             (self.max_bad_steps >= 0, "max_bad_steps must be >= 0 (0 never stops a diverging run)"),
             (self.eval_every >= 0, "eval_every must be >= 0 (0 turns periodic evaluation off)"),
-            (self.eval_features in EXTRACTOR_KINDS, f"eval_features must be one of {EXTRACTOR_KINDS}"),
             (self.eval_features != "inception" or not self.eval_every or self.eval_weights,
              "eval_features: inception needs train.eval_weights (the converted FID Inception-v3 weights, "
              "docs/evaluation.md); or use eval_features: classifier"),
@@ -144,10 +143,9 @@ class Trainer(TrainerBase):
                                   self.cfg.loss_scale_window)
 
         def loss_fn(images, times, noise, classes, self_cond, posterior_noise):
-            if posterior_noise is None:
-                return diffusion(images, classes, times, noise, self_cond, 0.0)
-            # latent diffusion: the first stage's posterior sample is host-drawn too (exact resume)
-            return diffusion(images, classes, times, noise, self_cond, 0.0, "mean", posterior_noise)
+            # every input is host-drawn (a latent diffusion's posterior sample too): exact resume
+            return diffusion.training_loss(images, times=times, noise=noise, classes=classes, self_cond=self_cond,
+                                           posterior_noise=posterior_noise)
 
         self.step_fn = TrainStep(loss_fn, self.optimizer, grad_accum=self.cfg.grad_accum,
                                  clip_grad_norm=self.cfg.clip_grad_norm, loss_scaler=scaler, grad_reducer=grad_reducer)
@@ -192,7 +190,38 @@ class Trainer(TrainerBase):
                                                    f"; best {best['fd']:.3f} at step {best['step']}"))
         return result
 
-    # ------------------------------------------------------------------ loop
+    # ------------------------------------------------------------------ hooks of the loop (TrainerBase.fit)
+
+    def _train_micro_batch(self, images: np.ndarray, labels: np.ndarray) -> MicroStep:
+        inputs = self.diffusion.training_inputs(images, self.rng, labels if self.conditional else None)
+        classes = Tensor(inputs["classes"]) if inputs["classes"] is not None else None
+        posterior = inputs.get("posterior_noise")
+        loss, norm, finite = self.step_fn(Tensor(images), Tensor(inputs["times"]), Tensor(inputs["noise"]), classes,
+                                          inputs["self_cond"], None if posterior is None else Tensor(posterior))
+        if norm is None:
+            return MicroStep(False, logs=loss)
+        return MicroStep(True, skipped=0 if bool(finite.asnumpy()) else 1, logs=loss, norms=(norm,))
+
+    def _after_update(self) -> None:
+        self.ema.update()
+
+    def _log_record(self, window: List[MicroStep], img_per_s: float) -> Dict[str, Any]:
+        loss = float(np.mean([float(m.logs.asnumpy()) for m in window]))
+        return {"step": self.step, "epoch": self.epoch, "loss": loss,
+                "lr": current_lr(self.optimizer), "grad_norm": float(window[-1].norms[0].asnumpy()),
+                "loss_scale": self.step_fn.loss_scale, "overflows": self.overflows, "img_per_s": img_per_s,
+                "time": time.time()}
+
+    def _progress_postfix(self, record: Dict[str, Any]) -> Dict[str, str]:
+        return {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}", "img_s": f"{record['img_per_s']:.1f}"}
+
+    def _periodic_evaluation(self) -> None:
+        if self.evaluate_fn is not None and self.is_main and self._due(self.cfg.eval_every):
+            self._evaluate()
+
+    def _periodic_outputs(self) -> None:
+        if self._due(self.cfg.sample_every):
+            self._sample_grid()
 
     def _sample_grid(self) -> Optional[Path]:
         if not self.is_main or self.cfg.num_samples <= 0:
@@ -204,67 +233,11 @@ class Trainer(TrainerBase):
         return save_grid(images, self.out_dir / "samples" / f"step_{self.step:08d}.png",
                          scale=max(1, 64 // max(images.shape[-1], 1)))
 
-    def fit(self, resume=None) -> Dict[str, Any]:
-        """Train until ``num_steps`` updates; returns a summary (final loss, img/s, paths)."""
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.resume(resume)
-        self._load_history()
-        cfg = self.cfg
-        images_per_update = cfg.batch_size * cfg.grad_accum * self.world_size
-        bar = tqdm(total=cfg.num_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
-                   desc="train", dynamic_ncols=True)
-        window: List[ms.Tensor] = []
-        t_last, steps_last = time.perf_counter(), self.step
-        last_loss, img_per_s = float("nan"), 0.0
-        batches = self._batches()
-        with self._stop_signals() as stop, closing(bar):
-            self._stop_if_asked(stop)
-            while self.step < cfg.num_steps:
-                images, labels = next(batches)
-                inputs = self.diffusion.training_inputs(images, self.rng, labels if self.conditional else None)
-                classes = Tensor(inputs["classes"]) if inputs["classes"] is not None else None
-                posterior = inputs.get("posterior_noise")
-                loss, norm, finite = self.step_fn(Tensor(images), Tensor(inputs["times"]), Tensor(inputs["noise"]),
-                                                  classes, inputs["self_cond"],
-                                                  None if posterior is None else Tensor(posterior))
-                window.append(loss)
-                if norm is None:
-                    continue  # accumulating micro-batches
-                self.step += 1
-                finite = bool(finite.asnumpy())
-                if not finite:
-                    self.overflows += 1
-                self.ema.update()
-                bar.update(1)
-                if self.step % cfg.log_every == 0 or self.step == cfg.num_steps:
-                    last_loss = float(np.mean([float(x.asnumpy()) for x in window]))
-                    window.clear()
-                    now = time.perf_counter()
-                    img_per_s = (self.step - steps_last) * images_per_update / max(now - t_last, 1e-9)
-                    t_last, steps_last = now, self.step
-                    record = {"step": self.step, "epoch": self.epoch, "loss": last_loss,
-                              "lr": current_lr(self.optimizer), "grad_norm": float(norm.asnumpy()),
-                              "loss_scale": self.step_fn.loss_scale, "overflows": self.overflows,
-                              "img_per_s": img_per_s, "time": time.time()}
-                    self._history.append((self.step, last_loss))
-                    self._log_line(record)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.2e}", img_s=f"{img_per_s:.1f}")
-                self._track_update(finite)   # max_bad_steps skipped updates in a row: TrainingDiverged
-                if (self.evaluate_fn is not None and self.is_main and cfg.eval_every
-                        and (self.step % cfg.eval_every == 0 or self.step == cfg.num_steps)):
-                    self._evaluate()  # before saving, so the checkpoint knows the best so far
-                saved = None
-                if self._save_due():
-                    saved = self.save()
-                    self._write_plots()
-                if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.num_steps):
-                    self._sample_grid()
-                self._stop_if_asked(stop, saved)   # after SIGINT / SIGTERM: TrainingInterrupted, with a checkpoint
-        summary = {"step": self.step, "loss": last_loss, "img_per_s": img_per_s, "overflows": self.overflows,
-                   "out_dir": str(self.out_dir)}
+    def _summary(self, record: Dict[str, Any]) -> Dict[str, Any]:
+        summary = super()._summary(record)
         if self.best_eval is not None:
             summary["best_eval"] = self.best_eval
-        if self.is_main and cfg.export_safetensors:
-            summary["safetensors"] = str(self._export(self.out_dir / "model.safetensors"))
         return summary
+
+    def _export_weights(self) -> Path:
+        return self._export(self.out_dir / "model.safetensors")

@@ -4,15 +4,22 @@
 evaluations differ only by the weights, and a resumed run reproduces them), maps them to the
 feature extractor's input (``fit_to_extractor``) and measures the Fréchet distance to the cached
 statistics of the real training split. ``build_evaluator(cfg)`` makes one from the ``train.eval_*``
-keys of an experiment config; the Trainer calls it every ``train.eval_every`` updates.
+keys of an experiment config; it is handed to the Trainer (``evaluate_fn``), which calls it every
+``train.eval_every`` updates: training itself knows nothing of metrics.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
 from mindspore import nn
+
+from ms_diffusion.experiment import data_geometry
+from ms_diffusion.metrics.features import fit_to_extractor, get_extractor
+from ms_diffusion.metrics.frechet import frechet_distance_from_features
+from ms_diffusion.metrics.reference import reference_features
+from ms_diffusion.pipeline import cycled_classes, generate
 
 __all__ = ["SampleEvaluator", "build_evaluator"]
 
@@ -41,14 +48,8 @@ class SampleEvaluator:
                              f"(500 or more gives a steadier distance)")
 
     def __call__(self, diffusion: nn.Cell) -> Dict[str, Any]:
-        from ms_diffusion.metrics.features import fit_to_extractor
-        from ms_diffusion.metrics.frechet import frechet_distance_from_features
-        from ms_diffusion.pipeline import generate
-
         start = time.perf_counter()
-        classes: Optional[Sequence[int]] = None
-        if self.num_classes:
-            classes = [i % self.num_classes for i in range(self.num)]
+        classes = cycled_classes(self.num, self.num_classes)
         out = generate(diffusion, self.num, batch_size=min(self.batch_size, self.num), seed=self.seed,
                        classes=classes, **self.sample_options)
         features = self.extractor(fit_to_extractor(out.images, self.extractor))
@@ -68,9 +69,6 @@ def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None,
     Inception-v3). The reference is the training split of ``data.name``, computed once and cached.
     Sampling follows the ``sample:`` section (sampler, steps, eta, guidance).
     """
-    from ms_diffusion.metrics.features import get_extractor
-    from ms_diffusion.metrics.reference import reference_features
-
     t = cfg.train
     if not t.eval_every:
         return None
@@ -84,8 +82,6 @@ def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None,
             f"checkpoints but is not comparable across datasets (train.eval_features: inception for FID)")
     image_shape = None
     if diffusion is not None:
-        from ms_diffusion.config import data_geometry
-
         (height, width), channels = data_geometry(diffusion)
         image_shape = (channels, height, width)
     reference = reference_features(extractor, dataset, data_dir=cfg.data.get("data_dir"), image_shape=image_shape,

@@ -1,0 +1,95 @@
+"""Diffusion objectives by config name: a ``diffusion:`` section is ``{type: name, **arguments}``.
+
+The network (and a latent diffusion's first stage) are built elsewhere and handed in.
+"""
+from __future__ import annotations
+
+import inspect
+import typing
+from typing import Callable, Optional
+
+from ms_diffusion.diffusion.gaussian import GaussianDiffusion
+from ms_diffusion.diffusion.latent import LDM_DIFFUSION_DEFAULTS, ClassEmbedder, LatentDiffusion
+from ms_diffusion.models import AutoencoderKL, UNetModel
+from ms_diffusion.registry import ConfigError, Registry
+
+__all__ = ["DIFFUSIONS", "build_latent_diffusion"]
+
+DIFFUSIONS = Registry("diffusion", build_only=("model", "first_stage_model"))
+
+
+_CLASS_CONDITIONINGS = (None, "crossattn", "adm")
+
+
+def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = None,
+                           first_stage_model: Optional[AutoencoderKL] = None, conditioning_key: Optional[str] = None,
+                           num_classes: Optional[int] = None, cond_drop_prob: float = 0.1, scale_factor: float = 1.0,
+                           scale_by_std: bool = False, image_size: Optional[int] = None, auto_normalize: bool = True,
+                           **diffusion_kwargs) -> LatentDiffusion:
+    """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder.
+
+    ``first_stage_model``: the frozen autoencoder, handed in by the code that built it;
+    ``first_stage`` is the config's record of where it came from (an autoencoder run folder, step
+    checkpoint or ``model.safetensors`` written by ``train.py``), loaded by
+    ``experiment.build_diffusion`` -- the latent diffusion's checkpoints hold the first stage's
+    weights too and load without it.
+
+    Class conditioning from the data's labels: ``conditioning_key: crossattn`` with ``num_classes``
+    (a ``ClassEmbedder`` into the unet's ``context_dim``) or ``adm`` (the unet's ``num_classes`` is
+    N + 1: N classes and the null class). Any ``GaussianDiffusion`` option (``timesteps``,
+    ``sampling_timesteps``, ``learn_logvar``, ...) may follow; unset ones take ldm's defaults.
+    """
+    if conditioning_key not in _CLASS_CONDITIONINGS:
+        raise ConfigError(f"diffusion.conditioning_key {conditioning_key!r}: a config trains on images and class "
+                          f"labels, so choose one of {list(_CLASS_CONDITIONINGS)} (concat / hybrid conditionings "
+                          f"need conditioning inputs: use LatentDiffusion from Python)")
+    cond_stage = None
+    if conditioning_key == "crossattn":
+        if num_classes is None:
+            raise ConfigError("diffusion.num_classes: conditioning_key crossattn embeds class labels; set the number "
+                              "of classes")
+        if model.context_dim is None:
+            raise ConfigError("model.context_dim: crossattn conditioning needs use_spatial_transformer: true and "
+                              "context_dim in the unet_ldm model")
+        cond_stage = ClassEmbedder(model.context_dim, num_classes)
+    elif conditioning_key == "adm":
+        if model.num_classes is None or (num_classes is not None and model.num_classes != num_classes + 1):
+            raise ConfigError(f"model.num_classes: adm conditioning needs the unet's num_classes = classes + 1 (the "
+                              f"null class); got {model.num_classes} for num_classes={num_classes}")
+    elif num_classes is not None:
+        raise ConfigError("diffusion.num_classes is set but conditioning_key is not: choose crossattn or adm")
+    if first_stage_model is None:
+        if not first_stage:
+            raise ConfigError("diffusion.first_stage: the latent diffusion needs its autoencoder: set it to the run "
+                              "folder (or checkpoint) of an autoencoder trained with train.py")
+        raise ConfigError(f"diffusion.first_stage {first_stage!r}: build a latent diffusion from a config with "
+                          f"ms_diffusion.experiment.build_diffusion, which loads the autoencoder and hands it in")
+    latent_channels = first_stage_model.embed_dim
+    if (model.in_channels, model.out_channels) != (latent_channels, latent_channels):
+        raise ConfigError(f"model.in_channels / out_channels are {model.in_channels} / {model.out_channels} but the "
+                          f"first stage's latents have {latent_channels} channels (its embed_dim); set both to "
+                          f"{latent_channels}")
+    ldm = LatentDiffusion(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
+                          cond_stage_model=cond_stage, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor,
+                          scale_by_std=scale_by_std, auto_normalize=auto_normalize, **diffusion_kwargs)
+    return ldm
+
+
+def _with_diffusion_options(builder: Callable) -> Callable:
+    """Give ``builder`` (which forwards ``**diffusion_kwargs``) a signature that lists GaussianDiffusion's
+    options with ldm's defaults, so config keys are checked and coerced against them."""
+    own = inspect.signature(builder)
+    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+    taken = {p.name for p in params}
+    hints = typing.get_type_hints(GaussianDiffusion.__init__)
+    for name, p in inspect.signature(GaussianDiffusion.__init__).parameters.items():
+        if name in ("self", "model", "immiscible") or name in taken:
+            continue
+        params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints.get(name, p.annotation),
+                                default=LDM_DIFFUSION_DEFAULTS.get(name, p.default)))
+    builder.__signature__ = own.replace(parameters=params)
+    return builder
+
+
+DIFFUSIONS.register("gaussian", GaussianDiffusion)
+DIFFUSIONS.register("latent", _with_diffusion_options(build_latent_diffusion))

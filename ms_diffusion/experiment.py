@@ -1,0 +1,132 @@
+"""Building an experiment from its config: the network, the diffusion around it, the loss, the data source.
+
+``config`` parses; the registries beside each family (``models.MODELS``, ``diffusion.DIFFUSIONS``,
+``losses.LOSSES``, ``data.DATASETS``) construct; this module assembles the parts an experiment needs and
+hands built parts down (a latent diffusion's autoencoder is loaded here, from ``diffusion.first_stage``,
+and given to the diffusion).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import numpy as np
+from mindspore import nn
+
+from ms_diffusion.config import ExperimentConfig, config_from_dict
+from ms_diffusion.data import DATASETS, ImageSource
+from ms_diffusion.diffusion import LatentDiffusion
+from ms_diffusion.diffusion.registry import DIFFUSIONS
+from ms_diffusion.io.checkpoint import CheckpointError
+from ms_diffusion.io.hashing import file_sha256
+from ms_diffusion.io.state import ConversionError, load_arrays_into
+from ms_diffusion.io.weights import read_weights
+from ms_diffusion.losses import LOSSES, LPIPSWithDiscriminator
+from ms_diffusion.models import MODELS, AutoencoderKL, build_network
+from ms_diffusion.registry import ConfigError
+
+__all__ = ["build_network", "build_model", "build_diffusion", "build_ema_copy", "build_autoencoder_loss",
+           "build_data_source",
+           "data_geometry", "load_autoencoder", "load_weights_into"]
+
+
+def build_model(cfg: ExperimentConfig) -> nn.Cell:
+    """The network of ``cfg.model``."""
+    return MODELS.build(cfg.model)
+
+
+def build_diffusion(cfg: ExperimentConfig, model: Optional[nn.Cell] = None,
+                    first_stage_model: Optional[AutoencoderKL] = None) -> nn.Cell:
+    """The diffusion of ``cfg.diffusion`` around ``model`` (default: built from ``cfg.model``).
+
+    A ``latent`` diffusion gets ``first_stage_model`` when given (e.g. rebuilt from a checkpoint's
+    metadata), else the autoencoder its ``first_stage`` names, loaded and frozen; the loaded one's
+    provenance is kept as ``first_stage_info`` (path, sha256, step, model section) for the checkpoints.
+    """
+    if cfg.diffusion is None:
+        raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder, not a diffusion model; train it "
+                          f"with train.py and use its run as diffusion.first_stage of a `latent` config")
+    model = model if model is not None else build_model(cfg)
+    if cfg.diffusion["type"] != "latent":
+        return DIFFUSIONS.build(cfg.diffusion, model=model)
+    info = None
+    if first_stage_model is None and cfg.diffusion.get("first_stage"):
+        try:
+            first_stage_model, info = load_autoencoder(cfg.diffusion["first_stage"])
+        except CheckpointError as err:
+            raise ConfigError(f"diffusion.first_stage: {err}") from None
+    diffusion = DIFFUSIONS.build(cfg.diffusion, model=model, first_stage_model=first_stage_model)
+    diffusion.first_stage_info = info
+    return diffusion
+
+
+def build_ema_copy(cfg: ExperimentConfig, diffusion: nn.Cell) -> nn.Cell:
+    """A second diffusion of ``cfg`` to hold the EMA weights of ``diffusion``; a latent diffusion's frozen first
+    stage is rebuilt from ``diffusion``'s, weights copied, rather than loaded from its file again."""
+    if not isinstance(diffusion, LatentDiffusion):
+        return build_diffusion(cfg)
+    online = diffusion.first_stage_model
+    first_stage = AutoencoderKL(ddconfig=dict(online.ddconfig), embed_dim=online.embed_dim)
+    load_arrays_into(first_stage, {name: p.asnumpy() for name, p in online.parameters_and_names()})
+    for param in first_stage.get_parameters():
+        param.requires_grad = False
+    first_stage.set_train(False)
+    return build_diffusion(cfg, first_stage_model=first_stage)
+
+
+def build_autoencoder_loss(cfg: ExperimentConfig) -> LPIPSWithDiscriminator:
+    """The ``loss:`` section of an autoencoder config as its loss Cell (discriminator, logvar, LPIPS)."""
+    if cfg.loss is None:
+        raise ConfigError("this config has no `loss:` section (only autoencoder models have one)")
+    return LOSSES.build(cfg.loss)
+
+
+def data_geometry(built: nn.Cell) -> Tuple[Tuple[int, int], int]:
+    """((H, W), channels) of the training images of a built diffusion or autoencoder.
+
+    A latent diffusion trains on images of its first stage's size, not on its latents.
+    """
+    if isinstance(built, AutoencoderKL):
+        res = int(built.ddconfig["resolution"])
+        return (res, res), built.in_channels
+    if isinstance(built, LatentDiffusion):
+        return tuple(built.pixel_size), built.first_stage_model.in_channels
+    return tuple(built.image_size), built.channels
+
+
+def build_data_source(cfg: ExperimentConfig, built: nn.Cell, shard_id: int = 0, num_shards: int = 1) -> ImageSource:
+    """The data source of ``cfg.data`` shaped for ``built`` (a built diffusion or autoencoder), this rank's shard."""
+    size, channels = data_geometry(built)
+    return DATASETS.build(cfg.data, image_size=size, channels=channels, seed=cfg.seed, num_shards=num_shards,
+                          shard_id=shard_id)
+
+
+def load_weights_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], p: Path) -> None:
+    """Load ``arrays`` into ``cell``; a mismatch is a CheckpointError naming the file ``p``."""
+    try:
+        load_arrays_into(cell, arrays)
+    except ConversionError as err:
+        raise CheckpointError(f"{p}: {err}") from None
+
+
+def load_autoencoder(path: Union[str, Path]) -> Tuple[AutoencoderKL, Dict[str, Any]]:
+    """A trained autoencoder (run folder, step checkpoint or model.safetensors) as a frozen first stage.
+
+    Returns (AutoencoderKL in eval mode with every parameter frozen, info) with info = {"path",
+    "sha256" of the file, "step", "model": its config's model section}: what a latent diffusion
+    records so that its own checkpoints rebuild the first stage without this file.
+    """
+    p, arrays, meta = read_weights(path, "online")
+    cfg = config_from_dict(meta["config"])
+    if not cfg.is_autoencoder:
+        raise CheckpointError(f"{str(p)!r} is a {cfg.model['type']!r} checkpoint, not an autoencoder; name the run "
+                              f"folder of a model trained with an autoencoder config (model.type autoencoder_kl)")
+    autoencoder = build_model(cfg)
+    load_weights_into(autoencoder, arrays, p)
+    for param in autoencoder.get_parameters():
+        param.requires_grad = False
+    autoencoder.set_train(False)
+    info = {"path": str(p), "sha256": file_sha256(p), "step": meta.get("step"), "model": dict(meta["config"]["model"])}
+    return autoencoder, info
+
+
