@@ -569,8 +569,8 @@ def test_clear_errors():
     x = Tensor(x_T())
     rng = np.random.default_rng(0)
     denoise = d.denoiser(B)
-    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
-        run_sampler("euler", denoise, d.schedule, x, rng)
+    with pytest.raises(ValueError, match="unknown sampler 'lms'"):
+        run_sampler("lms", denoise, d.schedule, x, rng)
     with pytest.raises(ValueError, match=r"steps must be an integer in \[1, 50\]"):
         run_sampler("ddim", denoise, d.schedule, x, rng, steps=51)
     with pytest.raises(ValueError, match="order must be one of"):

@@ -18,6 +18,12 @@ plms     PLMS (ldm) = PNDM with skip_prk_steps (diffusers)   steps, timesteps, p
                                                              steps_offset, final_alpha_cumprod
 dpmpp    DPM-Solver++ multistep                              steps, timesteps, spacing, steps_offset,
                                                              order, lower_order_final, karras
+euler    Euler on the probability-flow ODE in sigma space    steps, timesteps, spacing, steps_offset,
+         (k-diffusion; diffusers EulerDiscreteScheduler)     karras
+euler_a  Euler ancestral (EulerAncestralDiscreteScheduler)   steps, timesteps, spacing, steps_offset,
+                                                             karras
+heun     Heun, 2 evaluations per step but the last           steps, timesteps, spacing, steps_offset,
+         (HeunDiscreteScheduler)                             karras
 ======== =================================================== ========================================
 """
 from __future__ import annotations
@@ -32,6 +38,8 @@ from ms_diffusion.samplers.base import Denoise, SampleResult, Trajectory, gaussi
 from ms_diffusion.samplers.ddim import ddim_sample
 from ms_diffusion.samplers.ddpm import ddpm_sample
 from ms_diffusion.samplers.dpm_solver import dpmpp_sample
+from ms_diffusion.samplers.euler import euler_ancestral_sample, euler_sample
+from ms_diffusion.samplers.heun import heun_sample
 from ms_diffusion.samplers.inversion import ddim_invert
 from ms_diffusion.samplers.levels import NoiseLevel
 from ms_diffusion.samplers.loop import LOOP_OPTIONS
@@ -40,7 +48,8 @@ from ms_diffusion.samplers.thresholding import CLIP_MODES, clip_x0, resolve_clip
 from ms_diffusion.schedules import NoiseSchedule
 
 __all__ = ["SAMPLER_NAMES", "SAMPLER_ALIASES", "run_sampler", "sampler_options", "resolve_sampler",
-           "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "ddim_invert",
+           "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "euler_sample",
+           "euler_ancestral_sample", "heun_sample", "ddim_invert",
            "SampleResult", "Trajectory", "NoiseLevel", "make_rng", "gaussian", "CLIP_MODES", "clip_x0", "resolve_clip"]
 
 _SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
@@ -48,10 +57,13 @@ _SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
     "ddim": ddim_sample,
     "plms": plms_sample,
     "dpmpp": dpmpp_sample,
+    "euler": euler_sample,
+    "euler_a": euler_ancestral_sample,
+    "heun": heun_sample,
 }
 SAMPLER_NAMES = tuple(_SAMPLERS)
 SAMPLER_ALIASES = {"pndm": "plms", "dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm_solver++": "dpmpp",
-                   "dpm-solver++": "dpmpp"}
+                   "dpm-solver++": "dpmpp", "euler_ancestral": "euler_a", "euler-a": "euler_a"}
 
 
 def resolve_sampler(name: str) -> str:
