@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of subsets (and of generation with --ckpt)")
     g = p.add_argument_group("generation (with --ckpt)")
     g.add_argument("--weights", default="ema", choices=("ema", "online"))
-    g.add_argument("--sampler", default=None, help="ddpm, ddim, plms, dpmpp, euler, euler_a or heun "
-                                                   "(default: the checkpoint config's)")
+    g.add_argument("--sampler", default=None,
+                   help="ddpm, ddim, plms, dpmpp, dpmpp_sde, euler, euler_a, heun or unipc (default: the checkpoint "
+                        "config's)")
     g.add_argument("--steps", type=int, default=None, help="network evaluations (default: the config's)")
     g.add_argument("--eta", type=float, default=None)
     g.add_argument("--guidance-scale", type=float, default=None,

@@ -21,8 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run folder (its newest checkpoint), a step_*.ckpt file or a model.safetensors export")
     p.add_argument("--weights", default="ema", choices=("ema", "online"), help="EMA weights (default) or raw ones")
     p.add_argument("--sampler", default=None,
-                   help="ddpm, ddim, plms, dpmpp, euler, euler_a or heun (default: the config's sample.sampler, "
-                        "else the diffusion's)")
+                   help="ddpm, ddim, plms, dpmpp, dpmpp_sde, euler, euler_a, heun or unipc (default: the config's "
+                        "sample.sampler, else the diffusion's)")
     p.add_argument("--steps", type=int, default=None, help="network evaluations (DDPM: all training steps)")
     p.add_argument("--eta", type=float, default=None, help="DDIM noise (0 deterministic, 1 DDPM-like)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",

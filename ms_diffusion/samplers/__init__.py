@@ -6,25 +6,30 @@
 options every sampler shares (self-conditioning, inpainting, trajectory, callback, progress) in
 ``samplers.loop``.
 
-======== =================================================== ========================================
-name     sampler                                             options beyond the loop's
-======== =================================================== ========================================
-ddpm     ancestral DDPM, all T steps or a subset              steps, timesteps, spacing, steps_offset,
-                                                             temperature, noise_dropout
-ddim     DDIM                                                steps, timesteps, prev_timesteps, spacing,
-                                                             steps_offset, eta, final_alpha_cumprod,
-                                                             temperature, noise_dropout
-plms     PLMS (ldm) = PNDM with skip_prk_steps (diffusers)   steps, timesteps, prev_timesteps, spacing,
-                                                             steps_offset, final_alpha_cumprod
-dpmpp    DPM-Solver++ multistep                              steps, timesteps, spacing, steps_offset,
-                                                             order, lower_order_final, karras
-euler    Euler on the probability-flow ODE in sigma space    steps, timesteps, spacing, steps_offset,
-         (k-diffusion; diffusers EulerDiscreteScheduler)     karras
-euler_a  Euler ancestral (EulerAncestralDiscreteScheduler)   steps, timesteps, spacing, steps_offset,
-                                                             karras
-heun     Heun, 2 evaluations per step but the last           steps, timesteps, spacing, steps_offset,
-         (HeunDiscreteScheduler)                             karras
-======== =================================================== ========================================
+========= =================================================== ========================================
+name      sampler                                             options beyond the loop's
+========= =================================================== ========================================
+ddpm      ancestral DDPM, all T steps or a subset              steps, timesteps, spacing, steps_offset,
+                                                              temperature, noise_dropout
+ddim      DDIM                                                steps, timesteps, prev_timesteps, spacing,
+                                                              steps_offset, eta, final_alpha_cumprod,
+                                                              temperature, noise_dropout
+plms      PLMS (ldm) = PNDM with skip_prk_steps (diffusers)   steps, timesteps, prev_timesteps, spacing,
+                                                              steps_offset, final_alpha_cumprod
+dpmpp     DPM-Solver++ multistep                              steps, timesteps, spacing, steps_offset,
+                                                              order, lower_order_final, karras, algorithm
+dpmpp_sde SDE-DPM-Solver++ multistep, orders 1-2 (DPM++ 2M   steps, timesteps, spacing, steps_offset,
+          SDE; sde-dpmsolver++), noise from the rng           order, lower_order_final, karras
+euler     Euler on the probability-flow ODE in sigma space    steps, timesteps, spacing, steps_offset,
+          (k-diffusion; diffusers EulerDiscreteScheduler)     karras
+euler_a   Euler ancestral (EulerAncestralDiscreteScheduler)   steps, timesteps, spacing, steps_offset,
+                                                              karras
+heun      Heun, 2 evaluations per step but the last           steps, timesteps, spacing, steps_offset,
+          (HeunDiscreteScheduler)                             karras
+unipc     UniPC multistep predictor-corrector, orders 1-3     steps, timesteps, spacing, steps_offset,
+          (UniPCMultistepScheduler, bh1 / bh2)                order, solver_type, lower_order_final,
+                                                              disable_corrector, karras
+========= =================================================== ========================================
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ import numpy as np
 from ms_diffusion.samplers.base import Denoise, SampleResult, Trajectory, gaussian, make_rng
 from ms_diffusion.samplers.ddim import ddim_sample
 from ms_diffusion.samplers.ddpm import ddpm_sample
-from ms_diffusion.samplers.dpm_solver import dpmpp_sample
+from ms_diffusion.samplers.dpm_solver import dpmpp_sample, dpmpp_sde_sample
 from ms_diffusion.samplers.euler import euler_ancestral_sample, euler_sample
 from ms_diffusion.samplers.heun import heun_sample
 from ms_diffusion.samplers.inversion import ddim_invert
@@ -45,11 +50,12 @@ from ms_diffusion.samplers.levels import NoiseLevel
 from ms_diffusion.samplers.loop import LOOP_OPTIONS
 from ms_diffusion.samplers.plms import plms_sample
 from ms_diffusion.samplers.thresholding import CLIP_MODES, clip_x0, resolve_clip
+from ms_diffusion.samplers.unipc import unipc_sample
 from ms_diffusion.schedules import NoiseSchedule
 
 __all__ = ["SAMPLER_NAMES", "SAMPLER_ALIASES", "run_sampler", "sampler_options", "resolve_sampler",
-           "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "euler_sample",
-           "euler_ancestral_sample", "heun_sample", "ddim_invert",
+           "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "dpmpp_sde_sample", "euler_sample",
+           "euler_ancestral_sample", "heun_sample", "unipc_sample", "ddim_invert",
            "SampleResult", "Trajectory", "NoiseLevel", "make_rng", "gaussian", "CLIP_MODES", "clip_x0", "resolve_clip"]
 
 _SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
@@ -57,13 +63,17 @@ _SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
     "ddim": ddim_sample,
     "plms": plms_sample,
     "dpmpp": dpmpp_sample,
+    "dpmpp_sde": dpmpp_sde_sample,
     "euler": euler_sample,
     "euler_a": euler_ancestral_sample,
     "heun": heun_sample,
+    "unipc": unipc_sample,
 }
 SAMPLER_NAMES = tuple(_SAMPLERS)
 SAMPLER_ALIASES = {"pndm": "plms", "dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm_solver++": "dpmpp",
-                   "dpm-solver++": "dpmpp", "euler_ancestral": "euler_a", "euler-a": "euler_a"}
+                   "dpm-solver++": "dpmpp", "dpmpp_2m_sde": "dpmpp_sde", "sde-dpmsolver++": "dpmpp_sde",
+                   "euler_ancestral": "euler_a", "euler-a": "euler_a",
+                   "uni_pc": "unipc", "unipc_multistep": "unipc"}
 
 
 def resolve_sampler(name: str) -> str:

@@ -1,9 +1,14 @@
-"""DPM-Solver++ multistep (Lu et al. 2022), data-prediction form, orders 1-3.
+"""DPM-Solver++ multistep (Lu et al. 2022), data-prediction form, orders 1-3, and its SDE variant.
 
 Matches diffusers' ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_type="midpoint",
 final_sigmas_type="zero")``: the solver integrates in lambda = log(alpha / sigma) using the
 denoiser's x0 predictions (clipped or dynamically thresholded there), reuses the previous one or
 two of them for orders 2 and 3, and always ends with a first-order step to clean data.
+
+``algorithm="sde-dpmsolver++"`` (sampler ``dpmpp_sde``, orders 1-2) is diffusers' SDE variant
+(``algorithm_type="sde-dpmsolver++"``, ``solver_type="midpoint"``, k-diffusion's DPM++ 2M SDE with
+eta = 1): each step also injects fresh noise from the sampler's rng, one float32 standard normal draw
+of x's shape per step but the last (which lands on clean data, where the noise coefficient is 0).
 """
 from __future__ import annotations
 
@@ -13,14 +18,17 @@ from typing import List, Optional, Sequence, Tuple
 import mindspore as ms
 import numpy as np
 
-from ms_diffusion.samplers.base import Denoise, SampleResult, check_steps, check_timesteps
+from ms_diffusion.samplers.base import Denoise, SampleResult, check_steps, check_timesteps, gaussian
 from ms_diffusion.samplers.levels import CLEAN, NoiseLevel, karras_grid, noise_levels
 from ms_diffusion.samplers.loop import SamplingLoop
 from ms_diffusion.schedules import NoiseSchedule, sampling_timesteps
 
-__all__ = ["dpmpp_sample", "dpmpp_grid", "dpmpp_update", "DPMPP_ORDERS"]
+__all__ = ["dpmpp_sample", "dpmpp_sde_sample", "dpmpp_grid", "dpmpp_update", "dpmpp_sde_update", "DPMPP_ORDERS",
+           "DPMPP_SDE_ORDERS", "DPMPP_ALGORITHMS"]
 
 DPMPP_ORDERS = (1, 2, 3)
+DPMPP_SDE_ORDERS = (1, 2)
+DPMPP_ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
 
 
 def dpmpp_grid(schedule: NoiseSchedule, steps: Optional[int] = None, spacing: str = "linspace",
@@ -87,22 +95,57 @@ def dpmpp_update(x: ms.Tensor, x0s: Sequence[ms.Tensor], levels: Sequence[NoiseL
             - (t.alpha * ((h - phi1) / h ** 2 - 0.5)) * d2)
 
 
+def dpmpp_sde_update(x: ms.Tensor, x0s: Sequence[ms.Tensor], levels: Sequence[NoiseLevel],
+                     noise: Optional[ms.Tensor]) -> ms.Tensor:
+    """One multistep SDE-DPM-Solver++ step (midpoint) of order k = len(x0s) (1-2) from ``levels[-2]`` to
+    ``levels[-1]``, with h = lambda_t - lambda_s:
+
+    x_t = (sigma_t / sigma_s) e^-h x + alpha_t (1 - e^-2h) (m0 + (m0 - m1) / (2 r0)) + sigma_t sqrt(1 - e^-2h) z.
+
+    x, noise z: (B, C, H, W); x0s: the data predictions at levels[-k-1:-1], oldest first. ``noise`` may
+    be None only when the target level is clean (its coefficient is then 0).
+    """
+    k = len(x0s)
+    if k not in DPMPP_SDE_ORDERS or len(levels) != k + 1:
+        raise ValueError(f"dpmpp_sde_update of order {k} (1-2) needs {k + 1} levels, got {len(levels)}")
+    s0, t = levels[-2], levels[-1]
+    h = t.log_snr - s0.log_snr                 # +inf towards clean data or from zero SNR
+    em = math.exp(-h)                          # e^-h
+    phi2 = -math.expm1(-2.0 * h)               # 1 - e^-2h
+    m0 = x0s[-1]
+    out = ((t.sigma / s0.sigma) * em) * x + (t.alpha * phi2) * m0
+    if k == 2:
+        r0 = (s0.log_snr - levels[-3].log_snr) / h
+        out = out + (0.5 * t.alpha * phi2 / r0) * (m0 - x0s[-2])
+    if t.sigma > 0.0:
+        if noise is None:
+            raise ValueError("dpmpp_sde_update needs noise unless the target level is clean")
+        out = out + (t.sigma * math.sqrt(phi2)) * noise
+    return out
+
+
 def dpmpp_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator, *,
                  steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None, spacing: str = "linspace",
                  steps_offset: int = 0, order: int = 2, lower_order_final: bool = True, karras: bool = False,
-                 **loop_options) -> SampleResult:
+                 algorithm: str = "dpmsolver++", **loop_options) -> SampleResult:
     """DPM-Solver++ from x (B, C, H, W) in ``steps`` network evaluations (grid: ``dpmpp_grid``).
 
     ``order`` 1-3 (2 is the usual choice with guidance, 3 for unconditional sampling); the first
     steps use lower orders until enough history exists. ``lower_order_final`` (with fewer than 15
     steps) drops to order <= 2 on the second-to-last step; the last step is always first order.
     Deterministic: ``rng`` is only used for inpainting. Loop options: see ``samplers.loop``.
+    ``algorithm="sde-dpmsolver++"``: the stochastic variant (orders 1-2, see ``dpmpp_sde_sample``).
     """
-    if order not in DPMPP_ORDERS:
-        raise ValueError(f"dpmpp: order must be one of {DPMPP_ORDERS}, got {order!r}")
+    if algorithm not in DPMPP_ALGORITHMS:
+        raise ValueError(f"dpmpp: algorithm must be one of {DPMPP_ALGORITHMS}, got {algorithm!r}")
+    sde = algorithm == "sde-dpmsolver++"
+    orders = DPMPP_SDE_ORDERS if sde else DPMPP_ORDERS
+    if order not in orders:
+        raise ValueError(f"dpmpp{'_sde' if sde else ''}: order must be one of {orders}, got {order!r}")
     ts, levels = dpmpp_grid(schedule, steps, spacing, steps_offset, karras, timesteps)
     n = len(ts)
-    loop = SamplingLoop(denoise, schedule, rng, name="DPM-Solver++", num_steps=n, **loop_options)
+    loop = SamplingLoop(denoise, schedule, rng, name="SDE-DPM-Solver++" if sde else "DPM-Solver++", num_steps=n,
+                        **loop_options)
     loop.start(x, int(ts[0]))
     x0s: List[ms.Tensor] = []
     warm = 0  # how many previous x0s the solver may use (diffusers' lower_order_nums)
@@ -116,7 +159,28 @@ def dpmpp_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: n
             k = 1
         elif lower_order_final and n < 15 and i == n - 2:
             k = min(k, 2)
-        x = dpmpp_update(x, x0s[-k:], levels[i + 1 - k:i + 2])
+        if sde:
+            noise = None if levels[i + 1].is_clean else gaussian(rng, x.shape, x.dtype)
+            x = dpmpp_sde_update(x, x0s[-k:], levels[i + 1 - k:i + 2], noise)
+        else:
+            x = dpmpp_update(x, x0s[-k:], levels[i + 1 - k:i + 2])
         warm = min(warm + 1, order)
         loop.end_step(i, t, -1 if last else int(ts[i + 1]), x, x0)
     return loop.result(x)
+
+
+def dpmpp_sde_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator, *,
+                     steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
+                     spacing: str = "linspace", steps_offset: int = 0, order: int = 2, lower_order_final: bool = True,
+                     karras: bool = False, **loop_options) -> SampleResult:
+    """SDE-DPM-Solver++ (DPM++ 2M SDE for ``order=2``, the default; ``order=1`` is first order) from
+    x (B, C, H, W) in ``steps`` network evaluations on ``dpmpp_grid``.
+
+    As ``dpmpp_sample`` (same grid, warm-up, ``lower_order_final`` and final first-order step to clean
+    data), plus noise: each step but the last adds sigma_t sqrt(1 - e^-2h) times one float32 standard
+    normal draw of x's shape from ``rng``. Matches diffusers' ``DPMSolverMultistepScheduler(
+    algorithm_type="sde-dpmsolver++", solver_type="midpoint")``. Loop options: see ``samplers.loop``.
+    """
+    return dpmpp_sample(denoise, schedule, x, rng, steps=steps, timesteps=timesteps, spacing=spacing,
+                        steps_offset=steps_offset, order=order, lower_order_final=lower_order_final, karras=karras,
+                        algorithm="sde-dpmsolver++", **loop_options)
