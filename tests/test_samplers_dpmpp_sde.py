@@ -1,70 +1,26 @@
 """SDE-DPM-Solver++ (sampler ``dpmpp_sde``) against diffusers, step by step, on the same model outputs and noise.
 
-As ``test_samplers_sigma``: a fixed smooth "network" written as a MindSpore Cell (run through the real compiled
-``GaussianDiffusion.denoiser``) and in torch float64 (run through diffusers'
+As ``test_samplers_sigma`` (whose network this reuses): a fixed smooth "network" written as a MindSpore Cell (run
+through the real compiled ``GaussianDiffusion.denoiser``) and in torch float64 (run through diffusers'
 ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")``, its alphas_cumprod replaced by our float64
-array); each loop evaluates it on its own samples. diffusers' ``randn_tensor`` is replaced by a replay of our
-rng: ours draws one float32 standard normal of x's shape per step but the last, diffusers one every step (its
-last is multiplied by sigma = 0).
+array); each loop evaluates it on its own samples. diffusers' ``randn_tensor`` is replaced by a replay of our rng:
+ours draws one float32 standard normal of x's shape per step but the last, diffusers one every step (its last is
+multiplied by sigma = 0).
 """
 from __future__ import annotations
 
-import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor
 
-from ms_diffusion import GaussianDiffusion
 from ms_diffusion.samplers import resolve_sampler, run_sampler, sampler_options
+from tests.test_samplers import torch  # noqa: F401  (the torch + diffusers fixture)
+from tests.test_samplers_sigma import B, C, H, T, W, diffusion, torch_net
 
-T = 50
-B, C, H, W = 1, 2, 3, 3
 # max |ours - diffusers| / max |diffusers| over the steps; measured worst case over the cases 4.1e-6 (README's
 # sampler table; epsilon, order 2, Karras: the SDE step amplifies float32 x0 errors several times more than
 # the ODE step does, the other cases stay below 4.1e-7)
 BOUND = 1e-5
-PRED = {"epsilon": "pred_noise", "v_prediction": "pred_v"}
-_P = {k: np.random.default_rng(0).uniform(lo, hi, C).reshape(1, C, 1, 1)
-      for k, lo, hi in (("w1", 0.5, 1.2), ("w2", -1.0, 1.0), ("phase", 0.0, 3.0), ("a", 0.5, 0.9), ("w3", 0.1, 0.4))}
-
-
-class FakeNet(nn.Cell):
-    """out = a sin(w1 x + w2 sin(3 t / T + phase)) + w3 x; (B, C, H, W) -> (B, C, H, W)."""
-
-    def __init__(self):
-        super().__init__()
-        self.channels, self.out_dim, self.self_condition = C, C, False
-        for k, v in _P.items():
-            setattr(self, "p_" + k, Tensor(v.astype(np.float32)))
-
-    def construct(self, x, time, x_self_cond=None, classes=None):
-        tf = time.astype(ms.float32).reshape(-1, 1, 1, 1) * (3.0 / T)
-        return self.p_a * ops.sin(self.p_w1 * x + self.p_w2 * ops.sin(tf + self.p_phase)) + self.p_w3 * x
-
-
-def torch_net(torch, x, t: int):
-    p = {k: torch.tensor(v, dtype=torch.float64) for k, v in _P.items()}
-    return p["a"] * torch.sin(p["w1"] * x + p["w2"] * torch.sin(torch.tensor(t * 3.0 / T, dtype=torch.float64)
-                                                                + p["phase"])) + p["w3"] * x
-
-
-_DIFFUSIONS = {}
-
-
-def diffusion(prediction: str) -> GaussianDiffusion:
-    if prediction not in _DIFFUSIONS:
-        _DIFFUSIONS[prediction] = GaussianDiffusion(FakeNet(), image_size=(H, W), timesteps=T,
-                                                    objective=PRED[prediction], beta_schedule="linear",
-                                                    auto_normalize=False)
-    return _DIFFUSIONS[prediction]
-
-
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    torch.set_num_threads(2)
-    return torch
 
 
 CASES = [(prediction, order, karras, steps, spacing, lower_order_final)

@@ -19,6 +19,7 @@ from mindspore import Tensor, nn, ops
 from ms_diffusion import GaussianDiffusion
 from ms_diffusion.samplers import resolve_sampler, run_sampler, sampler_options
 from ms_diffusion.samplers.euler import sigma_grid
+from tests.test_samplers import torch  # noqa: F401  (the torch + diffusers fixture)
 
 T = 50
 B, C, H, W = 1, 2, 3, 3
@@ -59,14 +60,6 @@ def diffusion(prediction: str) -> GaussianDiffusion:
                                                     objective=PRED[prediction], beta_schedule="linear",
                                                     auto_normalize=False)
     return _DIFFUSIONS[prediction]
-
-
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    torch.set_num_threads(2)
-    return torch
 
 
 def scheduler(name, d: GaussianDiffusion, prediction: str, **config):

@@ -14,6 +14,7 @@ import pytest
 from mindspore import Tensor
 
 from ms_diffusion.samplers import resolve_sampler, run_sampler, sampler_options
+from tests.test_samplers import torch  # noqa: F401  (the torch + diffusers fixture)
 from tests.test_samplers_sigma import B, C, H, W, diffusion, torch_net
 
 # max |ours - diffusers| / max |diffusers| over the steps (diffusers' sigmas are float32); measured
@@ -29,14 +30,6 @@ CASES = [(solver, order, karras, prediction, steps, spacing, offset)
              (1, True, "v_prediction", 5, "linspace", 0),
              (2, True, "epsilon", 6, "linspace", 0),
              (3, True, "v_prediction", 8, "linspace", 0))]
-
-
-@pytest.fixture(scope="module")
-def torch():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    torch.set_num_threads(2)
-    return torch
 
 
 def reference(torch, d, prediction, x, steps, stop=None, **config):

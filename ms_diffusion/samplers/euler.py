@@ -16,7 +16,7 @@ sigma_max for ``linspace`` / ``trailing`` spacing.
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -85,6 +85,20 @@ def _inpaint(loop: SamplingLoop, x: ms.Tensor, level: NoiseLevel) -> ms.Tensor:
     return loop.inpaint(x * level.alpha, level) * (1.0 / level.alpha)
 
 
+def integrate(loop: SamplingLoop, x: ms.Tensor, ts: np.ndarray, levels: Sequence[NoiseLevel],
+              step: Callable[[int, ms.Tensor, ms.Tensor, ms.Tensor], Tuple[ms.Tensor, ms.Tensor]]) -> SampleResult:
+    """The loop every sigma-space sampler shares: scale the noise x to levels[0], then per step i inpaint, take
+    the derivative d and x0 at levels[i], ``step(i, x, d, x0) -> (x at levels[i + 1], x0)``, report the step."""
+    n = len(ts)
+    x = _start(loop, x, ts, levels[0])
+    for i, t in enumerate(loop.steps(ts.tolist())):
+        x = _inpaint(loop, x, levels[i])
+        d, x0 = _derivative(loop, x, t, levels[i])
+        x, x0 = step(i, x, d, x0)
+        loop.end_step(i, t, -1 if i == n - 1 else int(ts[i + 1]), x * levels[i + 1].alpha, x0)
+    return loop.result(x)
+
+
 def euler_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator, *,
                  steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None, spacing: str = "linspace",
                  steps_offset: int = 0, karras: bool = False, **loop_options) -> SampleResult:
@@ -97,15 +111,12 @@ def euler_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: n
     ``s_tmin`` / ``s_tmax`` / ``s_noise``. Loop options: see ``samplers.loop``.
     """
     ts, levels = sigma_grid(schedule, steps, spacing, steps_offset, karras, timesteps, name="euler")
-    n = len(ts)
-    loop = SamplingLoop(denoise, schedule, rng, name="Euler", num_steps=n, **loop_options)
-    x = _start(loop, x, ts, levels[0])
-    for i, t in enumerate(loop.steps(ts.tolist())):
-        x = _inpaint(loop, x, levels[i])
-        d, x0 = _derivative(loop, x, t, levels[i])
-        x = x + d * (levels[i + 1].ve_sigma - levels[i].ve_sigma)
-        loop.end_step(i, t, -1 if i == n - 1 else int(ts[i + 1]), x * levels[i + 1].alpha, x0)
-    return loop.result(x)
+    loop = SamplingLoop(denoise, schedule, rng, name="Euler", num_steps=len(ts), **loop_options)
+
+    def step(i, x, d, x0):
+        return x + d * (levels[i + 1].ve_sigma - levels[i].ve_sigma), x0
+
+    return integrate(loop, x, ts, levels, step)
 
 
 def euler_ancestral_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator, *,
@@ -120,17 +131,15 @@ def euler_ancestral_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tens
     Returns model-space samples; loop options: see ``samplers.loop``.
     """
     ts, levels = sigma_grid(schedule, steps, spacing, steps_offset, karras, timesteps, name="euler_a")
-    n = len(ts)
-    loop = SamplingLoop(denoise, schedule, rng, name="Euler ancestral", num_steps=n, **loop_options)
-    x = _start(loop, x, ts, levels[0])
-    for i, t in enumerate(loop.steps(ts.tolist())):
-        x = _inpaint(loop, x, levels[i])
-        d, x0 = _derivative(loop, x, t, levels[i])
+    loop = SamplingLoop(denoise, schedule, rng, name="Euler ancestral", num_steps=len(ts), **loop_options)
+
+    def step(i, x, d, x0):
         s, s_next = levels[i].ve_sigma, levels[i + 1].ve_sigma
         s_up = math.sqrt(max(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2, 0.0))
         s_down = math.sqrt(max(s_next ** 2 - s_up ** 2, 0.0))
         x = x + d * (s_down - s)
         if s_up > 0.0:
             x = x + gaussian(rng, x.shape, x.dtype) * s_up
-        loop.end_step(i, t, -1 if i == n - 1 else int(ts[i + 1]), x * levels[i + 1].alpha, x0)
-    return loop.result(x)
+        return x, x0
+
+    return integrate(loop, x, ts, levels, step)

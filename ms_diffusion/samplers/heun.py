@@ -14,7 +14,7 @@ import mindspore as ms
 import numpy as np
 
 from ms_diffusion.samplers.base import Denoise, SampleResult
-from ms_diffusion.samplers.euler import _derivative, _inpaint, _start, sigma_grid
+from ms_diffusion.samplers.euler import _derivative, integrate, sigma_grid
 from ms_diffusion.samplers.loop import SamplingLoop
 from ms_diffusion.schedules import NoiseSchedule
 
@@ -32,17 +32,13 @@ def heun_sample(denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np
     ``samplers.loop``.
     """
     ts, levels = sigma_grid(schedule, steps, spacing, steps_offset, karras, timesteps, name="heun")
-    n = len(ts)
-    loop = SamplingLoop(denoise, schedule, rng, name="Heun", num_steps=n, **loop_options)
-    x = _start(loop, x, ts, levels[0])
-    for i, t in enumerate(loop.steps(ts.tolist())):
-        x = _inpaint(loop, x, levels[i])
-        d, x0 = _derivative(loop, x, t, levels[i])
+    loop = SamplingLoop(denoise, schedule, rng, name="Heun", num_steps=len(ts), **loop_options)
+
+    def step(i, x, d, x0):
         dt = levels[i + 1].ve_sigma - levels[i].ve_sigma
-        if i == n - 1:          # to sigma = 0: Euler
-            x = x + d * dt
-        else:
-            d2, x0 = _derivative(loop, x + d * dt, int(ts[i + 1]), levels[i + 1])
-            x = x + (d + d2) * (0.5 * dt)
-        loop.end_step(i, t, -1 if i == n - 1 else int(ts[i + 1]), x * levels[i + 1].alpha, x0)
-    return loop.result(x)
+        if i == len(ts) - 1:    # to sigma = 0: Euler
+            return x + d * dt, x0
+        d2, x0 = _derivative(loop, x + d * dt, int(ts[i + 1]), levels[i + 1])
+        return x + (d + d2) * (0.5 * dt), x0
+
+    return integrate(loop, x, ts, levels, step)

@@ -59,18 +59,22 @@ def _coefficients(s0: NoiseLevel, t: NoiseLevel, history: Sequence[NoiseLevel], 
     return h_phi_1, b_h, rks[:-1], np.stack(R), np.array(b)
 
 
+def _step_coefficients(what: str, x0s: Sequence[ms.Tensor], levels: Sequence[NoiseLevel], solver_type: str):
+    """(order p, level from, level to, ``_coefficients``) of a UniP / UniC step over ``levels``; checks p."""
+    p = len(x0s)
+    if p not in UNIPC_ORDERS or len(levels) != p + 1:
+        raise ValueError(f"{what} of order {p} (1-3) needs {p + 1} levels, got {len(levels)}")
+    s0, t = levels[-2], levels[-1]
+    return p, s0, t, _coefficients(s0, t, list(levels[:-2])[::-1], p, solver_type)
+
+
 def unipc_predict(x: ms.Tensor, x0s: Sequence[ms.Tensor], levels: Sequence[NoiseLevel],
                   solver_type: str = "bh2") -> ms.Tensor:
     """UniP of order p = len(x0s) (1-3) from ``levels[-2]`` to ``levels[-1]``.
 
     x: (B, C, H, W) at levels[-2]; x0s: the data predictions at levels[-p-1:-1], oldest first.
     """
-    p = len(x0s)
-    if p not in UNIPC_ORDERS or len(levels) != p + 1:
-        raise ValueError(f"unipc_predict of order {p} (1-3) needs {p + 1} levels, got {len(levels)}")
-    s0, t = levels[-2], levels[-1]
-    history = list(levels[:-2])[::-1]
-    h_phi_1, b_h, rks, R, b = _coefficients(s0, t, history, p, solver_type)
+    p, s0, t, (h_phi_1, b_h, rks, R, b) = _step_coefficients("unipc_predict", x0s, levels, solver_type)
     m0 = x0s[-1]
     out = (t.sigma / s0.sigma) * x + (-t.alpha * h_phi_1) * m0
     if p == 1:
@@ -88,12 +92,7 @@ def unipc_correct(x_prev: ms.Tensor, x0s: Sequence[ms.Tensor], x0_t: ms.Tensor, 
     """UniC of order p = len(x0s) (1-3): the sample at ``levels[-1]`` recomputed from x_prev (B, C, H, W) at
     ``levels[-2]``, the data predictions x0s at levels[-p-1:-1] (oldest first) and x0_t, the data
     prediction at levels[-1] (made from the uncorrected sample)."""
-    p = len(x0s)
-    if p not in UNIPC_ORDERS or len(levels) != p + 1:
-        raise ValueError(f"unipc_correct of order {p} (1-3) needs {p + 1} levels, got {len(levels)}")
-    s0, t = levels[-2], levels[-1]
-    history = list(levels[:-2])[::-1]
-    h_phi_1, b_h, rks, R, b = _coefficients(s0, t, history, p, solver_type)
+    p, s0, t, (h_phi_1, b_h, rks, R, b) = _step_coefficients("unipc_correct", x0s, levels, solver_type)
     m0 = x0s[-1]
     rhos = np.array([0.5]) if p == 1 else np.linalg.solve(R, b)
     res = float(rhos[-1]) * (x0_t - m0)
