@@ -8,9 +8,9 @@ from ms_diffusion.runtime import apply_cpu_workarounds as _apply_cpu_workarounds
 
 _apply_cpu_workarounds()
 
-from ms_diffusion.diffusion import GaussianDiffusion  # noqa: E402
+from ms_diffusion.diffusion import EDMDiffusion, FlowMatching, GaussianDiffusion  # noqa: E402
 from ms_diffusion.models import Unet  # noqa: E402
 from ms_diffusion.runtime import setup  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["GaussianDiffusion", "Unet", "setup", "__version__"]
+__all__ = ["GaussianDiffusion", "EDMDiffusion", "FlowMatching", "Unet", "setup", "__version__"]

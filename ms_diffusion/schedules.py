@@ -35,6 +35,10 @@ __all__ = [
     "NoiseSchedule",
     "TIMESTEP_SPACINGS",
     "sampling_timesteps",
+    "karras_sigma_ramp",
+    "flow_shift",
+    "ve_sigma_table",
+    "flow_time_table",
 ]
 
 
@@ -184,6 +188,15 @@ class NoiseSchedule:
     )
 
     @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: Sequence[float], v_posterior: float = 0.0) -> "NoiseSchedule":
+        """The schedule whose cumulative products are ``alphas_cumprod`` (T,), strictly decreasing in (0, 1]
+        except a last 0 (zero terminal SNR): betas = 1 - abar_t / abar_{t-1}, abar_{-1} = 1."""
+        abar = np.asarray(alphas_cumprod, dtype=np.float64)
+        if abar.ndim != 1 or abar.size == 0 or not np.all(np.diff(abar) < 0) or abar[0] > 1 or abar[-1] < 0:
+            raise ValueError("alphas_cumprod must be a non-empty, strictly decreasing 1-D array in [0, 1]")
+        return cls(1.0 - abar / np.append(1.0, abar[:-1]), v_posterior=v_posterior)
+
+    @classmethod
     def from_name(cls, name: str, timesteps: int, *, zero_terminal_snr: bool = False,
                   v_posterior: float = 0.0, **kwargs) -> "NoiseSchedule":
         betas = make_beta_schedule(name, timesteps, **kwargs)
@@ -326,3 +339,36 @@ def sampling_timesteps(num_train_timesteps: int, num_steps: int, spacing: str = 
     else:
         raise ValueError(f"unknown prev_rule {rule!r}; choose 'next' or 'offset'")
     return timesteps, np.where(prev < 0, -1, prev).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- continuous-time level tables
+#
+# EDM and flow-matching models are trained at continuous noise levels. The samplers walk a table of
+# levels instead: index 0 the least noisy, T - 1 the noisiest, as a DDPM schedule's timesteps.
+
+def karras_sigma_ramp(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. (2022) eq. 5: ``n`` sigmas from sigma_max down to sigma_min, evenly spaced in sigma^(1/rho)."""
+    if not 0.0 < sigma_min <= sigma_max or n < 1:
+        raise ValueError(f"Karras sigmas need 0 < sigma_min <= sigma_max and n >= 1, got {sigma_min}, {sigma_max}, {n}")
+    lo, hi = float(sigma_min) ** (1.0 / rho), float(sigma_max) ** (1.0 / rho)
+    return (hi + np.linspace(0.0, 1.0, int(n), dtype=np.float64) * (lo - hi)) ** rho
+
+
+def flow_shift(t, shift: float = 1.0):
+    """SD3's timestep shift t -> shift t / (1 + (shift - 1) t) (numpy or float); 1 is the identity."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def ve_sigma_table(sigma_min: float, sigma_max: float, size: int = 1000, rho: float = 7.0) -> NoiseSchedule:
+    """The levels x = x0 + sigma eps, sigma on the Karras ramp from sigma_min (index 0) to sigma_max (index
+    size - 1), as a VP schedule (alpha_cumprod = 1 / (1 + sigma^2)); EDM's sampling table."""
+    sigmas = karras_sigma_ramp(sigma_min, sigma_max, size, rho)[::-1]
+    return NoiseSchedule.from_alphas_cumprod(1.0 / (1.0 + sigmas ** 2))
+
+
+def flow_time_table(size: int = 1000, shift: float = 1.0) -> NoiseSchedule:
+    """The levels x = (1 - t) x0 + t eps at t = flow_shift(k / size), k = 1..size (diffusers'
+    ``FlowMatchEulerDiscreteScheduler`` training sigmas), as a VP schedule: alpha_cumprod =
+    (1 - t)^2 / ((1 - t)^2 + t^2), zero at t = 1 (zero terminal SNR)."""
+    t = flow_shift(np.arange(1, int(size) + 1, dtype=np.float64) / size, shift)
+    return NoiseSchedule.from_alphas_cumprod((1.0 - t) ** 2 / ((1.0 - t) ** 2 + t ** 2))

@@ -18,9 +18,10 @@ from ms_diffusion.diffusion.guidance import check_guidance, guidance_batch, guid
 from ms_diffusion.diffusion.parameterization import output_to_eps_x0
 from ms_diffusion.runtime import maybe_jit
 from ms_diffusion.samplers.base import Denoise
-from ms_diffusion.samplers.thresholding import check_threshold, resolve_clip
+from ms_diffusion.samplers.thresholding import check_threshold, clip_x0, resolve_clip
 
-__all__ = ["DenoiserOptions", "denoiser_options", "predict", "compile_predict", "LevelCache", "make_denoiser"]
+__all__ = ["DenoiserOptions", "denoiser_options", "predict", "compile_predict", "predict_preconditioned",
+           "compile_predict_preconditioned", "timestep_level_inputs", "LevelCache", "make_denoiser"]
 
 
 @dataclass(frozen=True)
@@ -65,20 +66,50 @@ def predict(diffusion, x, t, x_self_cond, cond, alpha, sigma, scale, phi, option
     conditional pass (GLIDE).
     """
     guided, rescaled, clip, threshold_ratio, sample_max_value = options
-    if guided:
-        b = x.shape[0]
-        x2, t2, sc2, cond2 = guidance_batch(x, t, x_self_cond, cond, diffusion.num_classes)
-        out, var_frac = diffusion.network_output(x2, t2, sc2, cond2)
-        cond_out, uncond_out = split_halves(out, b)
-        out = guide(cond_out, uncond_out, scale, phi, rescaled)
-        var_frac = None if var_frac is None else var_frac[:b]
-    else:
-        out, var_frac = diffusion.network_output(x, t, x_self_cond, cond)
+    out, var_frac = network_guided(diffusion, x, t, x_self_cond, cond, scale, phi, guided, rescaled)
     eps, x0 = output_to_eps_x0(diffusion.objective, x, out, alpha, sigma, clip, threshold_ratio, sample_max_value,
                                True)
     if var_frac is None:
         return eps, x0
     return eps, x0, diffusion.learned_log_variance(t, var_frac, x.ndim)
+
+
+def network_guided(diffusion, x, time_input, x_self_cond, cond, scale, phi, guided, rescaled):
+    """The network output (B, C', H, W) at (x, time_input) and the learned-variance part (or None), with
+    classifier-free guidance on the mean part when ``guided`` (GLIDE: the variance of the conditional pass)."""
+    if not guided:
+        return diffusion.network_output(x, time_input, x_self_cond, cond)
+    b = x.shape[0]
+    x2, t2, sc2, cond2 = guidance_batch(x, time_input, x_self_cond, cond, diffusion.num_classes)
+    out, var_frac = diffusion.network_output(x2, t2, sc2, cond2)
+    cond_out, uncond_out = split_halves(out, b)
+    return guide(cond_out, uncond_out, scale, phi, rescaled), None if var_frac is None else var_frac[:b]
+
+
+def predict_preconditioned(diffusion, x, label, x_self_cond, cond, in_scale, skip, out_scale, alpha, sigma, scale,
+                           phi, options):
+    """The graph body of a continuous-time diffusion (EDM, flow matching): (eps, x0) at x = alpha x0 + sigma eps.
+
+    The network sees ``in_scale * x`` and the noise label ``label`` (B,); its output F gives
+    x0 = skip * x + out_scale * F (the objective's preconditioning expressed in model space, all 0-d
+    tensors); x0 is clipped per ``options`` and eps re-derived from it. Guidance as ``predict``.
+    """
+    guided, rescaled, clip, threshold_ratio, sample_max_value = options
+    out, _ = network_guided(diffusion, x * in_scale, label, x_self_cond, cond, scale, phi, guided, rescaled)
+    x0 = skip * x + out_scale * out
+    if clip != "none":
+        x0 = clip_x0(x0, clip, threshold_ratio, sample_max_value)
+    return (x - alpha * x0) / sigma, x0
+
+
+def compile_predict_preconditioned(diffusion) -> Callable:
+    """``predict_preconditioned`` of ``diffusion`` as one jit-compiled closure (see ``compile_predict``)."""
+
+    def compiled_predict(x, label, x_self_cond, cond, in_scale, skip, out_scale, alpha, sigma, scale, phi, options):
+        return predict_preconditioned(diffusion, x, label, x_self_cond, cond, in_scale, skip, out_scale, alpha, sigma,
+                                      scale, phi, options)
+
+    return maybe_jit(compiled_predict)
 
 
 def compile_predict(diffusion) -> Callable:
@@ -95,42 +126,54 @@ def compile_predict(diffusion) -> Callable:
     return maybe_jit(compiled_predict)
 
 
+def timestep_level_inputs(t: int, alpha_cumprod: float, batch_size: int) -> Tuple[np.ndarray, float, float]:
+    """A discrete-time diffusion's graph inputs at a level: t (B,) int32, alpha, sigma."""
+    return (np.full((batch_size,), t, np.int32), math.sqrt(alpha_cumprod), math.sqrt(1.0 - alpha_cumprod))
+
+
+LevelInputs = Callable[[int, float, int], Tuple]
+
+
 class LevelCache:
-    """Per (timestep, alpha_cumprod) the graph's tensor inputs: t (B,) int32, alpha and sigma 0-d float32.
+    """Per (timestep, alpha_cumprod) the graph's tensor inputs, from ``level_inputs(t, alpha_cumprod, B)``:
+    the network's time input (B,) first, then 0-d float32 coefficients.
 
     ``alphas_cumprod`` (T,) float64; ``alpha_cumprod`` None means the schedule's level at t.
     """
 
-    def __init__(self, batch_size: int, alphas_cumprod: np.ndarray):
+    def __init__(self, batch_size: int, alphas_cumprod: np.ndarray, level_inputs: LevelInputs = timestep_level_inputs):
         self.batch_size = int(batch_size)
         self.alphas_cumprod = alphas_cumprod
         self.num_timesteps = int(alphas_cumprod.shape[0])
-        self._cache: Dict[Tuple[int, Optional[float]], Tuple[Tensor, Tensor, Tensor]] = {}
+        self.level_inputs = level_inputs
+        self._cache: Dict[Tuple[int, Optional[float]], Tuple[Tensor, ...]] = {}
 
-    def __call__(self, t: int, alpha_cumprod: Optional[float] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, t: int, alpha_cumprod: Optional[float] = None) -> Tuple[Tensor, ...]:
         key = (int(t), alpha_cumprod)
         if key not in self._cache:
             if not 0 <= key[0] < self.num_timesteps:
                 raise ValueError(f"timestep {t} outside [0, {self.num_timesteps - 1}]")
             ac = float(self.alphas_cumprod[key[0]]) if alpha_cumprod is None else float(alpha_cumprod)
-            self._cache[key] = (Tensor(np.full((self.batch_size,), key[0], np.int32)),
-                                Tensor(np.float32(math.sqrt(ac))), Tensor(np.float32(math.sqrt(1.0 - ac))))
+            time_input, *coefficients = self.level_inputs(key[0], ac, self.batch_size)
+            self._cache[key] = (Tensor(time_input),) + tuple(Tensor(np.float32(c)) for c in coefficients)
         return self._cache[key]
 
 
 def make_denoiser(compiled: Callable, batch_size: int, alphas_cumprod: np.ndarray, cond, options: DenoiserOptions,
-                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0) -> Denoise:
-    """The samplers' ``denoise`` around ``compiled(x, t, x_self_cond, cond, alpha, sigma, scale, phi, options)``.
+                  guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
+                  level_inputs: LevelInputs = timestep_level_inputs) -> Denoise:
+    """The samplers' ``denoise`` around ``compiled(x, time_input, x_self_cond, cond, *coefficients, scale, phi,
+    options)``, the level's inputs from ``level_inputs`` (default: a discrete diffusion's t, alpha, sigma).
 
-    ``compiled``: ``compile_predict(diffusion)``, kept by the diffusion so its graphs are reused
-    across calls; ``cond`` as the network takes it (already checked).
+    ``compiled``: ``compile_predict(diffusion)`` (or ``compile_predict_preconditioned``), kept by the
+    diffusion so its graphs are reused across calls; ``cond`` as the network takes it (already checked).
     """
-    levels = LevelCache(batch_size, alphas_cumprod)
+    levels = LevelCache(batch_size, alphas_cumprod, level_inputs)
     scale, phi = Tensor(np.float32(guidance_scale)), Tensor(np.float32(guidance_rescale))
     consts = options.as_tuple()
 
     def denoise(x, t: int, x_self_cond=None, alpha_cumprod: Optional[float] = None):
-        tt, alpha, sigma = levels(t, alpha_cumprod)
-        return compiled(x, tt, x_self_cond, cond, alpha, sigma, scale, phi, consts)
+        time_input, *coefficients = levels(t, alpha_cumprod)
+        return compiled(x, time_input, x_self_cond, cond, *coefficients, scale, phi, consts)
 
     return denoise

@@ -32,16 +32,16 @@ from ms_diffusion.diffusion.denoiser import compile_predict, denoiser_options, m
 from ms_diffusion.diffusion.gaussian_terms import LOSS_TYPES, check_loss_type, elementwise_loss, mean_flat, vb_bits
 from ms_diffusion.diffusion import parameterization
 from ms_diffusion.diffusion.parameterization import OBJECTIVES, check_objective, diffuse, training_target
-from ms_diffusion.models.contract import check_denoiser_network
+from ms_diffusion.diffusion.base import ImageDiffusion
 from ms_diffusion.nn.layers import to_float32
-from ms_diffusion.samplers import ddim_invert, resolve_sampler, run_sampler
-from ms_diffusion.samplers.base import Denoise, SampleResult, gaussian, make_rng
+from ms_diffusion.samplers import ddim_invert, resolve_sampler, run_sampler, sampler_options
+from ms_diffusion.samplers.base import Denoise, gaussian, make_rng
 from ms_diffusion.schedules import NoiseSchedule, make_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = ["GaussianDiffusion", "OBJECTIVES", "LOSS_TYPES"]
 
 
-class GaussianDiffusion(nn.Cell):
+class GaussianDiffusion(ImageDiffusion):
     """DDPM objective around a denoising network (``models.contract.DenoiserNetwork``, e.g. ``Unet``).
 
     Images in [0, 1] (``auto_normalize``) or [-1, 1]; shape (B, channels, *image_size).
@@ -77,14 +77,9 @@ class GaussianDiffusion(nn.Cell):
         logvar_init: float = 0.0,
         vb_loss_weight: float = 0.001,
     ):
-        super().__init__()
-        check_denoiser_network(model, type(self).__name__)
         check_objective(objective)
         check_loss_type(loss_type)
-        self.model = model
-        self.channels = int(model.channels)
-        self.self_condition = bool(getattr(model, "self_condition", False))
-        self.num_classes = getattr(model, "num_classes", None)
+        super().__init__(model, image_size, auto_normalize)
         self.learned_variance = int(model.out_dim) == 2 * self.channels
         if int(model.out_dim) != self.channels and not self.learned_variance:
             raise ValueError(f"the model outputs {model.out_dim} channels for {self.channels}-channel images; "
@@ -93,14 +88,6 @@ class GaussianDiffusion(nn.Cell):
             raise ValueError("learned variance together with self-conditioning is not supported "
                              "(neither does lucidrains); turn one of them off")
 
-        if isinstance(image_size, int):
-            image_size = (image_size, image_size)
-        image_size = tuple(int(s) for s in image_size)
-        if len(image_size) != 2 or min(image_size) < 1:
-            raise ValueError(f"image_size must be an int or (height, width), got {image_size}")
-        if hasattr(model, "check_input_shape"):
-            model.check_input_shape((1, self.channels) + image_size)
-        self.image_size = image_size
         self.objective = objective
 
         # ---- schedule (numpy float64) and its float32 buffers
@@ -144,18 +131,11 @@ class GaussianDiffusion(nn.Cell):
         self.ddim_timestep_spacing = ddim_timestep_spacing
         self.clip_denoised = bool(clip_denoised)
 
-        self.auto_normalize = bool(auto_normalize)
         self.offset_noise_strength = float(offset_noise_strength)
         self.immiscible = bool(immiscible)
         self._predict_fn = None
 
     # ------------------------------------------------------------------ helpers
-
-    def normalize(self, img):
-        return img * 2.0 - 1.0 if self.auto_normalize else img
-
-    def unnormalize(self, x):
-        return (x + 1.0) * 0.5 if self.auto_normalize else x
 
     @staticmethod
     def _extract(a, t, ndim: int):
@@ -166,17 +146,6 @@ class GaussianDiffusion(nn.Cell):
         """(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t)) at timesteps t (B,), shaped (B, 1, ...) for ndim."""
         return self._extract(self.sqrt_alphas_cumprod, t, ndim), self._extract(self.sqrt_one_minus_alphas_cumprod, t,
                                                                                 ndim)
-
-    def check_images(self, shape: Sequence[int]) -> None:
-        """Raise ValueError naming the problem if a batch of this shape cannot be trained on."""
-        if len(shape) != 4:
-            raise ValueError(f"images must be (batch, channels, height, width), got shape {tuple(shape)}")
-        if shape[1] != self.channels:
-            raise ValueError(f"images have {shape[1]} channel(s) but the model was built for {self.channels}; "
-                             f"convert the data (e.g. grayscale <-> RGB) or rebuild the model")
-        if tuple(shape[2:]) != self.image_size:
-            raise ValueError(f"images are {shape[2]}x{shape[3]} but the diffusion was built for "
-                             f"{self.image_size[0]}x{self.image_size[1]}; resize the data or set image_size")
 
     # ------------------------------------------------------------------ forward process and conversions at timestep t
 
@@ -346,31 +315,12 @@ class GaussianDiffusion(nn.Cell):
         ``self_cond`` (bool) and ``classes`` (B,) int32 or None. Pass them to ``training_loss``
         (label dropout is already applied).
         """
-        conditional = classes is not None and self.num_classes is not None
         return inputs.draw_host_inputs(images, rng, classes, num_timesteps=self.num_timesteps,
                                        offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
                                        normalize=self.normalize, self_condition=self.self_condition,
-                                       num_classes=self.num_classes,
-                                       cond_drop_prob=float(self.model.cond_drop_prob) if conditional else 0.0)
+                                       num_classes=self.num_classes, cond_drop_prob=self.class_dropout_prob(classes))
 
     # ------------------------------------------------------------------ sampling
-
-    def model_condition(self, classes, batch_size: int) -> Optional[Tensor]:
-        """The conditioning the denoiser passes to the network at sampling time (its 4th input).
-
-        Class labels (B,) int32 in [0, num_classes] (num_classes is the null class) for a
-        class-conditional model, None otherwise. Subclasses with other conditionings override it
-        (``LatentDiffusion``: concat maps, cross-attention contexts).
-        """
-        if classes is None or self.num_classes is None:
-            return None
-        labels = np.asarray(classes.asnumpy() if isinstance(classes, Tensor) else classes)
-        if labels.shape != (batch_size,):
-            raise ValueError(f"classes must have shape ({batch_size},), got {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() > self.num_classes):
-            raise ValueError(f"classes must lie in [0, {self.num_classes - 1}] ({self.num_classes} is the "
-                             f"null class), got {labels.min()}..{labels.max()}")
-        return Tensor(labels.astype(np.int32))
 
     def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
                  guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
@@ -425,59 +375,10 @@ class GaussianDiffusion(nn.Cell):
             merged["eta"] = eta
         elif name == "ddim":
             merged["eta"] = self.ddim_sampling_eta
+        taken = sampler_options(name)
+        merged = {k: v for k, v in merged.items() if k in taken or k == "eta"}   # an unused eta is an error
         merged.update(options)
-        if merged.get("x0") is not None:  # the known image of inpainting, given like training images
-            merged["x0"] = self.normalize(merged["x0"] if isinstance(merged["x0"], Tensor)
-                                          else Tensor(np.asarray(merged["x0"], np.float32)))
-        return merged
-
-    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, seed=None,
-               sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
-               classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
-               clip_denoised: Optional[Union[bool, str]] = None, x_T: Optional[ms.Tensor] = None,
-               log_every_t: Optional[int] = None, progress: bool = False, **sampler_options) -> ms.Tensor:
-        """Generate ``batch_size`` images (B, C, H, W) in [0, 1] (model space if not auto_normalize).
-
-        Default sampler as lucidrains: DDIM with ``sampling_timesteps`` steps and
-        ``ddim_sampling_eta`` when fewer steps than training timesteps, else ancestral DDPM.
-        ``sampler`` is any of ``samplers.SAMPLER_NAMES`` with ``steps`` network evaluations (PLMS
-        adds one); further options (``order``, ``karras``, ``temperature``, ``mask`` + ``x0``
-        inpainting with x0 given like training images, ...) go to the sampler. ``classes``,
-        ``guidance_scale``, ``guidance_rescale``, ``clip_denoised`` (True / False / "dynamic", with
-        ``threshold_ratio`` and ``sample_max_value``): see ``denoiser``.
-        ``return_all_timesteps`` returns (B, S + 1, C, H, W) from noise to image.
-        ``seed`` (int or numpy Generator) makes the result reproducible.
-        """
-        result = self.sample_with_trajectory(batch_size, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                                             classes=classes, guidance_scale=guidance_scale,
-                                             guidance_rescale=guidance_rescale, clip_denoised=clip_denoised, x_T=x_T,
-                                             log_every_t=(1 if return_all_timesteps else 0) if log_every_t is None
-                                             else log_every_t, progress=progress, **sampler_options)
-        if return_all_timesteps:
-            frames = np.stack(result.trajectory.xs, axis=1)
-            return self.unnormalize(Tensor(frames))
-        return self.unnormalize(result.sample)
-
-    def sample_with_trajectory(self, batch_size: int = 16, *, seed=None, sampler: Optional[str] = None,
-                               steps: Optional[int] = None, eta: Optional[float] = None,
-                               classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
-                               guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
-                               threshold_ratio: float = 0.995, sample_max_value: float = 1.0,
-                               x_T: Optional[ms.Tensor] = None, log_every_t: int = 0, progress: bool = False,
-                               **sampler_options) -> SampleResult:
-        """Like ``sample`` but returns the sampler's ``SampleResult`` (model space, with trajectory)."""
-        name, steps = self.sampling_plan(sampler, steps)
-        rng = make_rng(seed)
-        shape = (batch_size, self.channels) + self.image_size
-        if x_T is None:
-            x_T = gaussian(rng, shape)
-        elif tuple(x_T.shape) != shape:
-            raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
-        denoise = self.denoiser(batch_size, classes, guidance_scale, guidance_rescale, clip_denoised,
-                                threshold_ratio, sample_max_value)
-        return run_sampler(name, denoise, self.schedule, x_T, rng, steps=steps, self_condition=self.self_condition,
-                           log_every_t=log_every_t, progress=progress,
-                           **self._sampler_options(name, eta, sampler_options))
+        return super()._sampler_options(name, eta, merged)
 
     def invert(self, img: ms.Tensor, *, steps: Optional[int] = None, classes: Optional[Sequence[int]] = None,
                guidance_scale: float = 1.0, guidance_rescale: float = 0.0, progress: bool = False,

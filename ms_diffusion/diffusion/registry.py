@@ -8,6 +8,8 @@ import inspect
 import typing
 from typing import Callable, Optional
 
+from ms_diffusion.diffusion.edm import EDMDiffusion
+from ms_diffusion.diffusion.flow import FlowMatching
 from ms_diffusion.diffusion.gaussian import GaussianDiffusion
 from ms_diffusion.diffusion.latent import LDM_DIFFUSION_DEFAULTS, ClassEmbedder, LatentDiffusion
 from ms_diffusion.models import AutoencoderKL, UNetModel
@@ -92,4 +94,6 @@ def _with_diffusion_options(builder: Callable) -> Callable:
 
 
 DIFFUSIONS.register("gaussian", GaussianDiffusion)
+DIFFUSIONS.register("edm", EDMDiffusion)
+DIFFUSIONS.register("flow", FlowMatching)
 DIFFUSIONS.register("latent", _with_diffusion_options(build_latent_diffusion))

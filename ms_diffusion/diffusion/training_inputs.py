@@ -62,17 +62,23 @@ def noise_assignment(x_start: np.ndarray, noise: np.ndarray) -> np.ndarray:
 def draw_host_inputs(images: np.ndarray, rng: np.random.Generator, classes: Optional[np.ndarray] = None, *,
                      num_timesteps: int, offset_noise_strength: float = 0.0, immiscible: bool = False,
                      normalize: Optional[Callable] = None, self_condition: bool = False,
-                     num_classes: Optional[int] = None, cond_drop_prob: float = 0.0) -> Dict[str, object]:
+                     num_classes: Optional[int] = None, cond_drop_prob: float = 0.0,
+                     draw_times: Optional[Callable[[np.random.Generator, int], np.ndarray]] = None
+                     ) -> Dict[str, object]:
     """A batch's training inputs drawn from ``rng``.
 
     ``images`` (B, C, H, W) as given to the loss; ``normalize`` maps them to model space (for the
     immiscible assignment). Returns numpy ``times`` (B,) int32 in [0, num_timesteps), ``noise``
     (B, C, H, W) float32 (offset noise and immiscible assignment applied), ``self_cond`` (bool) and
     ``classes`` (B,) int32 after label dropout (``num_classes`` is the null class), or None for an
-    unconditional model.
+    unconditional model. ``draw_times(rng, B)`` replaces the integer timesteps for a continuous-time
+    objective (EDM's sigmas, flow matching's t; float32).
     """
     b = images.shape[0]
-    times = rng.integers(0, num_timesteps, size=(b,)).astype(np.int32)
+    if draw_times is None:
+        times = rng.integers(0, num_timesteps, size=(b,)).astype(np.int32)
+    else:
+        times = np.asarray(draw_times(rng, b), np.float32)
     noise = rng.standard_normal(images.shape).astype(np.float32)
     if offset_noise_strength > 0:
         offset = rng.standard_normal(offset_shape(images.shape)).astype(np.float32)
@@ -92,17 +98,19 @@ def draw_host_inputs(images: np.ndarray, rng: np.random.Generator, classes: Opti
 
 def complete_in_graph(x_start, classes=None, times=None, noise=None, self_cond=None, *, num_timesteps: int,
                       offset_noise_strength: float = 0.0, immiscible: bool = False, self_condition: bool = False,
-                      num_classes: Optional[int] = None, cond_drop_prob: float = 0.0):
+                      num_classes: Optional[int] = None, cond_drop_prob: float = 0.0,
+                      draw_times: Optional[Callable[[int], Tensor]] = None):
     """(times, noise, self_cond, classes) with the missing ones drawn by MindSpore's seeded RNG ops.
 
     x_start (B, C, H, W) in model space. Given times / noise are used as they are; labels are
     dropped with probability ``cond_drop_prob`` (0 when the caller already did). Graph-safe, except
     the immiscible assignment, which runs on the host (PyNative only: compiled training must pass
     noise). The self-conditioning coin is a Python draw, so a compiled graph fixes it at compile time.
+    ``draw_times(B)``: a continuous-time objective's in-graph draw of its times (float32 (B,)).
     """
     b = x_start.shape[0]
     if times is None:
-        times = ops.randint(0, num_timesteps, (b,), dtype=ms.int32)
+        times = ops.randint(0, num_timesteps, (b,), dtype=ms.int32) if draw_times is None else draw_times(b)
     if noise is None:
         noise = ops.standard_normal(x_start.shape).astype(x_start.dtype)
         if offset_noise_strength > 0:

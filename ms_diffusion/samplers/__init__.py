@@ -21,14 +21,16 @@ dpmpp     DPM-Solver++ multistep                              steps, timesteps, 
 dpmpp_sde SDE-DPM-Solver++ multistep, orders 1-2 (DPM++ 2M   steps, timesteps, spacing, steps_offset,
           SDE; sde-dpmsolver++), noise from the rng           order, lower_order_final, karras
 euler     Euler on the probability-flow ODE in sigma space    steps, timesteps, spacing, steps_offset,
-          (k-diffusion; diffusers EulerDiscreteScheduler)     karras
+          (k-diffusion; diffusers EulerDiscreteScheduler)     karras, s_churn, s_tmin, s_tmax, s_noise
 euler_a   Euler ancestral (EulerAncestralDiscreteScheduler)   steps, timesteps, spacing, steps_offset,
                                                               karras
 heun      Heun, 2 evaluations per step but the last           steps, timesteps, spacing, steps_offset,
-          (HeunDiscreteScheduler)                             karras
+          (HeunDiscreteScheduler; EDM Algorithm 1 / 2)        karras, s_churn, s_tmin, s_tmax, s_noise
 unipc     UniPC multistep predictor-corrector, orders 1-3     steps, timesteps, spacing, steps_offset,
           (UniPCMultistepScheduler, bh1 / bh2)                order, solver_type, lower_order_final,
                                                               disable_corrector, karras
+flow_     flow-matching Euler on the straight path             steps, shift, stochastic
+euler     (FlowMatchEulerDiscreteScheduler)
 ========= =================================================== ========================================
 """
 from __future__ import annotations
@@ -44,6 +46,7 @@ from ms_diffusion.samplers.ddim import ddim_sample
 from ms_diffusion.samplers.ddpm import ddpm_sample
 from ms_diffusion.samplers.dpm_solver import dpmpp_sample, dpmpp_sde_sample
 from ms_diffusion.samplers.euler import euler_ancestral_sample, euler_sample
+from ms_diffusion.samplers.flow import flow_euler_sample
 from ms_diffusion.samplers.heun import heun_sample
 from ms_diffusion.samplers.inversion import ddim_invert
 from ms_diffusion.samplers.levels import NoiseLevel
@@ -55,7 +58,7 @@ from ms_diffusion.schedules import NoiseSchedule
 
 __all__ = ["SAMPLER_NAMES", "SAMPLER_ALIASES", "run_sampler", "sampler_options", "resolve_sampler",
            "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "dpmpp_sde_sample", "euler_sample",
-           "euler_ancestral_sample", "heun_sample", "unipc_sample", "ddim_invert",
+           "euler_ancestral_sample", "heun_sample", "unipc_sample", "flow_euler_sample", "ddim_invert",
            "SampleResult", "Trajectory", "NoiseLevel", "make_rng", "gaussian", "CLIP_MODES", "clip_x0", "resolve_clip"]
 
 _SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
@@ -68,12 +71,14 @@ _SAMPLERS: Dict[str, Callable[..., SampleResult]] = {
     "euler_a": euler_ancestral_sample,
     "heun": heun_sample,
     "unipc": unipc_sample,
+    "flow_euler": flow_euler_sample,
 }
 SAMPLER_NAMES = tuple(_SAMPLERS)
 SAMPLER_ALIASES = {"pndm": "plms", "dpm++": "dpmpp", "dpmsolver++": "dpmpp", "dpm_solver++": "dpmpp",
                    "dpm-solver++": "dpmpp", "dpmpp_2m_sde": "dpmpp_sde", "sde-dpmsolver++": "dpmpp_sde",
                    "euler_ancestral": "euler_a", "euler-a": "euler_a",
-                   "uni_pc": "unipc", "unipc_multistep": "unipc"}
+                   "uni_pc": "unipc", "unipc_multistep": "unipc", "flow": "flow_euler",
+                   "flow_match_euler": "flow_euler", "flowmatch_euler": "flow_euler"}
 
 
 def resolve_sampler(name: str) -> str:

@@ -12,7 +12,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from ms_diffusion.schedules import NoiseSchedule
+from ms_diffusion.schedules import NoiseSchedule, karras_sigma_ramp
 
 __all__ = ["NoiseLevel", "CLEAN", "noise_level", "noise_levels", "karras_sigmas", "sigma_to_timestep", "karras_grid"]
 
@@ -81,9 +81,7 @@ def karras_sigmas(schedule: NoiseSchedule, steps: int, rho: float = 7.0) -> np.n
     abar = schedule.alphas_cumprod
     sigma_min = math.sqrt((1.0 - abar[0]) / abar[0])
     sigma_max = math.sqrt((1.0 - abar[-1]) / abar[-1])
-    ramp = np.linspace(0.0, 1.0, int(steps))
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
+    return karras_sigma_ramp(sigma_min, sigma_max, steps, rho)
 
 
 def sigma_to_timestep(schedule: NoiseSchedule, sigma: float) -> float:
