@@ -15,8 +15,8 @@ from mindspore import nn
 
 from ms_diffusion.config import ExperimentConfig, config_from_dict
 from ms_diffusion.data import DATASETS, ImageSource
-from ms_diffusion.diffusion import LatentDiffusion
-from ms_diffusion.diffusion.registry import DIFFUSIONS
+from ms_diffusion.diffusion.latent import LatentSpace
+from ms_diffusion.diffusion.registry import DIFFUSIONS, LATENT_TYPES
 from ms_diffusion.io.checkpoint import CheckpointError
 from ms_diffusion.io.hashing import file_sha256
 from ms_diffusion.io.state import ConversionError, load_arrays_into
@@ -47,7 +47,7 @@ def build_diffusion(cfg: ExperimentConfig, model: Optional[nn.Cell] = None,
         raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder, not a diffusion model; train it "
                           f"with train.py and use its run as diffusion.first_stage of a `latent` config")
     model = model if model is not None else build_model(cfg)
-    if cfg.diffusion["type"] != "latent":
+    if cfg.diffusion["type"] not in LATENT_TYPES:
         return DIFFUSIONS.build(cfg.diffusion, model=model)
     info = None
     if first_stage_model is None and cfg.diffusion.get("first_stage"):
@@ -63,7 +63,7 @@ def build_diffusion(cfg: ExperimentConfig, model: Optional[nn.Cell] = None,
 def build_ema_copy(cfg: ExperimentConfig, diffusion: nn.Cell) -> nn.Cell:
     """A second diffusion of ``cfg`` to hold the EMA weights of ``diffusion``; a latent diffusion's frozen first
     stage is rebuilt from ``diffusion``'s, weights copied, rather than loaded from its file again."""
-    if not isinstance(diffusion, LatentDiffusion):
+    if not isinstance(diffusion, LatentSpace):
         return build_diffusion(cfg)
     online = diffusion.first_stage_model
     first_stage = AutoencoderKL(ddconfig=dict(online.ddconfig), embed_dim=online.embed_dim)
@@ -89,7 +89,7 @@ def data_geometry(built: nn.Cell) -> Tuple[Tuple[int, int], int]:
     if isinstance(built, AutoencoderKL):
         res = int(built.ddconfig["resolution"])
         return (res, res), built.in_channels
-    if isinstance(built, LatentDiffusion):
+    if isinstance(built, LatentSpace):
         return tuple(built.pixel_size), built.first_stage_model.in_channels
     return tuple(built.image_size), built.channels
 

@@ -13,7 +13,8 @@ import mindspore as ms
 import numpy as np
 
 from ms_diffusion.config import ExperimentConfig, config_from_dict
-from ms_diffusion.diffusion import LatentDiffusion
+from ms_diffusion.diffusion.latent import LatentSpace
+from ms_diffusion.diffusion.registry import LATENT_TYPES
 from ms_diffusion.experiment import build_diffusion, load_autoencoder, load_weights_into
 from ms_diffusion.io.checkpoint import CheckpointError
 from ms_diffusion.io.weights import read_weights, resolve_checkpoint
@@ -61,7 +62,7 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
         raise CheckpointError(f"{p} is an autoencoder checkpoint, not a diffusion model: name its run as "
                               f"diffusion.first_stage of a `latent` config and train the latent diffusion")
     build_args = {}
-    if cfg.diffusion["type"] == "latent" and meta.get("first_stage"):
+    if cfg.diffusion["type"] in LATENT_TYPES and meta.get("first_stage"):
         # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
         build_args["first_stage_model"] = build_network(meta["first_stage"]["model"])
     diffusion = build_diffusion(cfg, **build_args)
@@ -74,7 +75,7 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
 
 def to_images(diffusion, x: ms.Tensor) -> ms.Tensor:
     """A sampler's output in model space -> images (B, C, H, W) in [0, 1] (latents are decoded)."""
-    if isinstance(diffusion, LatentDiffusion):
+    if isinstance(diffusion, LatentSpace):
         return diffusion.decode_to_images(x)
     return diffusion.unnormalize(x)
 

@@ -1,4 +1,8 @@
-"""LatentDiffusion (Rombach et al. 2022): GaussianDiffusion in the latent space of a frozen AutoencoderKL.
+"""Latent diffusion (Rombach et al. 2022): a diffusion objective in the latent space of a frozen AutoencoderKL.
+
+``LatentDiffusion`` is ldm's (GaussianDiffusion on latents); ``LatentEDM`` and ``LatentFlowMatching`` put
+the EDM and flow-matching objectives there, with the same first stage, conditionings and checkpoints
+(``LatentSpace``, the mixin they share).
 
     ldm = LatentDiffusion(autoencoder, unet, conditioning_key="crossattn",
                           cond_stage_model=ClassEmbedder(embed_dim=64, n_classes=10), scale_by_std=True)
@@ -35,13 +39,17 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_diffusion.diffusion.base import ImageDiffusion
+from ms_diffusion.diffusion.edm import EDMDiffusion
+from ms_diffusion.diffusion.flow import FlowMatching
 from ms_diffusion.diffusion.gaussian import GaussianDiffusion
 from ms_diffusion.models.autoencoder import AutoencoderKL
 from ms_diffusion.models.distributions import DiagonalGaussianDistribution, gaussian_sample, split_moments
 from ms_diffusion.models.unet_ldm import UNetModel
 from ms_diffusion.runtime import maybe_jit
 
-__all__ = ["LatentDiffusion", "LatentDenoiser", "ClassEmbedder", "CONDITIONING_KEYS", "LDM_DIFFUSION_DEFAULTS"]
+__all__ = ["LatentSpace", "LatentDiffusion", "LatentEDM", "LatentFlowMatching", "LatentDenoiser", "ClassEmbedder",
+           "CONDITIONING_KEYS", "LDM_DIFFUSION_DEFAULTS"]
 
 CONDITIONING_KEYS = (None, "concat", "crossattn", "hybrid", "adm")
 
@@ -176,37 +184,45 @@ def _compile_decode(ldm: "LatentDiffusion"):
     return maybe_jit(decode)
 
 
-class LatentDiffusion(GaussianDiffusion):
-    """Diffusion on ``scale_factor * z``, z ~ q(z | x) of a frozen ``AutoencoderKL``.
+class LatentSpace:
+    """The first-stage side of a latent diffusion, for any objective: mixed in before the objective's class
+    (``LatentDiffusion``, ``LatentEDM``, ``LatentFlowMatching``), which then trains and samples on
+    ``scale_factor * z``, z ~ q(z | x) of a frozen ``AutoencoderKL``.
 
     ``construct(img, cond=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
-    loss_reduction="mean", posterior_noise=None)`` -> loss: GaussianDiffusion's signature (so a
+    loss_reduction="mean", posterior_noise=None)`` -> loss: the objective's signature (so a
     trainer calls both alike) plus ``posterior_noise``; img (B, C, H, W) in [0, 1]
     (``auto_normalize``, default) or [-1, 1]; ``times`` / ``noise`` (latent-shaped) /
     ``posterior_noise`` (latent-shaped) are drawn in the graph when omitted, or on the host with
     ``training_inputs`` and passed to ``training_loss(img, times=, noise=, classes=, posterior_noise=)``;
     ``self_cond`` is accepted and ignored (ldm has no self-conditioning). ``sample`` returns images
-    in [0, 1] (or [-1, 1]). Diffusion options not given take ``LDM_DIFFUSION_DEFAULTS``; any
-    GaussianDiffusion keyword is accepted (``learn_logvar``, ``l_simple_weight``,
-    ``original_elbo_weight``, ``sampling_timesteps``, ...).
+    in [0, 1] (or [-1, 1]). Any keyword of the objective is accepted (``learn_logvar``,
+    ``sampling_timesteps``, ``sigma_data``, ``shift``, ...).
 
     ``scale_factor`` is a non-trainable Parameter, so checkpoints carry it; with ``scale_by_std``
     call ``maybe_init_scale_factor(batch, global_step)`` on the first batch (it sets 1 / std of the
     latents of that batch at step 0, as ldm does, and nothing on resume).
-
-    DDIM / PLMS sampling ends on the model's clean estimate (``final_alpha_cumprod=1.0``, as every
-    other diffusion here and diffusers' ``set_alpha_to_one``), not on ldm's ``alphas_cumprod[0]``,
-    which leaves latent noise of std sqrt(1 - alphas_cumprod[0]) (0.039 with ldm's betas) in the
-    decoded image and exists only as a detail of ldm's sampler. To reproduce ldm exactly, pass
-    ``final_alpha_cumprod=float(ldm.schedule.alphas_cumprod[0])`` to ``sample``.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        # MindSpore's graph parser resolves super() from type(self), not from the class that calls it, so in a
+        # mixin super().construct would find this class's construct again: the methods that run inside compiled
+        # graphs reach the objective's through these class attributes instead.
+        super().__init_subclass__(**kwargs)
+        objective = next(c for c in cls.__mro__[1:] if issubclass(c, ImageDiffusion) and not issubclass(c, LatentSpace))
+        cls._objective_construct = objective.construct
+        cls._objective_training_loss = objective.training_loss
+
+    def _objective_options(self, diffusion_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The keyword arguments of the objective's constructor (``LatentDiffusion``: with ldm's defaults)."""
+        return dict(diffusion_kwargs)
 
     def __init__(self, first_stage_model: AutoencoderKL, unet: UNetModel, *, image_size: Optional[int] = None,
                  conditioning_key: Optional[str] = None, cond_stage_model: Optional[nn.Cell] = None,
                  cond_drop_prob: float = 0.1, latent_channels: Optional[int] = None, scale_factor: float = 1.0,
                  scale_by_std: bool = False, auto_normalize: bool = True, **diffusion_kwargs):
         if "model" in diffusion_kwargs:
-            raise ValueError("LatentDiffusion builds its own denoiser from `unet`; do not pass `model`")
+            raise ValueError(f"{type(self).__name__} builds its own denoiser from `unet`; do not pass `model`")
         if diffusion_kwargs.get("immiscible"):
             raise ValueError("immiscible noise assignment is not supported for latent diffusion")
         if diffusion_kwargs.get("self_condition"):
@@ -226,11 +242,8 @@ class LatentDiffusion(GaussianDiffusion):
         if denoiser.channels != first_stage_model.embed_dim:
             raise ValueError(f"the unet denoises {denoiser.channels}-channel latents but the autoencoder's "
                              f"embed_dim is {first_stage_model.embed_dim}")
-        options = dict(LDM_DIFFUSION_DEFAULTS)
-        if "beta_schedule" in diffusion_kwargs or "betas" in diffusion_kwargs:
-            options.pop("schedule_fn_kwargs")   # ldm's beta range belongs to ldm's schedule only
-        options.update(diffusion_kwargs)
-        super().__init__(denoiser, image_size=image_size // f, auto_normalize=False, **options)
+        super().__init__(denoiser, image_size=image_size // f, auto_normalize=False,
+                         **self._objective_options(diffusion_kwargs))
         self.first_stage_model = first_stage_model
         for p in first_stage_model.get_parameters():
             p.requires_grad = False
@@ -312,18 +325,18 @@ class LatentDiffusion(GaussianDiffusion):
     def construct(self, img, cond=None, times=None, noise=None, self_cond=None, cond_drop_prob=None,
                   loss_reduction: str = "mean", posterior_noise=None):
         z = self._training_latents(img, posterior_noise)
-        return super().construct(z, cond, times, noise, False, cond_drop_prob, loss_reduction)
+        return self._objective_construct(z, cond, times, noise, False, cond_drop_prob, loss_reduction)
 
     def training_loss(self, images, *, times, noise, classes=None, self_cond: bool = False, posterior_noise=None,
                       loss_reduction: str = "mean"):
-        """GaussianDiffusion's ``training_loss`` on the latents of ``images`` (host-drawn inputs; graph-safe).
+        """The objective's ``training_loss`` on the latents of ``images`` (host-drawn inputs; graph-safe).
 
         ``noise`` and ``posterior_noise`` (the first stage's posterior sample; None: drawn in the
         graph) are latent-shaped (B, z, h, w); ``classes`` is the conditioning after label dropout;
         ``self_cond`` is ignored.
         """
         z = self._training_latents(images, posterior_noise)
-        return super().training_loss(z, times=times, noise=noise, classes=classes, self_cond=False,
+        return self._objective_training_loss(z, times=times, noise=noise, classes=classes, self_cond=False,
                                      loss_reduction=loss_reduction)
 
     def latent_shape(self, batch_size: int) -> tuple:
@@ -331,7 +344,7 @@ class LatentDiffusion(GaussianDiffusion):
 
     def training_inputs(self, images: np.ndarray, rng: np.random.Generator,
                         classes: Optional[np.ndarray] = None) -> Dict[str, object]:
-        """GaussianDiffusion's host-drawn batch inputs for latents, plus ``posterior_noise``.
+        """The objective's host-drawn batch inputs for latents, plus ``posterior_noise``.
 
         Returns numpy ``times`` (B,), latent-shaped ``noise`` and ``posterior_noise``, the labels
         after dropout in ``classes`` (class-conditional models; None otherwise) and ``self_cond``
@@ -356,7 +369,7 @@ class LatentDiffusion(GaussianDiffusion):
 
         Class-conditional models take ``classes`` (B,) (and ``guidance_scale``); other conditionings
         take ``cond`` (a tensor, or the (c_concat, c_crossattn) pair for "hybrid"). Every
-        ``GaussianDiffusion.sample`` option applies (sampler, steps, eta, seed, x_T in latent
+        option of the objective's ``sample`` applies (sampler, steps, eta, seed, x_T in latent
         space, ...). ``return_all_timesteps`` decodes every step: (B, S + 1, C, H, W).
         ``return_latents`` returns the scaled latents (B, z, h, w) undecoded.
         """
@@ -378,9 +391,9 @@ class LatentDiffusion(GaussianDiffusion):
         return self.decode_to_images(latents)
 
     def model_condition(self, classes, batch_size: int):
-        """The conditioning tensor(s) the denoiser receives at sampling time (GaussianDiffusion's hook).
+        """The conditioning tensor(s) the denoiser receives at sampling time (``ImageDiffusion``'s hook).
 
-        Class labels are checked and converted by GaussianDiffusion; tensor conditionings
+        Class labels are checked and converted by ``ImageDiffusion``; tensor conditionings
         (concat maps (B, Cc, h, w), cross-attention contexts (B, M, D), hybrid pairs) must have
         ``batch_size`` rows and pass through unchanged.
         """
@@ -394,3 +407,33 @@ class LatentDiffusion(GaussianDiffusion):
             if p.shape[0] != batch_size:
                 raise ValueError(f"the conditioning has {p.shape[0]} rows for a batch of {batch_size}")
         return tensors if self.conditioning_key == "hybrid" else tensors[0]
+
+
+class LatentDiffusion(LatentSpace, GaussianDiffusion):
+    """GaussianDiffusion on the latents of a frozen ``AutoencoderKL`` (ldm's LatentDiffusion); see ``LatentSpace``.
+
+    Diffusion options not given take ``LDM_DIFFUSION_DEFAULTS``; any GaussianDiffusion keyword is accepted
+    (``learn_logvar``, ``l_simple_weight``, ``original_elbo_weight``, ``sampling_timesteps``, ...).
+
+    DDIM / PLMS sampling ends on the model's clean estimate (``final_alpha_cumprod=1.0``, as every
+    other diffusion here and diffusers' ``set_alpha_to_one``), not on ldm's ``alphas_cumprod[0]``,
+    which leaves latent noise of std sqrt(1 - alphas_cumprod[0]) (0.039 with ldm's betas) in the
+    decoded image and exists only as a detail of ldm's sampler. To reproduce ldm exactly, pass
+    ``final_alpha_cumprod=float(ldm.schedule.alphas_cumprod[0])`` to ``sample``.
+    """
+
+    def _objective_options(self, diffusion_kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        options = dict(LDM_DIFFUSION_DEFAULTS)
+        if "beta_schedule" in diffusion_kwargs or "betas" in diffusion_kwargs:
+            options.pop("schedule_fn_kwargs")   # ldm's beta range belongs to ldm's schedule only
+        options.update(diffusion_kwargs)
+        return options
+
+
+class LatentEDM(LatentSpace, EDMDiffusion):
+    """EDM (``EDMDiffusion``) on the latents of a frozen ``AutoencoderKL``; see ``LatentSpace``. Set
+    ``sigma_data`` to the scaled latents' std (1.0 with ``scale_by_std``)."""
+
+
+class LatentFlowMatching(LatentSpace, FlowMatching):
+    """Flow matching (``FlowMatching``) on the latents of a frozen ``AutoencoderKL``; see ``LatentSpace``."""

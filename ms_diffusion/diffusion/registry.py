@@ -11,11 +11,12 @@ from typing import Callable, Optional
 from ms_diffusion.diffusion.edm import EDMDiffusion
 from ms_diffusion.diffusion.flow import FlowMatching
 from ms_diffusion.diffusion.gaussian import GaussianDiffusion
-from ms_diffusion.diffusion.latent import LDM_DIFFUSION_DEFAULTS, ClassEmbedder, LatentDiffusion
+from ms_diffusion.diffusion.latent import (LDM_DIFFUSION_DEFAULTS, ClassEmbedder, LatentDiffusion, LatentEDM,
+                                           LatentFlowMatching, LatentSpace)
 from ms_diffusion.models import AutoencoderKL, UNetModel
 from ms_diffusion.registry import ConfigError, Registry
 
-__all__ = ["DIFFUSIONS", "build_latent_diffusion"]
+__all__ = ["DIFFUSIONS", "LATENT_TYPES", "build_latent_diffusion"]
 
 DIFFUSIONS = Registry("diffusion", build_only=("model", "first_stage_model"))
 
@@ -27,8 +28,9 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
                            first_stage_model: Optional[AutoencoderKL] = None, conditioning_key: Optional[str] = None,
                            num_classes: Optional[int] = None, cond_drop_prob: float = 0.1, scale_factor: float = 1.0,
                            scale_by_std: bool = False, image_size: Optional[int] = None, auto_normalize: bool = True,
-                           **diffusion_kwargs) -> LatentDiffusion:
-    """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder.
+                           latent_class: type = LatentDiffusion, **diffusion_kwargs) -> LatentSpace:
+    """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder
+    (``latent_edm`` / ``latent_flow``: ``latent_class`` ``LatentEDM`` / ``LatentFlowMatching``, the same otherwise).
 
     ``first_stage_model``: the frozen autoencoder, handed in by the code that built it;
     ``first_stage`` is the config's record of where it came from (an autoencoder run folder, step
@@ -71,29 +73,42 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
         raise ConfigError(f"model.in_channels / out_channels are {model.in_channels} / {model.out_channels} but the "
                           f"first stage's latents have {latent_channels} channels (its embed_dim); set both to "
                           f"{latent_channels}")
-    ldm = LatentDiffusion(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
+    ldm = latent_class(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
                           cond_stage_model=cond_stage, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor,
                           scale_by_std=scale_by_std, auto_normalize=auto_normalize, **diffusion_kwargs)
     return ldm
 
 
-def _with_diffusion_options(builder: Callable) -> Callable:
-    """Give ``builder`` (which forwards ``**diffusion_kwargs``) a signature that lists GaussianDiffusion's
-    options with ldm's defaults, so config keys are checked and coerced against them."""
+def _with_diffusion_options(builder: Callable, objective: type, defaults: dict) -> Callable:
+    """``builder`` (which forwards ``**diffusion_kwargs``) with a signature that lists ``objective``'s options
+    with ``defaults`` (ldm's for ``latent``), so config keys are checked and coerced against them."""
     own = inspect.signature(builder)
-    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD]
+    params = [p for p in own.parameters.values() if p.kind != p.VAR_KEYWORD and p.name != "latent_class"]
     taken = {p.name for p in params}
-    hints = typing.get_type_hints(GaussianDiffusion.__init__)
-    for name, p in inspect.signature(GaussianDiffusion.__init__).parameters.items():
+    hints = typing.get_type_hints(objective.__init__)
+    for name, p in inspect.signature(objective.__init__).parameters.items():
         if name in ("self", "model", "immiscible") or name in taken:
             continue
         params.append(p.replace(kind=p.KEYWORD_ONLY, annotation=hints.get(name, p.annotation),
-                                default=LDM_DIFFUSION_DEFAULTS.get(name, p.default)))
+                                default=defaults.get(name, p.default)))
     builder.__signature__ = own.replace(parameters=params)
     return builder
 
 
+def _latent_type(latent_class: type, objective: type, defaults: dict) -> Callable:
+    def build(model: UNetModel, **kwargs) -> LatentSpace:
+        return build_latent_diffusion(model, latent_class=latent_class, **kwargs)
+
+    build.__doc__ = build_latent_diffusion.__doc__
+    build.__signature__ = inspect.signature(build_latent_diffusion)
+    return _with_diffusion_options(build, objective, defaults)
+
+
+LATENT_TYPES = ("latent", "latent_edm", "latent_flow")
+
 DIFFUSIONS.register("gaussian", GaussianDiffusion)
 DIFFUSIONS.register("edm", EDMDiffusion)
 DIFFUSIONS.register("flow", FlowMatching)
-DIFFUSIONS.register("latent", _with_diffusion_options(build_latent_diffusion))
+DIFFUSIONS.register("latent", _latent_type(LatentDiffusion, GaussianDiffusion, LDM_DIFFUSION_DEFAULTS))
+DIFFUSIONS.register("latent_edm", _latent_type(LatentEDM, EDMDiffusion, {}))
+DIFFUSIONS.register("latent_flow", _latent_type(LatentFlowMatching, FlowMatching, {}))
