@@ -125,7 +125,7 @@ def test_edm_euler_matches_diffusers(torch, steps):
         nxt = float(sched.sigmas[i + 1])
         ref = sample.numpy() / math.sqrt(1.0 + nxt ** 2)    # our model space
         worst = max(worst, float(np.abs(ours[i] - ref).max() / np.abs(ref).max()))
-    assert worst < 1e-5, worst
+    assert worst < 3e-6, worst   # measured 1.1e-6 (4 steps), 3.0e-7 (9 steps); diffusers steps in float32
 
 
 def heun_algorithm2_np(x_T, steps, churn, s_noise, noise_rng):
@@ -226,7 +226,7 @@ def test_flow_euler_matches_diffusers(torch, shift, steps):
         s = float(sched.sigmas[i + 1])
         ref = sample.numpy() / math.sqrt((1 - s) ** 2 + s ** 2)     # flow x -> our model space
         worst = max(worst, float(np.abs(ours[i] - ref).max() / np.abs(ref).max()))
-    assert worst < 1e-5, worst
+    assert worst < 5e-7, worst   # measured 8.4e-8 (shift 1, 5 steps), 1.6e-7 (shift 3, 8 steps)
 
 
 # ---------------------------------------------------------------------------------------------- both

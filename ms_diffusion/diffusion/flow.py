@@ -1,4 +1,5 @@
-"""FlowMatching: rectified flow / conditional flow matching (Liu et al. 2022; Lipman et al. 2022; SD3, Esser et al. 2024).
+"""FlowMatching: rectified flow / conditional flow matching (Liu et al. 2022; Lipman et al. 2022; SD3, Esser et al.
+2024).
 
     flow = FlowMatching(Unet(dim=32, dim_mults=(1, 2, 4), channels=1), image_size=28)
     loss = flow(images)                      # images (B, C, H, W) in [0, 1]

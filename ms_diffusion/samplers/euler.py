@@ -1,4 +1,5 @@
-"""Euler and Euler ancestral (Karras et al. 2022 / k-diffusion) on a discrete-time VP diffusion.
+"""Euler and Euler ancestral (Karras et al. 2022 / k-diffusion) on any VP schedule (a discrete-time diffusion's,
+or the level table of an EDM / flow-matching model).
 
 The samplers integrate in k-diffusion's variance-exploding scaling x = x0 + sigma * eps with
 sigma = sqrt((1 - abar) / abar), i.e. x = x_t / sqrt(abar) for our x_t = sqrt(abar) x0 + sqrt(1 - abar) eps;
@@ -6,11 +7,11 @@ the network still sees x_t (model space), as diffusers' ``scale_model_input`` do
 (any prediction type, clipped there if asked) gives the ODE derivative d = (x - x0) / sigma.
 
 Matches diffusers' ``EulerDiscreteScheduler`` (``interpolation_type="linear"``, ``final_sigmas_type="zero"``,
-no ``s_churn``; with churn we follow EDM's Algorithm 2, see ``Churn``) and ``EulerAncestralDiscreteScheduler`` step by step; the grid is ``sigma_grid``.
-Differences, by design: (1) our denoisers take integer timesteps, so where diffusers' grid is
-fractional (``linspace`` spacing, Karras sigmas) the network sees the rounded timestep while the
-conversion to (eps, x0) uses the exact sigma; (2) the starting noise x (model space, ~N(0, 1)) is
-scaled to x / sqrt(abar) = x * sqrt(1 + sigma_max^2), where diffusers' ``init_noise_sigma`` is
+no ``s_churn``) and ``EulerAncestralDiscreteScheduler`` step by step; the grid is ``sigma_grid``. With churn we
+follow EDM's Algorithm 2 (``Churn``). Differences, by design: (1) a discrete diffusion's denoiser takes integer
+timesteps, so where diffusers' grid is fractional (``linspace`` spacing, Karras sigmas) the network sees the
+rounded timestep while the conversion to (eps, x0) uses the exact sigma; (2) the starting noise x (model space,
+~N(0, 1)) is scaled to x / sqrt(abar) = x * sqrt(1 + sigma_max^2), where diffusers' ``init_noise_sigma`` is
 sigma_max for ``linspace`` / ``trailing`` spacing.
 """
 from __future__ import annotations
