@@ -67,14 +67,20 @@ def edm_denoiser_np(x, sigma):
     return c_skip * x + c_out * net_np(c_in * x, np.log(sigma) / 4.0, EDM_FREQ)
 
 
+def per_sample_loss(d, times, seed):
+    """(d's per-sample training loss at ``times``, the batch x0, the noise): float64 inputs, cast for the model."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.uniform(-1, 1, (len(times), C, H, W))
+    noise = rng.standard_normal((len(times), C, H, W))
+    loss = d.training_loss(Tensor(x0.astype(np.float32)), times=Tensor(np.asarray(times, np.float32)),
+                           noise=Tensor(noise.astype(np.float32)), loss_reduction="none").asnumpy()
+    return loss, x0, noise
+
+
 def test_edm_loss_is_the_papers():
     d = edm()
-    rng = np.random.default_rng(0)
-    x0 = rng.uniform(-1, 1, (4, C, H, W))
-    noise = rng.standard_normal((4, C, H, W))
     sigma = np.array([0.003, 0.2, 1.5, 60.0])
-    loss = d.training_loss(Tensor(x0.astype(np.float32)), times=Tensor(sigma.astype(np.float32)),
-                           noise=Tensor(noise.astype(np.float32)), loss_reduction="none").asnumpy()
+    loss, x0, noise = per_sample_loss(d, sigma, 0)
     s = sigma.reshape(-1, 1, 1, 1)
     weight = (sigma ** 2 + SIGMA_DATA ** 2) / (sigma * SIGMA_DATA) ** 2
     ref = weight * ((edm_denoiser_np(x0 + s * noise, s) - x0) ** 2).mean(axis=(1, 2, 3))
@@ -177,12 +183,8 @@ def flow(**kw) -> FlowMatching:
 
 def test_flow_loss_and_time_sampling():
     d = flow(shift=3.0)
-    rng = np.random.default_rng(5)
-    x0 = rng.uniform(-1, 1, (4, C, H, W))
-    noise = rng.standard_normal((4, C, H, W))
     t = np.array([0.0, 0.25, 0.7, 1.0])
-    loss = d.training_loss(Tensor(x0.astype(np.float32)), times=Tensor(t.astype(np.float32)),
-                           noise=Tensor(noise.astype(np.float32)), loss_reduction="none").asnumpy()
+    loss, x0, noise = per_sample_loss(d, t, 5)
     tt = t.reshape(-1, 1, 1, 1)
     x_t = (1 - tt) * x0 + tt * noise
     ref = ((net_np(x_t, 1000.0 * tt, FLOW_FREQ) - (noise - x0)) ** 2).mean(axis=(1, 2, 3))

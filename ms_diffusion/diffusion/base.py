@@ -2,18 +2,20 @@
 space mapping, sampling-time conditioning and the sampling entry points.
 
 An objective (``GaussianDiffusion``, ``EDMDiffusion``, ``FlowMatching``) subclasses ``ImageDiffusion`` and
-provides ``schedule`` (the ``NoiseSchedule`` of levels its samplers walk), ``denoiser(...)`` (the
-samplers' ``denoise``, contract in ``samplers.base``), ``sampling_plan`` and ``_sampler_options``, plus
+provides ``schedule`` (the ``NoiseSchedule`` of levels its samplers walk), its compiled denoiser graph and
+per-level inputs (``_compile_predict``, ``level_inputs``; ``denoiser`` builds the samplers' ``denoise``
+from them), ``sampling_plan`` and ``_sampler_options``, plus
 its training side: ``training_inputs`` (host-drawn randomness) and ``training_loss``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from ms_diffusion.diffusion.denoiser import denoiser_options, make_denoiser
 from ms_diffusion.models.contract import check_denoiser_network
 from ms_diffusion.samplers import run_sampler
 from ms_diffusion.samplers.base import Denoise, SampleResult, gaussian, make_rng
@@ -44,6 +46,7 @@ class ImageDiffusion(nn.Cell):
             model.check_input_shape((1, self.channels) + image_size)
         self.image_size = image_size
         self.auto_normalize = bool(auto_normalize)
+        self._predict_fn = None
 
     # ------------------------------------------------------------------ images
 
@@ -88,10 +91,38 @@ class ImageDiffusion(nn.Cell):
                              f"null class), got {labels.min()}..{labels.max()}")
         return Tensor(labels.astype(np.int32))
 
+    def _compile_predict(self) -> Callable:
+        """The objective's compiled denoiser graph (``denoiser.compile_predict`` or ``compile_predict_preconditioned``)."""
+        raise NotImplementedError
+
+    def level_inputs(self, t: int, alpha_cumprod: float, batch_size: int) -> Tuple:
+        """The compiled graph's inputs at a level: the network's time input (B,), then 0-d coefficients."""
+        raise NotImplementedError
+
     def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
                  guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
                  threshold_ratio: float = 0.995, sample_max_value: float = 1.0) -> Denoise:
-        raise NotImplementedError
+        """``denoise(x, t, x_self_cond=None, alpha_cumprod=None) -> (eps, x0[, log_var])`` for the samplers.
+
+        The contract is in ``ms_diffusion.samplers.base``. The network call, guidance, the conversion
+        to (eps, x0) and clipping run as one jit-compiled graph, compiled once per configuration and
+        reused for every timestep (the time input, the level coefficients and the guidance weights are
+        tensors). ``classes``: the network's conditioning through ``model_condition`` (class labels (B,)
+        in [0, num_classes) for a class-conditional model; None: unconditional); ``guidance_scale``
+        != 1 runs classifier-free guidance, ``guidance_rescale`` in [0, 1] rescales it (diffusers
+        ``rescale_noise_cfg``); ``clip_denoised``: True / "static" clips x0 to [-1, 1], "dynamic"
+        applies Imagen's dynamic thresholding (``threshold_ratio`` quantile, ``sample_max_value``),
+        False / "none" nothing; None uses the constructor's choice.
+        """
+        cond = self.model_condition(classes, batch_size)
+        options = denoiser_options(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                   conditional=self.num_classes is not None and cond is not None,
+                                   clip_denoised=clip_denoised, default_clip=self.clip_denoised,
+                                   threshold_ratio=threshold_ratio, sample_max_value=sample_max_value)
+        if self._predict_fn is None:
+            self._predict_fn = self._compile_predict()
+        return make_denoiser(self._predict_fn, batch_size, self.schedule.alphas_cumprod, cond, options,
+                             guidance_scale, guidance_rescale, level_inputs=self.level_inputs)
 
     def sampling_plan(self, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, int]:
         """(canonical sampler name, steps) with this diffusion's defaults filled in."""

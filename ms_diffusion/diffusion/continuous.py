@@ -28,11 +28,10 @@ from mindspore import Tensor, nn, ops
 
 from ms_diffusion.diffusion import training_inputs as inputs
 from ms_diffusion.diffusion.base import ImageDiffusion
-from ms_diffusion.diffusion.denoiser import compile_predict_preconditioned, denoiser_options, make_denoiser
+from ms_diffusion.diffusion.denoiser import compile_predict_preconditioned
 from ms_diffusion.diffusion.gaussian_terms import check_loss_type
 from ms_diffusion.nn.layers import to_float32
 from ms_diffusion.samplers import resolve_sampler, sampler_options
-from ms_diffusion.samplers.base import Denoise
 from ms_diffusion.samplers.levels import NoiseLevel
 from ms_diffusion.schedules import NoiseSchedule
 
@@ -63,7 +62,6 @@ class ContinuousDiffusion(ImageDiffusion):
         self.immiscible = bool(immiscible)
         self.loss_type = loss_type
         self.sampler_defaults = dict(sampler_defaults or {})
-        self._predict_fn = None
 
     # ------------------------------------------------------------------ subclass hooks
 
@@ -154,28 +152,16 @@ class ContinuousDiffusion(ImageDiffusion):
 
     def level_inputs(self, t: int, alpha_cumprod: float, batch_size: int) -> Tuple:
         """The denoiser graph's inputs at a level: label (B,) float32, in_scale, skip, out_scale, alpha, sigma
-        (model-space coefficients: native x = k * model-space x)."""
+        (model-space coefficients: native x = k * model-space x). The network sees the exact level; guidance
+        combines its outputs F."""
         level = NoiseLevel(alpha_cumprod)
         times, k = self.native_level(level)
         in_scale, label, skip, out_scale = self.preconditioning(times, math.log)
         return (np.full((batch_size,), label, np.float32), in_scale * k, skip * k, out_scale, level.alpha,
                 level.sigma)
 
-    def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
-                 guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
-                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0) -> Denoise:
-        """``denoise(x, t, x_self_cond=None, alpha_cumprod=None) -> (eps, x0)`` over ``schedule`` (contract:
-        ``samplers.base``): the network at the exact level ``alpha_cumprod`` (default the table's at t).
-        Options as ``GaussianDiffusion.denoiser``; guidance combines the network outputs F."""
-        cond = self.model_condition(classes, batch_size)
-        options = denoiser_options(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                   conditional=self.num_classes is not None and cond is not None,
-                                   clip_denoised=clip_denoised, default_clip=self.clip_denoised,
-                                   threshold_ratio=threshold_ratio, sample_max_value=sample_max_value)
-        if self._predict_fn is None:
-            self._predict_fn = compile_predict_preconditioned(self)
-        return make_denoiser(self._predict_fn, batch_size, self.schedule.alphas_cumprod, cond, options,
-                             guidance_scale, guidance_rescale, level_inputs=self.level_inputs)
+    def _compile_predict(self):
+        return compile_predict_preconditioned(self)
 
     def sampling_plan(self, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, int]:
         """(canonical sampler name, steps): default ``default_sampler`` with ``sampling_timesteps`` steps

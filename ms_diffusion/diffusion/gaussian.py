@@ -28,14 +28,14 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_diffusion.diffusion import training_inputs as inputs
-from ms_diffusion.diffusion.denoiser import compile_predict, denoiser_options, make_denoiser
+from ms_diffusion.diffusion.denoiser import compile_predict, timestep_level_inputs
 from ms_diffusion.diffusion.gaussian_terms import LOSS_TYPES, check_loss_type, elementwise_loss, mean_flat, vb_bits
 from ms_diffusion.diffusion import parameterization
 from ms_diffusion.diffusion.parameterization import OBJECTIVES, check_objective, diffuse, training_target
 from ms_diffusion.diffusion.base import ImageDiffusion
 from ms_diffusion.nn.layers import to_float32
 from ms_diffusion.samplers import ddim_invert, resolve_sampler, run_sampler, sampler_options
-from ms_diffusion.samplers.base import Denoise, gaussian, make_rng
+from ms_diffusion.samplers.base import gaussian, make_rng
 from ms_diffusion.schedules import NoiseSchedule, make_beta_schedule, rescale_zero_terminal_snr
 
 __all__ = ["GaussianDiffusion", "OBJECTIVES", "LOSS_TYPES"]
@@ -133,7 +133,6 @@ class GaussianDiffusion(ImageDiffusion):
 
         self.offset_noise_strength = float(offset_noise_strength)
         self.immiscible = bool(immiscible)
-        self._predict_fn = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -322,30 +321,11 @@ class GaussianDiffusion(ImageDiffusion):
 
     # ------------------------------------------------------------------ sampling
 
-    def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
-                 guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
-                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0) -> Denoise:
-        """``denoise(x, t, x_self_cond=None, alpha_cumprod=None) -> (eps, x0[, log_var])`` for the samplers.
+    def _compile_predict(self):
+        return compile_predict(self)
 
-        The contract is in ``ms_diffusion.samplers.base``. The network call, guidance, the conversion
-        to (eps, x0) and clipping run as one jit-compiled graph, compiled once per configuration and
-        reused for every timestep (t, the level coefficients and the guidance weights are tensors).
-        ``classes``: the network's conditioning through ``model_condition`` (class labels (B,) in
-        [0, num_classes) for a class-conditional model; None: unconditional); ``guidance_scale``
-        != 1 runs classifier-free guidance, ``guidance_rescale`` in [0, 1] rescales it (diffusers
-        ``rescale_noise_cfg``); ``clip_denoised``: True / "static" clips x0 to [-1, 1], "dynamic"
-        applies Imagen's dynamic thresholding (``threshold_ratio`` quantile, ``sample_max_value``),
-        False / "none" nothing; None uses the constructor's choice.
-        """
-        cond = self.model_condition(classes, batch_size)
-        options = denoiser_options(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                   conditional=self.num_classes is not None and cond is not None,
-                                   clip_denoised=clip_denoised, default_clip=self.clip_denoised,
-                                   threshold_ratio=threshold_ratio, sample_max_value=sample_max_value)
-        if self._predict_fn is None:
-            self._predict_fn = compile_predict(self)
-        return make_denoiser(self._predict_fn, batch_size, self.schedule.alphas_cumprod, cond, options,
-                             guidance_scale, guidance_rescale)
+    def level_inputs(self, t: int, alpha_cumprod: float, batch_size: int) -> Tuple:
+        return timestep_level_inputs(t, alpha_cumprod, batch_size)
 
     def sampling_plan(self, sampler: Optional[str] = None, steps: Optional[int] = None) -> Tuple[str, int]:
         """(canonical sampler name, network-evaluation steps) with this diffusion's defaults filled in.
