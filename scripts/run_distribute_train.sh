@@ -201,21 +201,39 @@ on_signal() {
     kill -INT "$MSRUN_PID" 2>/dev/null || true
 }
 trap on_signal INT TERM
-stop_scheduler() {
-    # After a worker fails, msrun kills the other workers but then waits for its scheduler, which only
-    # notices the lost workers after ~30 s. The job is over: end that scheduler (msrun's child with
-    # MS_ROLE=MS_SCHED) so the failure is reported at once. Only this node's own msrun child is touched.
+msrun_children() {  # this node's msrun children with MS_ROLE=$1 that still run
     local pid
     for pid in $(pgrep -P "$MSRUN_PID" 2>/dev/null); do
-        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx 'MS_ROLE=MS_SCHED'; then
-            kill -TERM "$pid" 2>/dev/null || true
+        if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qx "MS_ROLE=$1"; then
+            echo "$pid"
         fi
+    done
+}
+stop_scheduler() {
+    # After a worker fails, msrun kills the other workers but then waits for its scheduler, which only
+    # notices the lost workers after ~30 s. The job is over: end that scheduler so the failure is reported
+    # at once. Only this node's own msrun child is touched. The scheduler serves the cluster inside
+    # MindSpore's init(), where train.py's SIGTERM handler (finish the step, save) never runs, so a TERM
+    # alone would leave it to that timeout; it holds no training state: still there 1 s later, it is killed.
+    local pid i
+    for (( i = 0; i < 20; i++ )); do   # msrun's own clean-up of the workers first (it kills them at once)
+        [[ -n $(msrun_children MS_WORKER) ]] || break
+        sleep 0.1
+    done
+    for pid in $(msrun_children MS_SCHED); do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for (( i = 0; i < 5; i++ )); do
+        [[ -n $(msrun_children MS_SCHED) ]] || return 0
+        sleep 0.2
+    done
+    for pid in $(msrun_children MS_SCHED); do
+        kill -KILL "$pid" 2>/dev/null || true
     done
 }
 scheduler_stopped=0
 while kill -0 "$MSRUN_PID" 2>/dev/null; do
     if (( ! scheduler_stopped )) && grep -q -E 'Worker process [0-9]+ exit with exception' "$MSRUN_LOG" 2>/dev/null; then
-        sleep 2   # msrun's own clean-up of the workers first
         stop_scheduler
         scheduler_stopped=1
     fi

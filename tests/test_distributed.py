@@ -81,17 +81,45 @@ def _launch_env(log_dir: Path, dump: Optional[Path]) -> Dict[str, str]:
     return env
 
 
+class _Launched:
+    """The launcher with 2 CPU workers, started in the background (output to files, so no pipe fills up)."""
+
+    def __init__(self, workdir: Path, name: str, extra: Sequence[str] = (), out: Optional[Path] = None):
+        self.out = out or workdir / name
+        self.log_dir, self.dump = workdir / f"{name}_logs", workdir / f"{name}_dump"
+        self.stdout, self.stderr = workdir / f"{name}.stdout", workdir / f"{name}.stderr"
+        with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
+            self.popen = subprocess.Popen(_launch_cmd(workdir, self.out, extra), cwd=workdir, stdout=stdout,
+                                          stderr=stderr, env=_launch_env(self.log_dir, self.dump))
+
+    def result(self, check: bool = True) -> Tuple[subprocess.CompletedProcess, Path, Path, Path]:
+        """Wait for the launcher; returns (process, run folder, log dir, dump dir)."""
+        try:
+            rc = self.popen.wait(timeout=420)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        proc = subprocess.CompletedProcess(self.popen.args, rc, self.stdout.read_text(), self.stderr.read_text())
+        if check and proc.returncode != 0:
+            logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(self.log_dir.glob("*.log")))
+            raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
+        return proc, self.out, self.log_dir, self.dump
+
+    def stop(self) -> None:
+        """A launch still running (a failed test): Ctrl-C, which the launcher passes to msrun and its workers."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
 def _launch(workdir: Path, name: str, extra: Sequence[str] = (), out: Optional[Path] = None,
             check: bool = True) -> Tuple[subprocess.CompletedProcess, Path, Path, Path]:
     """Run the launcher with 2 CPU workers to completion; returns (process, run folder, log dir, dump dir)."""
-    out = out or workdir / name
-    log_dir, dump = workdir / f"{name}_logs", workdir / f"{name}_dump"
-    proc = subprocess.run(_launch_cmd(workdir, out, extra), cwd=workdir, env=_launch_env(log_dir, dump),
-                          capture_output=True, text=True, timeout=420)
-    if check and proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
-        raise AssertionError(f"launcher failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}\n{logs}")
-    return proc, out, log_dir, dump
+    return _Launched(workdir, name, extra, out).result(check)
 
 
 def _dump(dump: Path, rank: int) -> Tuple[Dict[str, np.ndarray], dict]:
@@ -161,7 +189,11 @@ def _reference(cfg_path: Path, out_dir: Path, steps: int) -> Tuple[Dict[str, np.
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir):
-    return _launch(workdir, "full")
+    """``uninterrupted()``: (process, run folder, log dir, dump dir) of the 8-step launch. Started at once, it
+    runs beside the one-process reference (its workers spend seconds joining the cluster and leaving it)."""
+    launch = _Launched(workdir, "full")
+    yield launch.result
+    launch.stop()
 
 
 # ---------------------------------------------------------------------- helpers without msrun
@@ -340,7 +372,10 @@ def test_standalone_launcher_usage_errors(tmp_path):
 @pytest.mark.slow
 @needs_msrun
 def test_replicas_identical_and_equal_one_process_on_the_global_batch(workdir, uninterrupted):
-    proc, out, log_dir, dump = uninterrupted
+    # the same 8 updates in one process, on the concatenation of the two ranks' batches and noise (computed
+    # while the launch runs; compared with it below)
+    ref, ref_rngs = _reference(workdir / "tiny.yaml", workdir / "ref", STEPS)
+    proc, out, log_dir, dump = uninterrupted()
     assert "all 2 worker(s) on this node finished" in proc.stdout
     a, info_a = _dump(dump, 0)
     b, info_b = _dump(dump, 1)
@@ -361,8 +396,7 @@ def test_replicas_identical_and_equal_one_process_on_the_global_batch(workdir, u
     assert len(lines) == STEPS and json.loads(lines[-1])["step"] == STEPS  # one writer, one line per step
     assert "replicas verified identical" in (log_dir / "worker_0.log").read_text()
 
-    # the same 8 updates in one process, on the concatenation of the two ranks' batches and noise
-    ref, ref_rngs = _reference(workdir / "tiny.yaml", workdir / "ref", STEPS)
+    # the one-process reference: the same 8 updates
     assert ref_rngs == [info_a["rng"], info_b["rng"]]           # the workers drew exactly these streams
     vs_ref = {group: _max_diff(a, ref, group + ".") for group in ("online", "ema", "optimizer")}
     print(f"max |2 workers - 1 process|: {vs_ref}")
@@ -399,7 +433,7 @@ def test_killed_worker_fails_the_launcher_and_the_run_resumes(workdir, uninterru
     # the same command with --resume (and the test's step count) continues from the last checkpoint
     resumed, _, rlogs, rdump = _launch(workdir, "resumed", ["--resume", "--steps", STEPS], out=out)
     assert f"at step {steps[-1]}" in (rlogs / "worker_0.log").read_text()
-    a, meta_a = load_checkpoint(latest_checkpoint(uninterrupted[1] / "checkpoints"))
+    a, meta_a = load_checkpoint(latest_checkpoint(uninterrupted()[1] / "checkpoints"))
     b, meta_b = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     assert meta_a["step"] == meta_b["step"] == STEPS and set(a) == set(b)
     assert max(float(np.max(np.abs(a[k] - b[k]))) if a[k].size else 0.0 for k in a) == 0.0

@@ -276,7 +276,7 @@ def test_resume_drops_the_log_lines_of_lost_steps(workdir, reference, aborted, t
     _assert_same_state(reference(), out)
 
 
-def test_sigterm_stops_the_autoencoder_after_its_step_with_a_checkpoint(workdir):
+def test_sigterm_stops_the_autoencoder_after_its_step_with_a_checkpoint(workdir, sampled):  # sampled: runs beside
     """Was: SIGTERM (a scheduler's stop) killed train.py at once, exit -15, nothing saved."""
     out = workdir / "ae"
     proc = _Proc([TRAIN, "--config", workdir / "ae.yaml", "--out-dir", out], workdir, "ae")
@@ -327,35 +327,54 @@ def _edited_export(src: Path, dst: Path, edit) -> Path:
     return export_safetensors(dst, arrays, meta)
 
 
-def test_sample_refuses_non_finite_weights(workdir, reference):
+def _poison(arrays):
+    name = sorted(arrays)[0]
+    arrays[name] = np.full_like(arrays[name], np.nan)
+
+
+def _collapse(arrays):   # the U-Net predicts one huge value everywhere: every image clips to one colour
+    arrays["model.final_conv.weight"] = np.zeros_like(arrays["model.final_conv.weight"])
+    arrays["model.final_conv.bias"] = np.full_like(arrays["model.final_conv.bias"], 1e4)
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+@pytest.fixture(scope="module")
+def sampled(workdir, reference):
+    """sample.py on three damaged copies of the reference run, all started at once (each mostly start-up),
+    waited for by their tests: weights with NaN, a collapsed network, a run folder whose newest checkpoint is
+    truncated. Name -> (the damaged checkpoint, the run)."""
+    full = reference()
+    bad = _edited_export(full / "model.safetensors", workdir / "nan" / "model.safetensors", _poison)
+    flat = _edited_export(full / "model.safetensors", workdir / "flat" / "model.safetensors", _collapse)
+    truncated = workdir / "truncated_sample"
+    shutil.copytree(full, truncated)
+    _truncate(truncated / "checkpoints" / f"step_{STEPS:08d}.ckpt")
+    return {name: (ckpt, _Proc([SAMPLE, "--ckpt", ckpt, "--out", out / "grid.png", "--no-progress"], workdir, name))
+            for name, ckpt, out in (("nan", bad, workdir / "nan"), ("flat", flat, workdir / "flat"),
+                                    ("truncated_sample", truncated, truncated))}
+
+
+def test_sample_refuses_non_finite_weights(workdir, sampled):
     """Was: sample.py sampled NaN weights and wrote black images, exit 0."""
-    def poison(arrays):
-        name = sorted(arrays)[0]
-        arrays[name] = np.full_like(arrays[name], np.nan)
-    bad = _edited_export(reference() / "model.safetensors", workdir / "nan" / "model.safetensors", poison)
-    rc, _, err = _run([SAMPLE, "--ckpt", bad, "--out", workdir / "nan" / "grid.png", "--no-progress"], workdir, "nan")
+    bad, proc = sampled["nan"]
+    rc, _, err = proc.finish()
     assert rc == 2, err
     (line,) = _lines(err)
     assert line.startswith(f"sample.py: error: {bad}: ") and "are NaN or infinite" in line, line
     assert not (workdir / "nan" / "grid.png").exists()
 
 
-def test_sample_warns_when_every_image_is_constant(workdir, reference):
+def test_sample_warns_when_every_image_is_constant(sampled):
     """Was: a model whose output ignores its input (collapsed) gave flat grey/black grids without a word."""
-    def collapse(arrays):   # the U-Net predicts one huge value everywhere: every image clips to one colour
-        arrays["model.final_conv.weight"] = np.zeros_like(arrays["model.final_conv.weight"])
-        arrays["model.final_conv.bias"] = np.full_like(arrays["model.final_conv.bias"], 1e4)
-    flat = _edited_export(reference() / "model.safetensors", workdir / "flat" / "model.safetensors", collapse)
-    rc, out, err = _run([SAMPLE, "--ckpt", flat, "--out", workdir / "flat" / "grid.png", "--no-progress"], workdir,
-                        "flat")
+    flat, proc = sampled["flat"]
+    rc, out, err = proc.finish()
     assert rc == 0, err
     warning = [line for line in _lines(err) if line.startswith("sample.py: warning: ")]
     assert len(warning) == 1 and "all 4 images are constant" in warning[0] and str(flat) in warning[0], err
-
-
-def _truncate(path: Path) -> None:
-    with open(path, "r+b") as f:
-        f.truncate(path.stat().st_size // 2)
 
 
 @pytest.fixture(scope="module")
@@ -388,15 +407,12 @@ def test_resume_falls_back_from_a_truncated_newest_checkpoint(truncated_resume):
     _assert_same_state(full, out)
 
 
-def test_sampling_falls_back_from_a_truncated_newest_checkpoint(workdir, reference):
+def test_sampling_falls_back_from_a_truncated_newest_checkpoint(sampled):
     """Was: sample.py on a run folder whose newest checkpoint is truncated failed although model.safetensors
     (same step) and the older checkpoints were intact."""
-    out = workdir / "truncated_sample"
-    shutil.copytree(reference(), out)
+    out, proc = sampled["truncated_sample"]
     bad = out / "checkpoints" / f"step_{STEPS:08d}.ckpt"
-    _truncate(bad)
-    rc, stdout, err = _run([SAMPLE, "--ckpt", out, "--out", out / "grid.png", "--no-progress"], workdir,
-                           "truncated_sample")
+    rc, stdout, err = proc.finish()
     assert rc == 0, err
     used = out / "model.safetensors"
     assert f"sample.py: {bad} is unreadable (truncated or corrupt); using {used} (step {STEPS}) instead" in err

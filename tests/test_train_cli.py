@@ -5,8 +5,10 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -16,7 +18,9 @@ from PIL import Image
 from ms_diffusion.io.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS, SAVE_EVERY, STOP_AT = 40, 20, 30   # killed at step 30: after the step-20 checkpoint, before step 40's
+# killed at step 12: after the step-8 checkpoint (epoch 1, batch 2: 24 images, batches of 4), before step 16's;
+# the resumed run redoes steps 9-16, across the end of epoch 1
+STEPS, SAVE_EVERY, STOP_AT = 16, 8, 12
 HANG_GUARD_S = 900                         # only a hung run takes this long (the whole run: under a minute)
 
 # train.py, stopped by SIGSTOP right after it logs step STOP_AT (the step's update, EMA and log line are
@@ -62,7 +66,9 @@ def workdir(tmp_path_factory):
     cfg = {
         "name": "tiny",
         "seed": 3,
-        "model": {"type": "unet", "dim": 8, "dim_mults": [1, 2], "channels": 1, "num_classes": 2,
+        # one U-Net stage: what is checked here does not depend on the depth, and every train.py / sample.py
+        # process compiles the network (graph mode), ~4 s less per process than with two stages
+        "model": {"type": "unet", "dim": 8, "dim_mults": [1], "channels": 1, "num_classes": 2,
                   "cond_drop_prob": 0.2},
         "diffusion": {"type": "gaussian", "image_size": 16, "timesteps": 50, "sampling_timesteps": 5,
                       "objective": "pred_v", "beta_schedule": "cosine", "offset_noise_strength": 0.1},
@@ -77,20 +83,58 @@ def workdir(tmp_path_factory):
     return root
 
 
-def _run(args, cwd, check=True, **kwargs):
-    proc = subprocess.run([sys.executable] + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, **kwargs)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+class _Started:
+    """``python ARGS`` started now, in the background (output to files, so no pipe can fill up), and waited for
+    where its result is needed: independent runs overlap, one per core."""
+
+    def __init__(self, args, cwd: Path):
+        self.args = [str(a) for a in args]
+        logs = Path(cwd) / "logs"
+        logs.mkdir(exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=logs, prefix=Path(self.args[0]).stem + "_")
+        os.close(fd)
+        self.out, self.err = Path(name + ".out"), Path(name + ".err")
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.popen = subprocess.Popen([sys.executable] + self.args, cwd=cwd, stdout=out, stderr=err)
+        self.result: Optional[subprocess.CompletedProcess] = None
+
+    def wait(self, check: bool = True) -> subprocess.CompletedProcess:
+        if self.result is None:
+            try:
+                self.popen.wait(timeout=600)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+                raise AssertionError(f"{self.args} hung:\n{self.err.read_text()}")
+            self.result = subprocess.CompletedProcess(self.args, self.popen.returncode, self.out.read_text(),
+                                                      self.err.read_text())
+        proc = self.result
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{self.args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+
+
+def _run(args, cwd, check=True):
+    return _Started(args, cwd).wait(check)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(workdir):
-    proc = _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", workdir / "full"], workdir)
-    done = [line for line in proc.stdout.splitlines() if line.startswith("done: step 40,")]
-    assert len(done) == 1 and re.search(r"peak RSS \d+\.\d GB;", done[0]), proc.stdout  # README quotes this line
-    return workdir / "full"
+    """The uninterrupted run's folder, as ``uninterrupted()``: started at once, it runs beside the killed one."""
+    run = _Started([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", workdir / "full"], workdir)
+
+    def folder() -> Path:
+        proc = run.wait()
+        done = [line for line in proc.stdout.splitlines() if line.startswith(f"done: step {STEPS},")]
+        assert len(done) == 1 and re.search(r"peak RSS \d+\.\d GB;", done[0]), proc.stdout  # README quotes this line
+        return workdir / "full"
+    yield folder
+    run.stop()
 
 
 @pytest.mark.slow
@@ -115,15 +159,15 @@ def test_kill_and_resume_reaches_the_same_weights(workdir, uninterrupted):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     logged = [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
-    assert logged == list(range(1, STOP_AT + 1))       # killed after step 30 ...
+    assert logged == list(range(1, STOP_AT + 1))       # killed after step STOP_AT ...
     steps = [s for s, _ in list_checkpoints(out / "checkpoints")]
-    assert steps == [SAVE_EVERY], f"the run was not interrupted mid-way: {steps}"   # ... with step 20 saved
+    assert steps == [SAVE_EVERY], f"the run was not interrupted mid-way: {steps}"   # ... with SAVE_EVERY saved
     assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())   # no torn temporaries
 
     resumed = _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", out, "--resume"], workdir)
     assert "resumed from" in resumed.stdout and f"at step {SAVE_EVERY}" in resumed.stdout
 
-    a, meta_a = load_checkpoint(latest_checkpoint(uninterrupted / "checkpoints"))
+    a, meta_a = load_checkpoint(latest_checkpoint(uninterrupted() / "checkpoints"))
     b, meta_b = load_checkpoint(latest_checkpoint(out / "checkpoints"))
     assert meta_a["step"] == meta_b["step"] == STEPS
     assert set(a) == set(b)
@@ -136,6 +180,7 @@ def test_kill_and_resume_reaches_the_same_weights(workdir, uninterrupted):
 
 @pytest.mark.slow
 def test_run_folder_contents(uninterrupted):
+    uninterrupted = uninterrupted()
     for name in ("config.yaml", "log.jsonl", "loss.png", "model.safetensors"):
         assert (uninterrupted / name).is_file(), name
     lines = (uninterrupted / "log.jsonl").read_text().splitlines()
@@ -146,29 +191,43 @@ def test_run_folder_contents(uninterrupted):
 
 @pytest.mark.slow
 def test_sample_cli_outputs(workdir, uninterrupted):
-    out = workdir / "samples"
-    proc = _run([ROOT / "sample.py", "--ckpt", uninterrupted, "--num", 4, "--steps", 3, "--class", 1,
-                 "--guidance-scale", 2.0, "--out", out / "grid.png", "--gif", out / "anim.gif", "--npz",
-                 out / "raw.npz", "--seed", 5, "--no-progress"], workdir)
+    uninterrupted, out = uninterrupted(), workdir / "samples"
+    first = _Started([ROOT / "sample.py", "--ckpt", uninterrupted, "--num", 4, "--steps", 3, "--class", 1,
+                      "--guidance-scale", 2.0, "--out", out / "grid.png", "--gif", out / "anim.gif", "--npz",
+                      out / "raw.npz", "--seed", 5, "--no-progress"], workdir)
+    again = _Started([ROOT / "sample.py", "--ckpt", uninterrupted / "model.safetensors", "--num", 4, "--steps", 3,
+                      "--class", 1, "--guidance-scale", 2.0, "--out", out / "grid2.png", "--npz", out / "raw2.npz",
+                      "--seed", 5, "--sampler", "dpmpp", "--option", "order=2", "--no-progress"], workdir)
+    proc = first.wait()
     assert "4 images from" in proc.stdout
     assert Image.open(out / "grid.png").size[0] > 0 and Image.open(out / "anim.gif").n_frames >= 2
     raw = np.load(out / "raw.npz")
     assert raw["images"].shape == (4, 1, 16, 16) and raw["images"].min() >= 0 and raw["images"].max() <= 1
     assert raw["classes"].tolist() == [1, 1, 1, 1]
-    again = _run([ROOT / "sample.py", "--ckpt", uninterrupted / "model.safetensors", "--num", 4, "--steps", 3,
-                  "--class", 1, "--guidance-scale", 2.0, "--out", out / "grid2.png", "--npz", out / "raw2.npz",
-                  "--seed", 5, "--sampler", "dpmpp", "--option", "order=2", "--no-progress"], workdir)
+    again.wait()
     assert np.load(out / "raw2.npz")["images"].shape == (4, 1, 16, 16)
 
 
-@pytest.mark.parametrize("args,rc,message", [
+USER_ERRORS = [
     (["train.py", "--set", "train.lrr=1"], 2, "unknown key 'train.lrr' — did you mean 'lr'?"),
     (["train.py", "--config", "missing.yaml"], 2, "not found"),
     (["train.py", "--steps", "x"], 2, "invalid int value"),
     (["sample.py", "--ckpt", "nowhere"], 2, "checkpoint 'nowhere' does not exist"),
-])
-def test_user_errors_are_one_line(workdir, args, rc, message):
-    proc = _run([ROOT / args[0]] + args[1:], workdir, check=False)
+]
+
+
+@pytest.fixture(scope="module")
+def user_error_runs(workdir):
+    """The commands of test_user_errors_are_one_line, all started together (each is mostly start-up)."""
+    runs = {tuple(args): _Started([ROOT / args[0]] + args[1:], workdir) for args, _, _ in USER_ERRORS}
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+@pytest.mark.parametrize("args,rc,message", USER_ERRORS)
+def test_user_errors_are_one_line(user_error_runs, args, rc, message):
+    proc = user_error_runs[tuple(args)].wait(check=False)
     assert proc.returncode == rc, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if "WARNING" not in l and l.strip()]
     assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -176,8 +235,11 @@ def test_user_errors_are_one_line(workdir, args, rc, message):
 
 @pytest.mark.slow
 def test_resume_into_a_different_model_and_bad_class_are_clear_errors(workdir, uninterrupted):
-    proc = _run([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", uninterrupted, "--resume",
-                 "--set", "model.dim=16"], workdir, check=False)
+    uninterrupted = uninterrupted()
+    resume = _Started([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", uninterrupted, "--resume",
+                       "--set", "model.dim=16"], workdir)
+    sample = _Started([ROOT / "sample.py", "--ckpt", uninterrupted, "--class", 7], workdir)
+    proc = resume.wait(check=False)
     assert proc.returncode == 2 and "does not match this model/config" in proc.stderr.strip().splitlines()[-1]
-    proc = _run([ROOT / "sample.py", "--ckpt", uninterrupted, "--class", 7], workdir, check=False)
+    proc = sample.wait(check=False)
     assert proc.returncode == 2 and "--class must lie in [0, 1]" in proc.stderr
