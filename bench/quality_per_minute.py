@@ -89,6 +89,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import ms_diffusion  # noqa: F401  (CPU workaround before MindSpore makes kernels)
 from ms_diffusion.cli.common import UsageError, make_parser, run_command
 
+ROOT = Path(__file__).resolve().parent.parent
+
 RECIPES: Dict[str, Dict[str, Any]] = {
     "default": {"config": "fashion_mnist_fast", "periodic": ("ddim", 20),
                 "description": "configs/fashion_mnist_fast.yaml: U-Net dim 16, v-pred, cosine schedule, min-SNR, "
@@ -344,49 +346,18 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
 
 
 def _lucidrains_module():
-    """``denoising_diffusion_pytorch.denoising_diffusion_pytorch`` without its Trainer stack's imports.
+    """``denoising_diffusion_pytorch.denoising_diffusion_pytorch`` through the test suite's loader
+    (``tests.anchors.lucidrains``: stand-ins for its Trainer stack's imports), without its progress bar."""
+    import pytest
 
-    The package ``__init__`` imports torchvision and accelerate (Trainer only; torchvision does not import
-    beside this torch here): stand-ins for those two are put in ``sys.modules`` for that one import, as
-    ``tests/anchors.py`` does."""
-    import importlib.util
-    import types
+    sys.path.insert(0, str(ROOT))
+    from tests.anchors import lucidrains
 
-    name = "denoising_diffusion_pytorch.denoising_diffusion_pytorch"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec("denoising_diffusion_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise UsageError("the lucidrains recipe needs denoising-diffusion-pytorch (pip install "
-                         "denoising-diffusion-pytorch); leave it out with --recipes default,edm,flow")
-    root = Path(list(spec.submodule_search_locations)[0])
-    stubbed = []
-    for stub, attrs in (("torchvision", {"transforms": types.SimpleNamespace(), "utils": types.SimpleNamespace()}),
-                        ("accelerate", {"Accelerator": object})):
-        try:
-            importlib.import_module(stub)
-        except Exception:
-            module = types.ModuleType(stub)
-            for key, value in attrs.items():
-                setattr(module, key, value)
-            sys.modules[stub] = module
-            stubbed.append(stub)
-    pkg = types.ModuleType("denoising_diffusion_pytorch")
-    pkg.__path__ = [str(root)]
-    sys.modules.setdefault("denoising_diffusion_pytorch", pkg)
     try:
-        for sub in ("version", "attend", "denoising_diffusion_pytorch"):
-            full = f"denoising_diffusion_pytorch.{sub}"
-            if full in sys.modules:
-                continue
-            s = importlib.util.spec_from_file_location(full, root / f"{sub}.py")
-            module = importlib.util.module_from_spec(s)
-            sys.modules[full] = module
-            s.loader.exec_module(module)
-    finally:
-        for stub in stubbed:
-            sys.modules.pop(stub, None)
-    module = sys.modules[name]
+        module = lucidrains()
+    except pytest.skip.Exception:
+        raise UsageError("the lucidrains recipe needs torch and denoising-diffusion-pytorch (pip install "
+                         "denoising-diffusion-pytorch); leave it out with --recipes default,edm,flow") from None
     module.tqdm = lambda iterable=None, *a, **k: iterable   # no progress bar per sampling batch
     return module
 
