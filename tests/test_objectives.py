@@ -17,6 +17,7 @@ from mindspore import Tensor, nn, ops
 from ms_diffusion import EDMDiffusion, FlowMatching
 from ms_diffusion.samplers import SAMPLER_NAMES, run_sampler
 from tests.test_samplers import torch  # noqa: F401  (the torch + diffusers fixture)
+from tests.test_samplers_sigma import recording_denoiser
 
 B, C, H, W = 2, 2, 3, 3
 _P = {k: np.random.default_rng(1).uniform(lo, hi, C).reshape(1, C, 1, 1)
@@ -109,18 +110,14 @@ def test_edm_euler_matches_diffusers(torch, steps):
 
     d = edm()
     x = np.random.default_rng(3).standard_normal((B, C, H, W)).astype(np.float32)
-    ours, labels = [], []
-    denoise = d.denoiser(B)
-
-    def logged(x, t, sc=None, **kw):
-        ac = kw.get("alpha_cumprod", float(d.schedule.alphas_cumprod[t]))
-        labels.append(math.log(math.sqrt((1.0 - ac) / ac)) / 4.0)
-        return denoise(x, t, sc, **kw)
+    logged, calls = recording_denoiser(d)
+    ours = []
 
     run_sampler("euler", logged, d.schedule, Tensor(x), np.random.default_rng(0), steps=steps,
                 **d._sampler_options("euler", None, {}), callback=lambda i, t, x, x0: ours.append(x.asnumpy()))
     sched = diffusers.EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=SIGMA_DATA)
     sched.set_timesteps(steps)
+    labels = [math.log(math.sqrt((1.0 - ac) / ac)) / 4.0 for _, ac in calls]   # c_noise = ln(sigma) / 4
     np.testing.assert_allclose(labels, sched.timesteps.numpy(), rtol=1e-6, atol=1e-7)
     sample = torch.tensor(x, dtype=torch.float64) * sched.init_noise_sigma
     worst = 0.0
@@ -205,13 +202,8 @@ def test_flow_euler_matches_diffusers(torch, shift, steps):
 
     d = flow(shift=shift)
     x = np.random.default_rng(6).standard_normal((B, C, H, W)).astype(np.float32)
-    ours, labels = [], []
-    denoise = d.denoiser(B)
-
-    def logged(x, t, sc=None, **kw):
-        ac = kw.get("alpha_cumprod", float(d.schedule.alphas_cumprod[t]))
-        labels.append(1000.0 * math.sqrt(1 - ac) / (math.sqrt(ac) + math.sqrt(1 - ac)))
-        return denoise(x, t, sc, **kw)
+    logged, calls = recording_denoiser(d)
+    ours = []
 
     name, _ = d.sampling_plan()
     assert name == "flow_euler"
@@ -219,6 +211,7 @@ def test_flow_euler_matches_diffusers(torch, shift, steps):
                 **d._sampler_options(name, None, {}), callback=lambda i, t, x, x0: ours.append(x.asnumpy()))
     sched = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     sched.set_timesteps(steps)
+    labels = [1000.0 * math.sqrt(1 - ac) / (math.sqrt(ac) + math.sqrt(1 - ac)) for _, ac in calls]   # 1000 t
     np.testing.assert_allclose(labels, sched.timesteps.numpy(), rtol=2e-6)
     sample = torch.tensor(x, dtype=torch.float64)
     worst = 0.0

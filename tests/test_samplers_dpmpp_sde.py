@@ -15,7 +15,7 @@ from mindspore import Tensor
 
 from ms_diffusion.samplers import resolve_sampler, run_sampler, sampler_options
 from tests.test_samplers import torch  # noqa: F401  (the torch + diffusers fixture)
-from tests.test_samplers_sigma import B, C, H, T, W, diffusion, torch_net
+from tests.test_samplers_sigma import B, C, H, T, W, diffusion, recording_denoiser, torch_net
 
 # max |ours - diffusers| / max |diffusers| over the steps; measured worst case over the cases 4.1e-6 (README's
 # sampler table; epsilon, order 2, Karras: the SDE step amplifies float32 x0 errors several times more than
@@ -40,12 +40,8 @@ def test_dpmpp_sde_matches_diffusers(torch, monkeypatch, prediction, order, karr
 
     d = diffusion(prediction)
     x = np.random.default_rng(3).standard_normal((B, C, H, W)).astype(np.float32)
-    denoise = d.denoiser(B, clip_denoised=False)
-    calls, ours = [], []
-
-    def logged(x, t, sc=None, **kw):
-        calls.append((t, kw.get("alpha_cumprod", float(d.schedule.alphas_cumprod[t]))))
-        return denoise(x, t, sc, **kw)
+    logged, calls = recording_denoiser(d, clip_denoised=False)
+    ours = []
 
     result = run_sampler("dpmpp_2m_sde", logged, d.schedule, Tensor(x), np.random.default_rng(7), steps=steps,
                          order=order, karras=karras, spacing=spacing, lower_order_final=lower_order_final,

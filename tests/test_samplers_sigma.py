@@ -75,6 +75,18 @@ def scheduler(name, d: GaussianDiffusion, prediction: str, **config):
     return sched
 
 
+def recording_denoiser(d, **denoiser_options):
+    """(d's denoiser for a batch of B, the list it appends (timestep, alpha_cumprod) of every call to)."""
+    denoise = d.denoiser(B, **denoiser_options)
+    calls = []
+
+    def logged(x, t, sc=None, **kw):
+        calls.append((t, kw.get("alpha_cumprod", float(d.schedule.alphas_cumprod[t]))))
+        return denoise(x, t, sc, **kw)
+
+    return logged, calls
+
+
 CASES = [(name, prediction, karras, steps, spacing, offset)
          for name in ("euler", "euler_a", "heun")
          for prediction, karras, steps, spacing, offset in (("epsilon", False, 6, "linspace", 0),
@@ -90,12 +102,8 @@ def test_matches_diffusers(torch, monkeypatch, name, prediction, karras, steps, 
 
     d = diffusion(prediction)
     x = np.random.default_rng(3).standard_normal((B, C, H, W)).astype(np.float32)
-    denoise = d.denoiser(B, clip_denoised=False)
-    calls, ours = [], []
-
-    def logged(x, t, sc=None, **kw):
-        calls.append((t, kw.get("alpha_cumprod", float(d.schedule.alphas_cumprod[t]))))
-        return denoise(x, t, sc, **kw)
+    logged, calls = recording_denoiser(d, clip_denoised=False)
+    ours = []
 
     result = run_sampler(name, logged, d.schedule, Tensor(x), np.random.default_rng(7), steps=steps, karras=karras,
                          spacing=spacing, steps_offset=offset, callback=lambda i, t, x, x0: ours.append(x.asnumpy()))

@@ -15,7 +15,7 @@ from mindspore import Tensor
 
 from ms_diffusion.samplers import resolve_sampler, run_sampler, sampler_options
 from tests.test_samplers import torch  # noqa: F401  (the torch + diffusers fixture)
-from tests.test_samplers_sigma import B, C, H, W, diffusion, torch_net
+from tests.test_samplers_sigma import B, C, H, W, diffusion, recording_denoiser, torch_net
 
 # max |ours - diffusers| / max |diffusers| over the steps (diffusers' sigmas are float32); measured
 # worst case over the cases 4.5e-7 (README's sampler table)
@@ -53,12 +53,8 @@ def reference(torch, d, prediction, x, steps, stop=None, **config):
 
 
 def ours(d, x, **options):
-    denoise = d.denoiser(B, clip_denoised=False)
-    calls, xs = [], []
-
-    def logged(x, t, sc=None, **kw):
-        calls.append((t, kw.get("alpha_cumprod", float(d.schedule.alphas_cumprod[t]))))
-        return denoise(x, t, sc, **kw)
+    logged, calls = recording_denoiser(d, clip_denoised=False)
+    xs = []
 
     result = run_sampler("unipc", logged, d.schedule, Tensor(x), np.random.default_rng(7),
                          callback=lambda i, t, x, x0: xs.append(x.asnumpy()), **options)
