@@ -15,6 +15,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
+from ms_diffusion.diffusion import training_inputs as inputs
 from ms_diffusion.diffusion.denoiser import denoiser_options, make_denoiser
 from ms_diffusion.models.contract import check_denoiser_network
 from ms_diffusion.samplers import run_sampler
@@ -67,10 +68,42 @@ class ImageDiffusion(nn.Cell):
             raise ValueError(f"images are {shape[2]}x{shape[3]} but the diffusion was built for "
                              f"{self.image_size[0]}x{self.image_size[1]}; resize the data or set image_size")
 
-    def class_dropout_prob(self, classes) -> float:
-        """The label-dropout probability of a batch with these labels (0 for an unconditional model)."""
-        conditional = classes is not None and self.num_classes is not None
-        return float(self.model.cond_drop_prob) if conditional else 0.0
+    def class_dropout_prob(self, classes, cond_drop_prob: Optional[float] = None) -> float:
+        """The label-dropout probability of a batch with these labels: ``cond_drop_prob`` if given, else the
+        model's; 0 for an unconditional model or a batch without labels."""
+        if classes is None or self.num_classes is None:
+            return 0.0
+        return float(self.model.cond_drop_prob if cond_drop_prob is None else cond_drop_prob)
+
+    # ------------------------------------------------------------------ per-batch randomness
+
+    # the training distribution of ``times``: None for integer timesteps in [0, num_timesteps); a continuous-time
+    # objective's ``draw_times(rng, B)`` (host) and ``draw_times_in_graph(B)`` (MindSpore RNG ops)
+    draw_times = None
+    draw_times_in_graph = None
+
+    def _complete_inputs(self, x_start, classes, times, noise, self_cond, cond_drop_prob):
+        """construct's missing inputs drawn in the graph; label dropout at cond_drop_prob (default: the model's)."""
+        return inputs.complete_in_graph(x_start, classes, times, noise, self_cond, num_timesteps=self.num_timesteps,
+                                        offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
+                                        self_condition=self.self_condition, num_classes=self.num_classes,
+                                        cond_drop_prob=self.class_dropout_prob(classes, cond_drop_prob),
+                                        draw_times=self.draw_times_in_graph)
+
+    def training_inputs(self, images: np.ndarray, rng: np.random.Generator,
+                        classes: Optional[np.ndarray] = None) -> Dict[str, object]:
+        """Draw a batch's times, noise, self-conditioning coin and label dropout on the host.
+
+        ``images`` (B, C, H, W) as given to the loss (e.g. [0, 1]). Returns numpy ``times`` (B,)
+        (int32 timesteps, or a continuous-time objective's float32 times) and ``noise`` (B, C, H, W)
+        float32 (offset noise and immiscible assignment applied), ``self_cond`` (bool) and ``classes``
+        (B,) int32 or None. Pass them to ``training_loss`` (label dropout is already applied).
+        """
+        return inputs.draw_host_inputs(images, rng, classes, num_timesteps=self.num_timesteps,
+                                       offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
+                                       normalize=self.normalize, self_condition=self.self_condition,
+                                       num_classes=self.num_classes, cond_drop_prob=self.class_dropout_prob(classes),
+                                       draw_times=self.draw_times)
 
     # ------------------------------------------------------------------ sampling
 

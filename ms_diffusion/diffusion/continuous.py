@@ -26,7 +26,6 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from ms_diffusion.diffusion import training_inputs as inputs
 from ms_diffusion.diffusion.base import ImageDiffusion
 from ms_diffusion.diffusion.denoiser import compile_predict_preconditioned
 from ms_diffusion.diffusion.gaussian_terms import check_loss_type
@@ -117,14 +116,7 @@ class ContinuousDiffusion(ImageDiffusion):
         """
         self.check_images(img.shape)
         x0 = self.normalize(img)
-        p = 0.0
-        if classes is not None and self.num_classes is not None:
-            p = self.model.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
-        times, noise, self_cond, classes = inputs.complete_in_graph(
-            x0, classes, times, noise, self_cond, num_timesteps=self.num_timesteps,
-            offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
-            self_condition=self.self_condition, num_classes=self.num_classes, cond_drop_prob=p,
-            draw_times=self.draw_times_in_graph)
+        times, noise, self_cond, classes = self._complete_inputs(x0, classes, times, noise, self_cond, cond_drop_prob)
         return self.p_losses(x0, times, noise, classes, self_cond, loss_reduction)
 
     def training_loss(self, images, *, times, noise, classes=None, self_cond: bool = False, posterior_noise=None,
@@ -138,15 +130,6 @@ class ContinuousDiffusion(ImageDiffusion):
             raise ValueError("posterior_noise is only used by a latent diffusion")
         self.check_images(images.shape)
         return self.p_losses(self.normalize(images), times, noise, classes, self_cond, loss_reduction)
-
-    def training_inputs(self, images: np.ndarray, rng: np.random.Generator,
-                        classes: Optional[np.ndarray] = None) -> Dict[str, object]:
-        """A batch's host-drawn ``times`` (B,) float32, ``noise``, ``self_cond`` and dropped ``classes``."""
-        return inputs.draw_host_inputs(images, rng, classes, num_timesteps=self.num_timesteps,
-                                       offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
-                                       normalize=self.normalize, self_condition=self.self_condition,
-                                       num_classes=self.num_classes, cond_drop_prob=self.class_dropout_prob(classes),
-                                       draw_times=self.draw_times)
 
     # ------------------------------------------------------------------ sampling
 

@@ -290,34 +290,10 @@ class GaussianDiffusion(ImageDiffusion):
 
     # ------------------------------------------------------------------ per-batch randomness
 
-    def _complete_inputs(self, x_start, classes, times, noise, self_cond, cond_drop_prob):
-        """construct's missing inputs drawn in the graph; label dropout at cond_drop_prob (default: the model's)."""
-        p = 0.0
-        if classes is not None and self.num_classes is not None:
-            p = self.model.cond_drop_prob if cond_drop_prob is None else cond_drop_prob
-        return inputs.complete_in_graph(x_start, classes, times, noise, self_cond, num_timesteps=self.num_timesteps,
-                                        offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
-                                        self_condition=self.self_condition, num_classes=self.num_classes,
-                                        cond_drop_prob=p)
-
     @staticmethod
     def noise_assignment(x_start: np.ndarray, noise: np.ndarray) -> np.ndarray:
         """Immiscible diffusion: the permutation of noise (B, ...) closest to the batch (B, ...), (B,) indices."""
         return inputs.noise_assignment(x_start, noise)
-
-    def training_inputs(self, images: np.ndarray, rng: np.random.Generator,
-                        classes: Optional[np.ndarray] = None) -> Dict[str, object]:
-        """Draw a batch's timesteps, noise, self-conditioning coin and label dropout on the host.
-
-        ``images`` (B, C, H, W) as given to the loss (e.g. [0, 1]). Returns numpy ``times`` (B,)
-        int32 and ``noise`` (B, C, H, W) float32 (offset noise and immiscible assignment applied),
-        ``self_cond`` (bool) and ``classes`` (B,) int32 or None. Pass them to ``training_loss``
-        (label dropout is already applied).
-        """
-        return inputs.draw_host_inputs(images, rng, classes, num_timesteps=self.num_timesteps,
-                                       offset_noise_strength=self.offset_noise_strength, immiscible=self.immiscible,
-                                       normalize=self.normalize, self_condition=self.self_condition,
-                                       num_classes=self.num_classes, cond_drop_prob=self.class_dropout_prob(classes))
 
     # ------------------------------------------------------------------ sampling
 
