@@ -60,3 +60,31 @@ def lucidrains():
         sys.modules.pop(stub, None)
     torch.set_num_threads(2)
     return sys.modules[name]
+
+
+def open_clip(module: str):
+    """``open_clip.<module>`` (``tokenizer``, ``transformer``) without the package ``__init__``, which imports
+    torchvision and timm for the image towers (skips if open-clip-torch is not installed)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("ftfy")
+    full = f"open_clip.{module}"
+    if full in sys.modules:
+        return sys.modules[full]
+    loaded = sys.modules.get("open_clip")
+    spec = loaded.__spec__ if loaded is not None else importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("open-clip-torch is not installed")
+    misc = types.SimpleNamespace(FrozenBatchNorm2d=object)
+    stubbed = [name for name, ok in (
+        ("torchvision", _stub("torchvision", ops=types.SimpleNamespace(misc=misc))),
+        ("torchvision.ops", _stub("torchvision.ops", misc=misc)),
+        ("torchvision.ops.misc", _stub("torchvision.ops.misc", FrozenBatchNorm2d=object))) if ok]
+    pkg = types.ModuleType("open_clip")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    pkg.__spec__ = spec          # find_spec("open_clip") keeps answering as for the real package
+    sys.modules.setdefault("open_clip", pkg)
+    try:
+        return importlib.import_module(full)
+    finally:
+        for stub in stubbed:
+            sys.modules.pop(stub, None)

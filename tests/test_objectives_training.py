@@ -1,7 +1,5 @@
 """EDM and flow matching end to end: train.py trains them, resumes bit-exactly, sample.py samples them with
 classifier-free guidance; and the in-graph entry point ``diffusion(images)`` (a user's own jit step)."""
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +7,7 @@ import pytest
 import yaml
 
 from ms_diffusion.io.checkpoint import latest_checkpoint, load_checkpoint
-from tests.test_train_cli import _images
+from tests.test_train_cli import _images, _Started
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -17,13 +15,6 @@ _DIFFUSIONS = {
     "edm": {"type": "edm", "image_size": 16, "sigma_data": 0.5, "P_mean": -1.0, "sampling_timesteps": 3},
     "flow": {"type": "flow", "image_size": 16, "time_sampling": "uniform", "shift": 2.0, "sampling_timesteps": 3},
 }
-
-
-def _run(args, cwd):
-    proc = subprocess.run([sys.executable] + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +40,21 @@ def test_train_resume_exactly_and_sample_guided(images, objective):
     config = images / f"{objective}.yaml"
     config.write_text(yaml.safe_dump(cfg))
     full, part = images / f"{objective}_full", images / f"{objective}_part"
-    _run([ROOT / "train.py", "--config", config, "--out-dir", full], images)
-    _run([ROOT / "train.py", "--config", config, "--out-dir", part, "--steps", 2], images)
-    _run([ROOT / "train.py", "--config", config, "--out-dir", part, "--resume"], images)
+    # two processes at a time, one per core: the straight run beside the first half, then the resume beside sampling
+    straight = resumed = None
+    try:
+        straight = _Started([ROOT / "train.py", "--config", config, "--out-dir", full], images)
+        _Started([ROOT / "train.py", "--config", config, "--out-dir", part, "--steps", 2], images).wait()
+        resumed = _Started([ROOT / "train.py", "--config", config, "--out-dir", part, "--resume"], images)
+        straight.wait()
+        out = images / f"{objective}_raw.npz"
+        proc = _Started([ROOT / "sample.py", "--ckpt", full, "--num", 2, "--class", 1, "--guidance-scale", 2.5, "--npz",
+                         out, "--out", images / f"{objective}.png", "--seed", 1, "--no-progress"], images).wait()
+        resumed.wait()
+    finally:
+        for run in (straight, resumed):
+            if run is not None:
+                run.stop()
     (a, meta_a), (b, meta_b) = (load_checkpoint(latest_checkpoint(run / "checkpoints")) for run in (full, part))
     assert meta_a["step"] == meta_b["step"] == 4 and set(a) == set(b)
     assert any(k.startswith("optimizer.moment1") for k in a) and any(k.startswith("ema.") for k in a)
@@ -59,9 +62,6 @@ def test_train_resume_exactly_and_sample_guided(images, objective):
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert meta_a["rng"] == meta_b["rng"]
 
-    out = images / f"{objective}_raw.npz"
-    proc = _run([ROOT / "sample.py", "--ckpt", full, "--num", 2, "--class", 1, "--guidance-scale", 2.5,
-                 "--npz", out, "--out", images / f"{objective}.png", "--seed", 1, "--no-progress"], images)
     assert "2 images from" in proc.stdout
     raw = np.load(out)["images"]
     assert raw.shape == (2, 1, 16, 16) and np.isfinite(raw).all() and 0 <= raw.min() <= raw.max() <= 1

@@ -31,9 +31,11 @@ from typing import List, Mapping, Sequence, Tuple, Type
 from mindspore import nn
 
 from ms_diffusion.io.state import Rule, rename, rename_staged
-from ms_diffusion.interop.transforms import CONV1D, FUSED_QKV, FUSED_QKV_BIAS, IDENTITY, LINEAR, Transform
+from ms_diffusion.interop.transforms import (CONV1D, FUSED_LINEAR, FUSED_QKV, FUSED_QKV_BIAS, IDENTITY, LINEAR,
+                                             TRANSPOSED, Transform)
 from ms_diffusion.models.unet_ldm import AttentionBlock
 from ms_diffusion.nn.norms import GroupNorm
+from ms_diffusion.text.clip import CLIPAttention, CLIPTextModel
 
 Layout = Mapping[str, Tuple[Tuple[str, ...], Transform]]
 
@@ -41,7 +43,7 @@ __all__ = ["Rule", "LeafRule", "Spec", "rename", "rename_staged", "NamePair", "P
            "LUCIDRAINS_UNET_NAMES", "LUCIDRAINS_UNET_TO_MS", "MS_TO_LUCIDRAINS_UNET",
            "TORCH_LEAVES", "LUCIDRAINS_UNET", "LUCIDRAINS_SCHEDULE_BUFFERS", "LDM", "LDM_SCHEDULE_BUFFERS",
            "DIFFUSERS_VAE_LAYOUT", "DIFFUSERS_ATTENTION_LAYOUT", "DIFFUSERS_LEGACY_ATTENTION", "DIFFUSERS_RESNET",
-           "diffusers_vae_rules", "diffusers_unet_rules"]
+           "diffusers_vae_rules", "diffusers_unet_rules", "TRANSFORMERS_CLIP_TEXT", "OPEN_CLIP_TEXT"]
 
 
 @dataclass(frozen=True)
@@ -296,3 +298,35 @@ def diffusers_unet_rules(input_blocks: Sequence[Sequence[str]], output_blocks: S
                       "up": f"up_blocks.{level}.upsamplers.0."}[kind]
             rules.append((rf"^output_blocks\.{k}\.{m}\.", target))
     return tuple(rules), DIFFUSERS_RESNET
+
+
+# ----------------------------------------------------------------------------- CLIP text encoders
+
+# transformers CLIPTextModel / CLIPTextModelWithProjection: our names are theirs under ``text_model.``
+# (the projection sits beside it), except the fused q/k/v. transformers 5 saves a plain CLIPTextModel
+# without the prefix (and reads both): the alias accepts those files, export writes the prefixed names.
+_CLIP_TEXT_PREFIX = ((r"^(embeddings|encoder|final_layer_norm)\.", r"text_model.\1."),)
+TRANSFORMERS_CLIP_TEXT = Spec(
+    "transformers CLIPTextModel", leaves=TORCH_LEAVES, rules=(_CLIP_TEXT_PREFIX,), aliases=_CLIP_TEXT_PREFIX,
+    layouts={CLIPAttention: {
+        "qkv.weight": (("q_proj.weight", "k_proj.weight", "v_proj.weight"), FUSED_LINEAR),
+        "qkv.bias": (("q_proj.bias", "k_proj.bias", "v_proj.bias"), FUSED_QKV_BIAS)}})
+
+# open_clip's text tower (CLIP.encode_text's modules; Stable Diffusion 2.x's FrozenOpenCLIPEmbedder.model)
+OPEN_CLIP_TEXT = Spec(
+    "open_clip text tower", leaves=TORCH_LEAVES,
+    rules=(
+        ((r"^embeddings\.token_embedding\.", "token_embedding."),
+         (r"^embeddings\.position_embedding\.weight$", "positional_embedding"),
+         (r"^encoder\.layers\.(\d+)\.", r"transformer.resblocks.\1."),
+         (r"^final_layer_norm\.", "ln_final."),
+         (r"^text_projection\.weight$", "text_projection")),
+        ((r"\.layer_norm1\.", ".ln_1."),
+         (r"\.layer_norm2\.", ".ln_2."),
+         (r"\.self_attn\.qkv\.weight$", ".attn.in_proj_weight"),
+         (r"\.self_attn\.qkv\.bias$", ".attn.in_proj_bias"),
+         (r"\.self_attn\.out_proj\.", ".attn.out_proj."),
+         (r"\.mlp\.fc1\.", ".mlp.c_fc."),
+         (r"\.mlp\.fc2\.", ".mlp.c_proj.")),
+    ),
+    layouts={CLIPTextModel: {"text_projection.weight": (("text_projection.weight",), TRANSPOSED)}})

@@ -150,7 +150,8 @@ def write_weights(path: PathLike, content: Mapping[str, Any], metadata: Optional
 
 def read_diffusers_folder(path: PathLike, subfolder: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     """A diffusers model folder (config.json + diffusion_pytorch_model[.fp16].safetensors, sharded or not,
-    or .bin): (config, state dict). ``subfolder`` picks e.g. ``unet`` / ``vae`` in a pipeline folder."""
+    or .bin) or a transformers one (model[.fp16].safetensors, pytorch_model.bin: a pipeline's
+    ``text_encoder/``): (config, state dict). ``subfolder`` picks e.g. ``unet`` / ``vae`` in a pipeline folder."""
     root = Path(path)
     folder = root / subfolder if subfolder else root
     if not folder.is_dir():
@@ -162,7 +163,7 @@ def read_diffusers_folder(path: PathLike, subfolder: Optional[str] = None) -> Tu
         hint = f"; it looks like a pipeline folder: pass --subfolder one of {subs}" if subs else ""
         raise ConversionError(f"{folder} has no config.json{hint}")
     config = json.loads(config_file.read_text())
-    for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16"):
+    for stem in ("diffusion_pytorch_model", "diffusion_pytorch_model.fp16", "model", "model.fp16", "pytorch_model"):
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text()).get("weight_map", {})
@@ -176,4 +177,5 @@ def read_diffusers_folder(path: PathLike, subfolder: Optional[str] = None) -> Tu
             if f.is_file():
                 content, _ = read_weights(f)
                 return config, flat_arrays(content, str(f))
-    raise ConversionError(f"{folder} has no diffusion_pytorch_model.safetensors (or .bin)")
+    raise ConversionError(f"{folder} has no weights (diffusion_pytorch_model.safetensors or model.safetensors, "
+                          f"or their .bin)")

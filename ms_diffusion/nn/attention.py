@@ -30,14 +30,16 @@ _BMM_T_A = ops.BatchMatMul(transpose_a=True)
 _BMM_T_B = ops.BatchMatMul(transpose_b=True)
 
 
-def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bool = False):
-    """softmax(q k^T * scale) v over the last-but-one (token) axis.
+def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bool = False, bias=None):
+    """softmax(q k^T * scale + bias) v over the last-but-one (token) axis.
 
     ``channels_first=False``: q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D).
     ``channels_first=True``:  q (B, H, D, N), k/v (B, H, D, M) -> (B, H, D, N), the layout a 1x1
     convolution produces; no transposes are made on the matmul path (transpose flags instead).
+    ``bias``: float32, broadcastable to (B, H, N, M), added to the scaled scores (a causal or padding
+    mask as large negative numbers); attention with a bias always takes the matmul path.
     """
-    if use_flash:
+    if use_flash and bias is None:
         if channels_first:
             q, k, v = q.swapaxes(-1, -2), k.swapaxes(-1, -2), v.swapaxes(-1, -2)
         head_num = q.shape[1]
@@ -47,11 +49,15 @@ def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bo
         out = cast_like(out, q)
         return out.swapaxes(-1, -2) if channels_first else out
     if channels_first:
-        sim = _BMM_T_A(q, k)                                   # (B, H, N, M)
-        attn = cast_like(ops.softmax(to_float32(sim) * scale, axis=-1), v)
+        sim = to_float32(_BMM_T_A(q, k)) * scale               # (B, H, N, M)
+        if bias is not None:
+            sim = sim + bias
+        attn = cast_like(ops.softmax(sim, axis=-1), v)
         return _BMM_T_B(v, attn)                               # (B, H, D, N)
-    sim = _BMM_T_B(q, k)
-    attn = cast_like(ops.softmax(to_float32(sim) * scale, axis=-1), v)
+    sim = to_float32(_BMM_T_B(q, k)) * scale
+    if bias is not None:
+        sim = sim + bias
+    attn = cast_like(ops.softmax(sim, axis=-1), v)
     return ops.matmul(attn, v)
 
 
