@@ -1,4 +1,4 @@
-"""Image grids, GIFs and loss plots from numpy arrays (no MindSpore)."""
+"""Image grids, GIFs and loss plots from numpy arrays, and reading one image (no MindSpore)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["to_uint8", "make_grid", "save_grid", "save_gif", "plot_losses"]
+__all__ = ["to_uint8", "make_grid", "save_grid", "save_gif", "plot_losses", "load_image"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -20,6 +20,24 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got {images.shape}")
     return (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def load_image(path: PathLike, mode: str = "RGB", size: Optional[Sequence[int]] = None) -> np.ndarray:
+    """An image file -> (1, C, H, W) float32 in [0, 1]; ``mode`` "RGB" (C = 3) or "L" (C = 1, e.g. a mask);
+    ``size`` (H, W): resized (Lanczos; nearest for "L", so a mask stays a mask)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image {str(p)!r} does not exist")
+    try:
+        with Image.open(p) as img:
+            img = img.convert(mode)
+            if size is not None and tuple(img.size) != (int(size[1]), int(size[0])):
+                img = img.resize((int(size[1]), int(size[0])), Image.NEAREST if mode == "L" else Image.LANCZOS)
+            a = np.asarray(img, dtype=np.float32) / 255.0
+    except OSError as e:
+        raise ValueError(f"cannot read image {str(p)!r}: {e}") from None
+    a = a[:, :, None] if a.ndim == 2 else a
+    return a.transpose(2, 0, 1)[None]
 
 
 def make_grid(images: np.ndarray, nrow: Optional[int] = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:

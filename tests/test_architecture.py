@@ -19,7 +19,7 @@ LAYERS: List[Tuple[int, Tuple[str, ...]]] = [
     (2, ("models", "text")),
     (3, ("samplers", "losses", "diffusion", "__root__")),
     (4, ("data", "training", "metrics")),
-    (5, ("config", "experiment", "pipeline", "evaluation", "interop", "cli")),
+    (5, ("config", "experiment", "pipeline", "evaluation", "interop", "stable_diffusion", "cli")),
 ]
 RANK: Dict[str, Tuple[int, int]] = {pkg: (layer, i) for layer, pkgs in LAYERS for i, pkg in enumerate(pkgs)}
 # same-layer imports that are not allowed although the order would permit them (DESIGN: training imports

@@ -54,21 +54,28 @@ def simple_tokenizer():
     return open_clip("tokenizer").SimpleTokenizer()
 
 
-@pytest.fixture(scope="module")
-def tokenizer_folder(tmp_path_factory, simple_tokenizer):
-    """A transformers tokenizer folder (vocab.json + merges.txt) written from open_clip's vocabulary tables,
-    with SD 2.x's special tokens (padding with "!")."""
-    folder = tmp_path_factory.mktemp("tokenizer")
+def clip_tokenizer_folder(folder, pad_token=None):
+    """A transformers tokenizer folder (vocab.json + merges.txt, model_max_length 77) written from open_clip's
+    vocabulary tables -- the real CLIP vocabulary, not ours; ``pad_token="!"``: SD 2.x's special tokens."""
+    simple = open_clip("tokenizer").SimpleTokenizer()
+    folder.mkdir(parents=True, exist_ok=True)
     names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
-    vocab = {names.get(k, k): v for k, v in simple_tokenizer.encoder.items()}
-    merges = sorted(simple_tokenizer.bpe_ranks, key=simple_tokenizer.bpe_ranks.get)
+    vocab = {names.get(k, k): v for k, v in simple.encoder.items()}
+    merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": {"content": "<|startoftext|>"}, "eos_token": "<|endoftext|>", "pad_token": "!",
-         "unk_token": "<|endoftext|>"}))
+    if pad_token is not None:
+        (folder / "special_tokens_map.json").write_text(json.dumps(
+            {"bos_token": {"content": "<|startoftext|>"}, "eos_token": "<|endoftext|>", "pad_token": pad_token,
+             "unk_token": "<|endoftext|>"}))
     (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    """SD 2.x's tokenizer folder (padding with "!")."""
+    return clip_tokenizer_folder(tmp_path_factory.mktemp("tokenizer"), pad_token="!")
 
 
 def test_bpe_file_ids_equal_open_clip(simple_tokenizer):

@@ -11,7 +11,7 @@ from mindspore import Tensor, nn, ops
 
 from ms_diffusion import GaussianDiffusion, Unet
 from ms_diffusion.diffusion.gaussian_terms import elementwise_loss, normal_kl
-from ms_diffusion.diffusion.guidance import check_guidance, guidance_batch, guide
+from ms_diffusion.diffusion.guidance import check_guidance, guidance_batch, guide, stack_halves
 from ms_diffusion.diffusion.parameterization import OBJECTIVES, diffuse, output_to_eps_x0, training_target
 from ms_diffusion.diffusion.training_inputs import drop_labels
 from ms_diffusion.models import DenoiserNetwork, check_denoiser_network
@@ -90,6 +90,13 @@ def test_guidance_batch_and_option_checks():
     assert x2.shape == (10,) + SHAPE[1:] and sc2 is None
     assert t2.asnumpy().tolist() == list(range(5)) * 2
     assert c2.asnumpy().tolist() == [0, 1, 2, 0, 1] + [3] * 5
+    # a tensor conditioning (text contexts) brings both halves itself: conditional rows, then unconditional
+    ctx, empty = _t(np.full((5, 3, 2), 1.0)), _t(np.full((5, 3, 2), -1.0))
+    both = stack_halves(ctx, empty)
+    x2, t2, _, c2 = guidance_batch(x, t, None, both, None)
+    assert x2.shape == (10,) + SHAPE[1:] and c2 is both and c2.asnumpy()[:5].min() == 1 and c2.asnumpy()[5:].max() == -1
+    pair = stack_halves((ctx, ctx), (ctx, empty))
+    assert [p.shape for p in pair] == [(10, 3, 2)] * 2 and pair[1].asnumpy()[5:].max() == -1
     assert check_guidance(1.0, 0.0, conditional=False) == (False, False)
     assert check_guidance(4.0, 0.5, conditional=True) == (True, True)
     with pytest.raises(ValueError, match="class-conditional"):

@@ -147,10 +147,12 @@ def test_scale_zero_is_unconditional_and_scale_one_is_conditional():
 def test_guidance_errors():
     d = conditional("pred_v")
     unconditional = GaussianDiffusion(Unet(dim=8, dim_mults=(1, 2), channels=1), image_size=8, timesteps=T)
-    with pytest.raises(ValueError, match="needs a class-conditional model"):
+    with pytest.raises(ValueError, match="needs a conditional model and something to guide towards"):
         unconditional.denoiser(2, [0, 1], guidance_scale=3.0)
-    with pytest.raises(ValueError, match="needs a class-conditional model"):
+    with pytest.raises(ValueError, match="needs a conditional model and something to guide towards"):
         d.denoiser(2, None, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="uncond is for tensor conditionings"):
+        d.denoiser(2, [0, 1], guidance_scale=3.0, uncond=[1, 0])
     with pytest.raises(ValueError, match=r"classes must have shape \(2,\)"):
         d.denoiser(2, [0, 1, 2], guidance_scale=3.0)
     with pytest.raises(ValueError, match=r"classes must lie in \[0, 2\]"):

@@ -207,6 +207,73 @@ def test_tensor_conditioning_sampling_and_errors():
         LatentDiffusion(AutoencoderKL(DD, 3), plain)
 
 
+def test_text_conditioning_token_ids_or_contexts_and_guidance_with_uncond():
+    """A trainable CLIP text transformer as the cond stage: token ids train (gradients reach it, graph =
+    PyNative); at sampling, ids are encoded in the graph and float contexts pass through, so guidance towards
+    a prompt and away from the empty one gives the same sample either way, and equals the two-pass definition."""
+    from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel
+
+    encoder = CLIPTextModel(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=8, eos_token_id=63)
+    embedder = CLIPTextEmbedder(encoder, frozen=False)
+    unet = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+                     attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_spatial_transformer=True,
+                     context_dim=16)
+    _perturb(unet, 0.02, seed=5)
+    ldm = LatentDiffusion(AutoencoderKL(DD, 4), unet, conditioning_key="crossattn", cond_stage_model=embedder,
+                          timesteps=100, sampling_timesteps=3)
+    ids = np.array([[62, 5, 9, 63, 63, 63, 63, 63], [62, 17, 63, 63, 63, 63, 63, 63]], np.int32)
+    empty = np.array([[62, 63, 63, 63, 63, 63, 63, 63]] * 2, np.int32)
+    assert ldm.model.tensor_conditioning and ldm.num_classes is None
+
+    ldm.set_train(True)
+    x = _images(2)
+    inputs = ldm.training_inputs(x.asnumpy(), np.random.default_rng(0))
+    args = [ms.Tensor(inputs[k]) for k in ("times", "noise", "posterior_noise")]
+
+    def loss_fn(images, times, noise, posterior_noise, tokens):
+        return ldm.training_loss(images, times=times, noise=noise, classes=tokens, posterior_noise=posterior_noise)
+
+    text_params = [p for p in ldm.trainable_params() if "cond_stage_model" in p.name]
+    assert len(text_params) == len(encoder.trainable_params()) > 0
+    step = ms.value_and_grad(loss_fn, None, ldm.trainable_params())
+    eager_loss, eager_grads = step(x, *args, ms.Tensor(ids))
+    graph_loss, graph_grads = ms.jit(step)(x, *args, ms.Tensor(ids))
+    np.testing.assert_allclose(float(graph_loss), float(eager_loss), rtol=1e-5)
+    names = [p.name for p in ldm.trainable_params()]
+    text_grads = [g.asnumpy() for n, g in zip(names, eager_grads) if "cond_stage_model" in n]
+    assert max(np.abs(g).max() for g in text_grads) > 0          # the text transformer trains
+    for g, e in zip(graph_grads, eager_grads):
+        np.testing.assert_allclose(g.asnumpy(), e.asnumpy(), rtol=1e-3, atol=1e-6)
+
+    ldm.set_train(False)
+    x_T = ms.Tensor(np.random.default_rng(7).standard_normal(ldm.latent_shape(B)).astype(np.float32))
+    scale = 3.0
+    by_ids = ldm.sample(B, cond=ids, uncond=empty, guidance_scale=scale, sampler="ddim", steps=4, x_T=x_T,
+                        return_latents=True)
+    context, context_empty = embedder(ms.Tensor(ids)), embedder(ms.Tensor(empty))
+    by_context = ldm.sample(B, cond=context, uncond=context_empty, guidance_scale=scale, sampler="ddim", steps=4,
+                            x_T=x_T, return_latents=True)
+    np.testing.assert_allclose(by_ids.asnumpy(), by_context.asnumpy(), rtol=0, atol=1e-5)
+
+    denoiser = ldm.model
+
+    def denoise(x, t, x_self_cond=None, alpha_cumprod=None):
+        tt = ms.Tensor(np.full((B,), t, np.int32))
+        e_c, e_u = denoiser(x, tt, None, context), denoiser(x, tt, None, context_empty)
+        eps = e_u + scale * (e_c - e_u)
+        a = float(ldm.schedule.alphas_cumprod[t]) if alpha_cumprod is None else alpha_cumprod
+        return eps, (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    want = run_sampler("ddim", denoise, ldm.schedule, x_T, np.random.default_rng(0), steps=4,
+                       spacing=ldm.ddim_timestep_spacing, eta=0.0).sample
+    np.testing.assert_allclose(by_ids.asnumpy(), want.asnumpy(), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="something to guide towards"):
+        ldm.sample(B, cond=ids, guidance_scale=scale, steps=2)
+    with pytest.raises(ValueError, match="needs `cond`"):
+        ldm.sample(B, uncond=empty, steps=2)
+
+
 @pytest.mark.parametrize("kind", ["latent_edm", "latent_flow"])
 def test_edm_and_flow_in_latent_space(kind):
     """The registry's latent_edm / latent_flow: the loss is the objective's on the scaled latents, graph =

@@ -1,4 +1,9 @@
-"""``python sample.py --ckpt RUN_OR_CKPT [--sampler ddim --steps 50 --num 64 --out grid.png --gif denoise.gif]``."""
+"""``python sample.py --ckpt RUN_OR_CKPT [--sampler ddim --steps 50 --num 64 --out grid.png --gif denoise.gif]``.
+
+With a Stable Diffusion pipeline folder (diffusers layout) as ``--ckpt``: text-to-image from ``--prompt``
+(or ``--prompts-file``), image-to-image with ``--init-image --strength``, inpainting with ``--init-image
+--mask`` (an inpainting model).
+"""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +23,8 @@ __all__ = ["main", "build_parser"]
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("sample.py", "Generate images from a trained ms_diffusion checkpoint.")
     p.add_argument("--ckpt", required=True,
-                   help="a run folder (its newest checkpoint), a step_*.ckpt file or a model.safetensors export")
+                   help="a run folder (its newest checkpoint), a step_*.ckpt file, a model.safetensors export, or a "
+                        "Stable Diffusion pipeline folder (diffusers layout: model_index.json, unet/, vae/, ...)")
     p.add_argument("--weights", default="ema", choices=("ema", "online"), help="EMA weights (default) or raw ones")
     p.add_argument("--sampler", default=None,
                    help="ddpm, ddim, plms, dpmpp, dpmpp_sde, euler, euler_a, heun or unipc (default: the config's "
@@ -34,6 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class id for a class-conditional model (default: unconditional / all classes in turn)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (Lin et al.), 0 = off")
+    text = p.add_argument_group("text-to-image (a Stable Diffusion pipeline folder as --ckpt)")
+    text.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    text.add_argument("--prompts-file", default=None, help="a text file of prompts, one per line")
+    text.add_argument("--negative-prompt", default=None, help="what guidance steers away from (default: nothing)")
+    text.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    text.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
+    text.add_argument("--init-image", default=None, help="image-to-image / inpainting: the starting image")
+    text.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change (0, 1]")
+    text.add_argument("--mask", default=None, help="inpainting: white where the image is repainted")
+    text.add_argument("--clip-skip", type=int, default=0, help="condition on a text-encoder layer this many before "
+                                                                "the last")
     p.add_argument("--out", default="samples.png",
                    help="grid image to write: .png (default samples.png), .jpg, .webp, ... (checked before sampling)")
     p.add_argument("--gif", default=None, help="also write an animated GIF of the denoising of the first batch")
@@ -44,7 +61,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _prompts(args: argparse.Namespace) -> List[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
+
+
+def _is_pipeline_folder(path: str) -> bool:
+    return (Path(path) / "model_index.json").is_file()
+
+
+def _run_text_to_image(args: argparse.Namespace) -> int:
+    """--ckpt is a Stable Diffusion pipeline folder: prompts -> a grid (and --npz)."""
+    from ms_diffusion import runtime
+    from ms_diffusion.imageio import load_image, save_grid
+    from ms_diffusion.stable_diffusion import StableDiffusion
+
+    prompts = _prompts(args)
+    if not prompts:
+        raise UsageError("a Stable Diffusion pipeline needs --prompt (or --prompts-file)")
+    if args.mask and not args.init_image:
+        raise UsageError("--mask needs --init-image (the image to inpaint)")
+    if args.gif:
+        raise UsageError("--gif is for our own checkpoints; a Stable Diffusion run writes --out (and --npz)")
+    check_output_file(args.out, "--out", "image")
+    if args.npz:
+        check_output_file(args.npz, "--npz", "npz")
+    check_distinct({"--out": args.out, "--npz": args.npz})
+    size = (args.height, args.width) if args.height and args.width else None
+    image = load_image(args.init_image, "RGB", size) if args.init_image else None
+    mask = load_image(args.mask, "L", image.shape[2:]) if args.mask else None
+    runtime.setup(args.device or "auto", args.mode or "graph")
+    sd = StableDiffusion.from_diffusers(args.ckpt, clip_skip=args.clip_skip)
+    per_prompt = args.num or 1
+    common = dict(negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(prompts),
+                  num_images_per_prompt=per_prompt, sampler=args.sampler, steps=args.steps,
+                  eta=args.eta or 0.0, seed=0 if args.seed is None else args.seed, progress=not args.no_progress,
+                  guidance_scale=7.5 if args.guidance_scale is None else args.guidance_scale,
+                  **parse_key_values(args.options))
+    start = time.perf_counter()
+    if mask is not None:
+        images = sd.inpaint(prompts, image, mask, **common)
+    elif image is not None:
+        images = sd.img2img(prompts, image, strength=args.strength, **common)
+    else:
+        images = sd(prompts, height=args.height, width=args.width, **common)
+    images = images.asnumpy()
+    elapsed = time.perf_counter() - start
+    grid = save_grid(images, args.out, nrow=args.nrow or per_prompt)
+    print(f"{len(images)} images from {args.ckpt} ({len(prompts)} prompts) in {elapsed:.1f} s -> {grid}")
+    if args.npz:
+        path = Path(args.npz)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, images=images, prompts=np.asarray([p for p in prompts for _ in range(per_prompt)]))
+        print(f"raw images -> {path}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if _is_pipeline_folder(args.ckpt):
+        return _run_text_to_image(args)
+    if args.prompt or args.prompts_file or args.init_image or args.mask:
+        raise UsageError("--prompt / --prompts-file / --init-image / --mask need a Stable Diffusion pipeline folder "
+                         "as --ckpt (diffusers layout); this checkpoint is not text-conditioned")
     from ms_diffusion import runtime
     from ms_diffusion.imageio import save_gif, save_grid
     from ms_diffusion.pipeline import cycled_classes, describe_degenerate, generate, load_diffusion

@@ -17,6 +17,7 @@ from mindspore import Tensor, nn
 
 from ms_diffusion.diffusion import training_inputs as inputs
 from ms_diffusion.diffusion.denoiser import denoiser_options, make_denoiser
+from ms_diffusion.diffusion.guidance import stack_halves
 from ms_diffusion.models.contract import check_denoiser_network
 from ms_diffusion.samplers import run_sampler
 from ms_diffusion.samplers.base import Denoise, SampleResult, gaussian, make_rng
@@ -134,7 +135,7 @@ class ImageDiffusion(nn.Cell):
 
     def denoiser(self, batch_size: int, classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0,
                  guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
-                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0) -> Denoise:
+                 threshold_ratio: float = 0.995, sample_max_value: float = 1.0, uncond=None) -> Denoise:
         """``denoise(x, t, x_self_cond=None, alpha_cumprod=None) -> (eps, x0[, log_var])`` for the samplers.
 
         The contract is in ``ms_diffusion.samplers.base``. The network call, guidance, the conversion
@@ -145,13 +146,22 @@ class ImageDiffusion(nn.Cell):
         != 1 runs classifier-free guidance, ``guidance_rescale`` in [0, 1] rescales it (diffusers
         ``rescale_noise_cfg``); ``clip_denoised``: True / "static" clips x0 to [-1, 1], "dynamic"
         applies Imagen's dynamic thresholding (``threshold_ratio`` quantile, ``sample_max_value``),
-        False / "none" nothing; None uses the constructor's choice.
+        False / "none" nothing; None uses the constructor's choice. ``uncond``: for a tensor conditioning
+        (``LatentDiffusion``'s cross-attention contexts, e.g. prompt embeddings), what guidance steers away
+        from (the empty or negative prompt's embeddings), shaped like ``classes``; class-conditional models
+        guide away from the null class instead.
         """
         cond = self.model_condition(classes, batch_size)
+        if uncond is not None and self.num_classes is not None:
+            raise ValueError("uncond is for tensor conditionings; a class-conditional model guides away from its "
+                             "null class")
         options = denoiser_options(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                   conditional=self.num_classes is not None and cond is not None,
+                                   conditional=cond is not None and (self.num_classes is not None
+                                                                     or uncond is not None),
                                    clip_denoised=clip_denoised, default_clip=self.clip_denoised,
                                    threshold_ratio=threshold_ratio, sample_max_value=sample_max_value)
+        if options.guided and self.num_classes is None:
+            cond = stack_halves(cond, self.model_condition(uncond, batch_size))
         if self._predict_fn is None:
             self._predict_fn = self._compile_predict()
         return make_denoiser(self._predict_fn, batch_size, self.schedule.alphas_cumprod, cond, options,
@@ -174,14 +184,16 @@ class ImageDiffusion(nn.Cell):
                sampler: Optional[str] = None, steps: Optional[int] = None, eta: Optional[float] = None,
                classes: Optional[Sequence[int]] = None, guidance_scale: float = 1.0, guidance_rescale: float = 0.0,
                clip_denoised: Optional[Union[bool, str]] = None, x_T: Optional[ms.Tensor] = None,
-               log_every_t: Optional[int] = None, progress: bool = False, **sampler_options) -> ms.Tensor:
+               log_every_t: Optional[int] = None, progress: bool = False, uncond=None,
+               size: Optional[Tuple[int, int]] = None, **sampler_options) -> ms.Tensor:
         """Generate ``batch_size`` images (B, C, H, W) in [0, 1] (model space if not auto_normalize).
 
         ``sampler`` is any of ``samplers.SAMPLER_NAMES`` with ``steps`` steps (default: the
         diffusion's ``sampling_plan``); further options (``order``, ``karras``, ``temperature``,
         ``mask`` + ``x0`` inpainting with x0 given like training images, ...) go to the sampler.
         ``classes``, ``guidance_scale``, ``guidance_rescale``, ``clip_denoised`` (True / False /
-        "dynamic", with ``threshold_ratio`` and ``sample_max_value``): see ``denoiser``.
+        "dynamic", with ``threshold_ratio`` and ``sample_max_value``), ``uncond``: see ``denoiser``.
+        ``size`` (h, w): another spatial size than ``image_size`` (fully convolutional networks).
         ``return_all_timesteps`` returns (B, S + 1, C, H, W) from noise to image.
         ``seed`` (int or numpy Generator) makes the result reproducible.
         """
@@ -189,7 +201,8 @@ class ImageDiffusion(nn.Cell):
                                              classes=classes, guidance_scale=guidance_scale,
                                              guidance_rescale=guidance_rescale, clip_denoised=clip_denoised, x_T=x_T,
                                              log_every_t=(1 if return_all_timesteps else 0) if log_every_t is None
-                                             else log_every_t, progress=progress, **sampler_options)
+                                             else log_every_t, progress=progress, uncond=uncond, size=size,
+                                             **sampler_options)
         if return_all_timesteps:
             frames = np.stack(result.trajectory.xs, axis=1)
             return self.unnormalize(Tensor(frames))
@@ -201,17 +214,18 @@ class ImageDiffusion(nn.Cell):
                                guidance_rescale: float = 0.0, clip_denoised: Optional[Union[bool, str]] = None,
                                threshold_ratio: float = 0.995, sample_max_value: float = 1.0,
                                x_T: Optional[ms.Tensor] = None, log_every_t: int = 0, progress: bool = False,
+                               uncond=None, size: Optional[Tuple[int, int]] = None,
                                **sampler_options) -> SampleResult:
         """Like ``sample`` but returns the sampler's ``SampleResult`` (model space, with trajectory)."""
         name, steps = self.sampling_plan(sampler, steps)
         rng = make_rng(seed)
-        shape = (batch_size, self.channels) + self.image_size
+        shape = (batch_size, self.channels) + (self.image_size if size is None else tuple(int(s) for s in size))
         if x_T is None:
             x_T = gaussian(rng, shape)
         elif tuple(x_T.shape) != shape:
             raise ValueError(f"x_T must have shape {shape}, got {tuple(x_T.shape)}")
         denoise = self.denoiser(batch_size, classes, guidance_scale, guidance_rescale, clip_denoised,
-                                threshold_ratio, sample_max_value)
+                                threshold_ratio, sample_max_value, uncond=uncond)
         return run_sampler(name, denoise, self.schedule, x_T, rng, steps=steps, self_condition=self.self_condition,
                            log_every_t=log_every_t, progress=progress,
                            **self._sampler_options(name, eta, sampler_options))

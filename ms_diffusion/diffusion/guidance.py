@@ -1,7 +1,8 @@
 """Classifier-free guidance (Ho & Salimans 2022) and guidance rescale (Lin et al. 2023), graph-safe.
 
-The conditional and null-class passes run as one batch of 2B: ``guidance_batch`` doubles the
-inputs, the network runs once, ``split_halves`` separates the outputs, ``guide`` combines them
+The conditional and unconditional passes run as one batch of 2B: ``guidance_batch`` doubles the
+inputs (the second half gets the null class; a tensor conditioning -- text embeddings -- brings both
+halves itself, built by ``stack_halves``), the network runs once, ``split_halves`` separates the outputs, ``guide`` combines them
 as uncond + s (cond - uncond), optionally rescaled towards the conditional prediction's
 per-sample std by phi (diffusers ``rescale_noise_cfg``). Scale and phi may be 0-d tensors (so a
 new value does not recompile) or floats.
@@ -13,18 +14,21 @@ from typing import Optional, Tuple
 import mindspore as ms
 from mindspore import Tensor, ops
 
-__all__ = ["check_guidance", "guidance_batch", "split_halves", "cfg_combine", "rescale_guidance", "guide"]
+__all__ = ["check_guidance", "guidance_batch", "stack_halves", "split_halves", "cfg_combine", "rescale_guidance",
+           "guide"]
 
 
 def check_guidance(guidance_scale: float, guidance_rescale: float, conditional: bool) -> Tuple[bool, bool]:
     """Validate the guidance options; return (guided, rescaled) as Python bools (compile-time constants).
 
-    ``conditional``: the network is class-conditional and classes were given.
+    ``conditional``: there is something to guide towards -- a class-conditional model and classes, or a
+    tensor conditioning and its unconditional counterpart.
     """
     guided = float(guidance_scale) != 1.0
     if guided and not conditional:
-        raise ValueError("guidance_scale != 1 needs a class-conditional model (Unet(num_classes=...)) "
-                         "and classes to guide towards")
+        raise ValueError("guidance_scale != 1 needs a conditional model and something to guide towards: classes "
+                         "for a class-conditional model (Unet(num_classes=...)), or cond and uncond (e.g. the "
+                         "prompt's and the empty prompt's embeddings) for a tensor conditioning")
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"guidance_rescale must lie in [0, 1], got {guidance_rescale}")
     if guidance_rescale > 0 and not guided:
@@ -32,12 +36,25 @@ def check_guidance(guidance_scale: float, guidance_rescale: float, conditional: 
     return guided, float(guidance_rescale) > 0.0
 
 
-def guidance_batch(x: Tensor, t: Tensor, x_self_cond: Optional[Tensor], classes: Tensor, null_class: int):
-    """Inputs of B samples -> (x, t, x_self_cond, classes) of 2B: the B as given, then B with the null class."""
+def guidance_batch(x: Tensor, t: Tensor, x_self_cond: Optional[Tensor], classes, null_class: Optional[int]):
+    """Inputs of B samples -> (x, t, x_self_cond, classes) of 2B: the B as given, then B with the null class.
+
+    ``null_class`` None: ``classes`` is a tensor conditioning that already holds both halves (``stack_halves``).
+    """
+    sc = None if x_self_cond is None else ops.cat((x_self_cond, x_self_cond), axis=0)
+    if null_class is None:
+        return ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), sc, classes
     classes = classes.astype(ms.int32)
     null = ops.full_like(classes, null_class, dtype=ms.int32)
-    sc = None if x_self_cond is None else ops.cat((x_self_cond, x_self_cond), axis=0)
     return ops.cat((x, x), axis=0), ops.cat((t, t), axis=0), sc, ops.cat((classes, null), axis=0)
+
+
+def stack_halves(cond, uncond):
+    """A tensor conditioning for the guided 2B batch: (B, ...) conditional rows then (B, ...) unconditional ones
+    (element-wise for a tuple such as hybrid's (c_concat, c_crossattn))."""
+    if isinstance(cond, (tuple, list)):
+        return tuple(ops.cat((c, u), axis=0) for c, u in zip(cond, uncond))
+    return ops.cat((cond, uncond), axis=0)
 
 
 def split_halves(out: Tensor, b: int) -> Tuple[Tensor, Tensor]:

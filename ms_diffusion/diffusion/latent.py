@@ -19,7 +19,10 @@ around ldm's ``UNetModel`` and an optional conditioning stage. How each conditio
 * ``None``: unconditional, ``unet(z_t, t)``.
 * ``"concat"``: cond (B, Cc, h, w) is concatenated to z_t along channels (unet in_channels = z + Cc).
 * ``"crossattn"``: with a ``ClassEmbedder``, cond are labels (B,) -> context (B, 1, D); otherwise cond
-  is the context (B, M, D) itself (or goes through ``cond_stage_model``). ``unet(z_t, t, context)``.
+  is the context (B, M, D) itself, or integers (token ids (B, N) for a text encoder) that go through
+  ``cond_stage_model``: with a cond stage, integer conditioning is encoded and floating-point
+  conditioning is taken as an already encoded context (prompts encoded once for sampling).
+  ``unet(z_t, t, context)``.
 * ``"hybrid"``: cond = (c_concat, c_crossattn), both of the above.
 * ``"adm"``: cond are labels (B,) -> ``unet(z_t, t, y=labels)``; build the UNetModel with
   ``num_classes = N + 1``.
@@ -156,7 +159,9 @@ class LatentDenoiser(nn.Cell):
                              f"image size or the unet's channel_mult")
 
     def _context(self, c):
-        return self.cond_stage_model(c) if self.has_cond_stage else c
+        if self.has_cond_stage and (c.dtype == ms.int32 or c.dtype == ms.int64):
+            return self.cond_stage_model(c)
+        return c
 
     def construct(self, x, t, x_self_cond=None, cond=None):
         key = self.conditioning_key
@@ -173,6 +178,12 @@ class LatentDenoiser(nn.Cell):
         if key == "hybrid":
             return self.diffusion_model(ops.cat((x, cond[0]), axis=1), t, self._context(cond[1]))
         return self.diffusion_model(x, t, None, cond)
+
+
+def _as_conditioning_array(value) -> np.ndarray:
+    """Host conditioning -> int32 (labels, token ids) or float32 (maps, contexts)."""
+    a = np.asarray(value)
+    return a.astype(np.int32) if np.issubdtype(a.dtype, np.integer) else a.astype(np.float32)
 
 
 def _compile_decode(ldm: "LatentDiffusion"):
@@ -363,12 +374,13 @@ class LatentSpace:
             self._decode_fn = _compile_decode(self)
         return self.unnormalize_images(ops.clamp(self._decode_fn(z), -1.0, 1.0))
 
-    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, cond=None,
+    def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, cond=None, uncond=None,
                return_latents: bool = False, **kwargs) -> ms.Tensor:
         """Generate ``batch_size`` images (B, C, H, W) in [0, 1] (or [-1, 1] without auto_normalize).
 
         Class-conditional models take ``classes`` (B,) (and ``guidance_scale``); other conditionings
-        take ``cond`` (a tensor, or the (c_concat, c_crossattn) pair for "hybrid"). Every
+        take ``cond`` (a tensor, or the (c_concat, c_crossattn) pair for "hybrid") and, to guide with
+        ``guidance_scale``, ``uncond`` shaped alike (e.g. the empty prompt's ids or embeddings). Every
         option of the objective's ``sample`` applies (sampler, steps, eta, seed, x_T in latent
         space, ...). ``return_all_timesteps`` decodes every step: (B, S + 1, C, H, W).
         ``return_latents`` returns the scaled latents (B, z, h, w) undecoded.
@@ -381,6 +393,10 @@ class LatentSpace:
             kwargs["classes"] = cond
         elif self.model.tensor_conditioning:
             raise ValueError(f"conditioning_key={self.conditioning_key!r} needs `cond` to sample")
+        if uncond is not None:
+            if cond is None:
+                raise ValueError("`uncond` goes with `cond` (tensor conditionings)")
+            kwargs["uncond"] = uncond
         latents = super().sample(batch_size, return_all_timesteps, **kwargs)
         if return_latents:
             return latents
@@ -402,7 +418,7 @@ class LatentSpace:
         parts = classes if isinstance(classes, (tuple, list)) else (classes,)
         if self.conditioning_key == "hybrid" and len(parts) != 2:
             raise ValueError("hybrid conditioning takes cond=(c_concat, c_crossattn)")
-        tensors = tuple(p if isinstance(p, Tensor) else Tensor(np.asarray(p, np.float32)) for p in parts)
+        tensors = tuple(p if isinstance(p, Tensor) else Tensor(_as_conditioning_array(p)) for p in parts)
         for p in tensors:
             if p.shape[0] != batch_size:
                 raise ValueError(f"the conditioning has {p.shape[0]} rows for a batch of {batch_size}")

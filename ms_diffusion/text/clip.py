@@ -23,7 +23,7 @@ from mindspore import Tensor, nn, ops
 from ms_diffusion.nn.attention import attention
 from ms_diffusion.nn.layers import GELU, dense
 
-__all__ = ["CLIPTextModel", "CLIPEncoderLayer", "CLIPAttention", "QuickGELU", "SD1_TEXT_ENCODER", "SD2_TEXT_ENCODER"]
+__all__ = ["CLIPTextModel", "CLIPTextEmbedder", "CLIPEncoderLayer", "CLIPAttention", "QuickGELU", "SD1_TEXT_ENCODER", "SD2_TEXT_ENCODER"]
 
 #: the published text towers (constructor arguments)
 SD1_TEXT_ENCODER = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -182,3 +182,33 @@ class CLIPTextModel(nn.Cell):
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return hidden, pooled
+
+
+class CLIPTextEmbedder(nn.Cell):
+    """Token ids (B, N) int -> the cross-attention context (B, N, hidden_size): a latent diffusion's
+    ``cond_stage_model`` (ldm's ``FrozenCLIPEmbedder`` / ``FrozenOpenCLIPEmbedder``).
+
+    ``frozen`` (default): the encoder's parameters are not trained and it stays in evaluation mode; set
+    False to train a (small) text transformer jointly, as ldm's text-to-image models from scratch did.
+    """
+
+    def __init__(self, encoder: CLIPTextModel, frozen: bool = True):
+        super().__init__()
+        encoder.with_pooled = False     # only the hidden states are a context; skip the layers past them
+        self.transformer = encoder
+        self.frozen = bool(frozen)
+        self.context_dim = encoder.hidden_size
+        if self.frozen:
+            for p in encoder.get_parameters():
+                p.requires_grad = False
+            encoder.set_train(False)
+
+    def set_train(self, mode: bool = True):
+        super().set_train(mode)
+        if self.frozen:
+            self.transformer.set_train(False)
+        return self
+
+    def construct(self, input_ids):
+        hidden, _ = self.transformer(input_ids)
+        return hidden

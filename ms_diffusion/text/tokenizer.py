@@ -2,8 +2,9 @@
 
 Two vocabulary formats are read:
 
-* a diffusers / transformers ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt`` (+ the special
-  tokens and length from ``special_tokens_map.json`` / ``tokenizer_config.json`` where present);
+* a diffusers / transformers ``tokenizer/`` folder: ``vocab.json`` + ``merges.txt``, or the
+  ``tokenizer.json`` transformers 5 writes instead (+ the special tokens and length from
+  ``special_tokens_map.json`` / ``tokenizer_config.json`` where present);
 * OpenAI's original ``bpe_simple_vocab_16e6.txt.gz`` (the file the ``open-clip-torch`` wheel ships;
   ``CLIPTokenizer.from_bpe_file()`` finds it there without importing open_clip).
 
@@ -97,6 +98,17 @@ def _parse_merges(lines: Sequence[str], where: str) -> List[Tuple[str, str]]:
     return merges
 
 
+def _read_tokenizer_json(path: Path) -> Tuple[dict, List[Tuple[str, str]]]:
+    """(vocab, merges) of a ``tokenizers`` BPE file (merges as "a b" strings or [a, b] pairs)."""
+    model = _read_json(path).get("model") or {}
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        raise TokenizerFileError(f"{path} is not a CLIP tokenizer (a BPE model with the '</w>' end-of-word "
+                                 f"suffix), got model type {model.get('type')!r}")
+    raw = model.get("merges") or []
+    lines = [m if isinstance(m, str) else " ".join(m) for m in raw]
+    return model.get("vocab") or {}, _parse_merges(lines, str(path))
+
+
 class CLIPTokenizer:
     """Text -> CLIP token ids (see the module docstring).
 
@@ -148,20 +160,24 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: PathLike, *, max_length: Optional[int] = None) -> "CLIPTokenizer":
-        """A diffusers / transformers ``tokenizer/`` folder (``vocab.json``, ``merges.txt``; special tokens and
-        ``model_max_length`` from ``special_tokens_map.json`` / ``tokenizer_config.json`` where given)."""
+        """A diffusers / transformers ``tokenizer/`` folder (``vocab.json`` + ``merges.txt``, else ``tokenizer.json``;
+        special tokens and ``model_max_length`` from ``special_tokens_map.json`` / ``tokenizer_config.json``)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise TokenizerFileError(f"tokenizer folder {folder} does not exist")
         vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-        for path in (vocab_path, merges_path):
-            if not path.is_file():
-                raise TokenizerFileError(f"{folder} is not a CLIP tokenizer folder: {path.name} is missing "
-                                         f"(a diffusers pipeline's tokenizer/ holds vocab.json and merges.txt)")
-        vocab = _read_json(vocab_path)
+        if (folder / "tokenizer.json").is_file() and not (vocab_path.is_file() and merges_path.is_file()):
+            vocab, merges = _read_tokenizer_json(folder / "tokenizer.json")
+        else:
+            for path in (vocab_path, merges_path):
+                if not path.is_file():
+                    raise TokenizerFileError(f"{folder} is not a CLIP tokenizer folder: {path.name} is missing (a "
+                                             f"diffusers pipeline's tokenizer/ holds vocab.json and merges.txt, or "
+                                             f"tokenizer.json)")
+            vocab = _read_json(vocab_path)
+            merges = _parse_merges(merges_path.read_text(encoding="utf-8").splitlines(), str(merges_path))
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
-            raise TokenizerFileError(f"{vocab_path}: expected a JSON object of token -> integer id")
-        merges = _parse_merges(merges_path.read_text(encoding="utf-8").splitlines(), str(merges_path))
+            raise TokenizerFileError(f"{folder}: the vocabulary is not a JSON object of token -> integer id")
         special: Dict[str, Optional[str]] = {"bos_token": BOS, "eos_token": EOS, "pad_token": None}
         length = 77
         for name in ("tokenizer_config.json", "special_tokens_map.json"):   # the second wins, as transformers

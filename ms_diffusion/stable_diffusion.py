@@ -1,0 +1,344 @@
+"""Stable Diffusion 1.x / 2.x text-to-image: a diffusers pipeline folder in, images out.
+
+    sd = StableDiffusion.from_diffusers("path/to/stable-diffusion-v1-5")
+    images = sd("an astronaut riding a horse", negative_prompt="blurry", guidance_scale=7.5, steps=30, seed=0)
+    # (B, 3, H, W) in [0, 1]
+    edited = sd.img2img("a watercolour of a horse", images, strength=0.6)
+    filled = inpainting_sd.inpaint("a red door", images, mask)     # mask (B, 1, H, W), 1 = repaint
+
+The pieces are ours: ``CLIPTokenizer`` (``tokenizer/``), ``CLIPTextModel`` (``text_encoder/``), ldm's
+``UNetModel`` (``unet/``) and ``AutoencoderKL`` (``vae/``) inside a ``LatentDiffusion`` whose schedule,
+parameterisation (epsilon or SD 2.x's v-prediction) and sampler grid come from ``scheduler/``. As
+diffusers' pipeline: the prompts and the negative (or empty) prompts are encoded once, guidance runs
+both halves in one batch (uncond + s (cond - uncond)), latents start as N(0, 1) (or ``latents``), and the
+VAE decodes ``latents / scaling_factor``. Every sampler of ``ms_diffusion.samplers`` can be used.
+
+Image-to-image (SDEdit, diffusers' ``StableDiffusionImg2ImgPipeline``): the image's latent (a posterior
+sample) is noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
+Inpainting with an inpainting UNet (9 input channels, diffusers' ``StableDiffusionInpaintPipeline``): the
+UNet sees the latents, the mask at latent resolution and the latents of the image with the masked region
+blanked (``conditioning_key="hybrid"``: they are its concat conditioning).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+
+from ms_diffusion.diffusion.latent import LatentDiffusion
+from ms_diffusion.interop.clip import text_encoder_from_transformers
+from ms_diffusion.interop.diffusers import diffusers_to_ms
+from ms_diffusion.interop.torch_io import PathLike
+from ms_diffusion.io.state import ConversionError, load_arrays_into
+from ms_diffusion.models import AutoencoderKL, UNetModel
+from ms_diffusion.samplers import resolve_sampler, sampler_options
+from ms_diffusion.samplers.base import make_rng
+from ms_diffusion.schedules import sampling_timesteps
+from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer
+
+__all__ = ["StableDiffusion", "diffusion_kwargs_from_scheduler", "sampler_defaults_from_scheduler"]
+
+_PREDICTIONS = {"epsilon": "pred_noise", "v_prediction": "pred_v", "sample": "pred_x0"}
+_BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
+
+
+def diffusion_kwargs_from_scheduler(config: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
+    """A diffusers scheduler config (``scheduler/scheduler_config.json``) -> (our GaussianDiffusion arguments,
+    what does not map): training timesteps, beta schedule, prediction type."""
+    problems: List[str] = []
+    beta = config.get("beta_schedule", "linear")
+    prediction = config.get("prediction_type", "epsilon")
+    if beta not in _BETAS:
+        problems.append(f"beta_schedule {beta!r} (supported: {', '.join(_BETAS)})")
+    if prediction not in _PREDICTIONS:
+        problems.append(f"prediction_type {prediction!r} (supported: {', '.join(_PREDICTIONS)})")
+    if config.get("trained_betas") is not None:
+        problems.append("trained_betas")
+    if config.get("rescale_betas_zero_snr"):
+        problems.append("rescale_betas_zero_snr")
+    kwargs: Dict[str, Any] = {"timesteps": int(config.get("num_train_timesteps", 1000)),
+                              "beta_schedule": _BETAS.get(beta, beta), "objective": _PREDICTIONS.get(prediction),
+                              "clip_denoised": bool(config.get("clip_sample", False))}
+    if beta in ("scaled_linear", "linear"):
+        kwargs["schedule_fn_kwargs"] = {"beta_start": float(config.get("beta_start", 0.0001)),
+                                        "beta_end": float(config.get("beta_end", 0.02))}
+    return kwargs, problems
+
+
+def sampler_defaults_from_scheduler(config: Mapping[str, Any], alphas_cumprod: np.ndarray) -> Dict[str, Any]:
+    """The sampler options a diffusers scheduler config implies: its timestep spacing and offset, and for
+    DDIM / PNDM ``set_alpha_to_one`` (False: the last step lands on alphas_cumprod[0], SD 1.x's setting)."""
+    out: Dict[str, Any] = {"spacing": config.get("timestep_spacing", "leading"),
+                           "steps_offset": int(config.get("steps_offset", 0))}
+    if not config.get("set_alpha_to_one", True):
+        out["final_alpha_cumprod"] = float(alphas_cumprod[0])
+    return out
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    if not path.is_file():
+        raise ConversionError(f"{path.parent} is not a Stable Diffusion pipeline folder: {path.name} is missing")
+    return json.loads(path.read_text())
+
+
+@dataclass
+class StableDiffusion:
+    """A text-to-image latent diffusion: tokenizer, frozen text encoder, UNet + VAE + schedule.
+
+    ``ldm``: a ``LatentDiffusion`` with ``conditioning_key="crossattn"`` and the text encoder as its
+    ``cond_stage_model`` (a ``CLIPTextEmbedder``); ``sampler_defaults``: options every sampling call starts
+    from (the scheduler's grid).
+    """
+
+    tokenizer: CLIPTokenizer
+    ldm: LatentDiffusion
+    default_sampler: str = "ddim"
+    default_steps: int = 50
+    sampler_defaults: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        return self.ldm.model.cond_stage_model.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.ldm.first_stage_model.downsample_factor
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_diffusers(cls, folder: PathLike, *, clip_skip: int = 0) -> "StableDiffusion":
+        """A diffusers ``StableDiffusionPipeline`` folder (``model_index.json``, ``tokenizer/``, ``text_encoder/``,
+        ``unet/``, ``vae/``, ``scheduler/``). ``clip_skip``: condition on the output of that many layers before
+        the text encoder's last (after its final LayerNorm), as diffusers' ``clip_skip``."""
+        root = Path(folder)
+        index = _read_json(root / "model_index.json")
+        for part in ("tokenizer", "text_encoder", "unet", "vae", "scheduler"):
+            if part not in index or not (root / part).is_dir():
+                raise ConversionError(f"{root} has no {part}/ (a StableDiffusionPipeline folder has tokenizer, "
+                                      f"text_encoder, unet, vae and scheduler)")
+        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
+        text_encoder = text_encoder_from_transformers(root, "text_encoder", skip_last_layers=clip_skip)
+
+        unet_converted = diffusers_to_ms(root, "unet")
+        unet_kwargs = {k: v for k, v in unet_converted.network.items() if k != "type"}
+        unet = UNetModel(**unet_kwargs)
+        load_arrays_into(unet, unet_converted.online)
+
+        vae_converted = diffusers_to_ms(root, "vae")
+        section = {k: v for k, v in vae_converted.config["model"].items() if k != "type"}
+        vae = AutoencoderKL(**section)
+        load_arrays_into(vae, vae_converted.online)
+        scaling = vae_converted.meta.get("scaling_factor") or 0.18215
+
+        scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
+        kwargs, problems = diffusion_kwargs_from_scheduler(scheduler)
+        if problems:
+            raise ConversionError("the pipeline's scheduler does not map onto our schedule: " + "; ".join(problems))
+        if text_encoder.hidden_size != unet.context_dim:
+            raise ConversionError(f"the text encoder's width {text_encoder.hidden_size} is not the unet's "
+                                  f"cross-attention context_dim {unet.context_dim}")
+        z = vae.embed_dim
+        if unet.in_channels not in (z, 2 * z + 1):
+            raise ConversionError(f"the unet takes {unet.in_channels} channels: neither the VAE's {z} latent channels "
+                                  f"nor an inpainting unet's {2 * z + 1} (latents, mask, masked-image latents)")
+        inpainting = unet.in_channels == 2 * z + 1
+        ldm = LatentDiffusion(vae, unet, conditioning_key="hybrid" if inpainting else "crossattn",
+                              cond_stage_model=CLIPTextEmbedder(text_encoder), latent_channels=z if inpainting else None,
+                              scale_factor=float(scaling), image_size=unet.image_size * vae.downsample_factor,
+                              ddim_timestep_spacing=scheduler.get("timestep_spacing", "leading"), **kwargs)
+        ldm.set_train(False)
+        defaults = sampler_defaults_from_scheduler(scheduler, ldm.schedule.alphas_cumprod)
+        return cls(tokenizer=tokenizer, ldm=ldm, sampler_defaults=defaults)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> the cross-attention context (B, 77, D): tokenized (padded / truncated to the tokenizer's
+        length), through the text encoder."""
+        ids = Tensor(self.tokenizer(list(prompts)))
+        return self.ldm.model.cond_stage_model(ids)
+
+    # ------------------------------------------------------------------ generation
+
+    @property
+    def is_inpainting(self) -> bool:
+        """True for an inpainting UNet (latents + mask + masked-image latents in)."""
+        return self.ldm.conditioning_key == "hybrid"
+
+    def _contexts(self, prompt, negative_prompt, num_images_per_prompt: int, guidance_scale: float):
+        """(cond (B, 77, D), uncond or None, B): prompts repeated per image; negatives default to ""."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        n = len(prompts)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        if guidance_scale <= 1.0:
+            if negative_prompt is not None:
+                raise ValueError("negative_prompt acts through guidance: set guidance_scale > 1")
+            return self.encode_prompt(prompts), None, len(prompts)
+        negatives = [""] * n if negative_prompt is None else (
+            [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt))
+        if len(negatives) != n:
+            raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
+        negatives = [p for p in negatives for _ in range(num_images_per_prompt)]
+        return self.encode_prompt(prompts), self.encode_prompt(negatives), len(prompts)
+
+    def _size(self, height: Optional[int], width: Optional[int]) -> Tuple[int, int]:
+        h = height or self.ldm.pixel_size[0]
+        w = width or self.ldm.pixel_size[1]
+        step = self.vae_scale_factor * self.ldm.model.unet.downsample_factor
+        if h % step or w % step:
+            raise ValueError(f"height and width must be multiples of {step}, got {h}x{w}")
+        return h, w
+
+    def _run(self, b: int, cond, uncond, guidance_scale: float, *, size: Tuple[int, int], sampler: Optional[str],
+             steps: Optional[int], eta: float, seed, x_T, grid_start: int = 0, return_latents: bool = False,
+             progress: bool = False, **options_) -> Tensor:
+        """Sample from ``x_T`` (or noise) on the sampler's grid of ``steps``, from its entry ``grid_start`` on."""
+        name = resolve_sampler(sampler or self.default_sampler)
+        steps = steps or self.default_steps
+        taken = sampler_options(name)
+        options = {k: v for k, v in self.sampler_defaults.items() if k in taken}
+        if name == "ddim":
+            options["eta"] = eta
+        if grid_start:
+            if "timesteps" not in taken:
+                raise ValueError(f"sampler {name!r} cannot start part-way along its grid (image-to-image)")
+            ts, prev = sampling_timesteps(self.ldm.num_timesteps, steps, options.get("spacing", "leading"),
+                                          options.get("steps_offset", 0))
+            options["timesteps"] = ts[grid_start:]
+            if "prev_timesteps" in taken:
+                options["prev_timesteps"] = prev[grid_start:]
+            steps = len(ts) - grid_start
+        options.update(options_)
+        if x_T is not None and not isinstance(x_T, Tensor):
+            x_T = Tensor(np.asarray(x_T, np.float32))
+        f = self.vae_scale_factor
+        return self.ldm.sample(b, cond=cond, uncond=uncond, guidance_scale=guidance_scale if uncond is not None else 1.0,
+                               sampler=name, steps=steps, seed=seed, x_T=x_T, size=(size[0] // f, size[1] // f),
+                               return_latents=return_latents, progress=progress, **options)
+
+    def __call__(self, prompt: Union[str, Sequence[str]], *, negative_prompt: Union[None, str, Sequence[str]] = None,
+                 num_images_per_prompt: int = 1, height: Optional[int] = None, width: Optional[int] = None,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, sampler: Optional[str] = None,
+                 steps: Optional[int] = None, eta: float = 0.0, seed=None, latents: Optional[Tensor] = None,
+                 return_latents: bool = False, progress: bool = False, **sampler_options_) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] for the prompts (B = prompts x ``num_images_per_prompt``).
+
+        ``negative_prompt``: what guidance steers away from (default: the empty prompt), one or one per prompt;
+        ``height`` / ``width``: multiples of the VAE's factor times the unet's (default: the unet's
+        sample size); ``guidance_scale`` <= 1 turns guidance off, as diffusers; ``latents``: the initial
+        noise (B, 4, H / f, W / f); ``sampler`` / ``steps`` / ``eta`` / further options: any of our samplers
+        (default DDIM on the scheduler's grid).
+        """
+        if self.is_inpainting:
+            raise ValueError("this is an inpainting model: call inpaint(prompt, image, mask)")
+        cond, uncond, b = self._contexts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        return self._run(b, cond, uncond, guidance_scale, size=self._size(height, width), sampler=sampler, steps=steps,
+                         eta=eta, seed=seed, x_T=latents, return_latents=return_latents, progress=progress,
+                         guidance_rescale=guidance_rescale, **sampler_options_)
+
+    def _image_latents(self, image, batch_size: int, noise, what: str) -> Tensor:
+        """Images (B or 1, 3, H, W) in [0, 1] -> scaled posterior samples (B, z, h, w) with the given noise."""
+        img = image if isinstance(image, Tensor) else Tensor(np.asarray(image, np.float32))
+        if img.ndim != 4 or img.shape[1] != self.ldm.first_stage_model.ddconfig["in_channels"]:
+            raise ValueError(f"{what} must be (batch, {self.ldm.first_stage_model.ddconfig['in_channels']}, H, W) "
+                             f"in [0, 1], got shape {tuple(img.shape)}")
+        if img.shape[0] not in (1, batch_size):
+            raise ValueError(f"{what} has {img.shape[0]} images for a batch of {batch_size}")
+        if img.shape[0] == 1 and batch_size > 1:
+            img = ms.ops.tile(img, (batch_size, 1, 1, 1))
+        moments = self.ldm.first_stage_model.encode_moments(img * 2.0 - 1.0)
+        return self.ldm.get_first_stage_encoding(moments, noise)
+
+    def img2img(self, prompt: Union[str, Sequence[str]], image, *, strength: float = 0.8,
+                negative_prompt: Union[None, str, Sequence[str]] = None, num_images_per_prompt: int = 1,
+                guidance_scale: float = 7.5, sampler: Optional[str] = None, steps: Optional[int] = None,
+                eta: float = 0.0, seed=None, posterior_noise=None, noise=None, return_latents: bool = False,
+                progress: bool = False, **sampler_options_) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] from ``image`` (B or 1, 3, H, W) in [0, 1] re-imagined by the prompts.
+
+        ``strength`` in (0, 1]: how far along the grid of ``steps`` the image is noised (1: from pure noise,
+        keeping nothing of it); ``steps * strength`` steps run, as diffusers. ``posterior_noise`` / ``noise``
+        (B, z, h, w): the VAE posterior sample's and the forward noising's standard normals (default: drawn
+        from ``seed``). Samplers that take explicit timesteps (all but flow_euler).
+        """
+        if self.is_inpainting:
+            raise ValueError("this is an inpainting model: call inpaint(prompt, image, mask)")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        cond, uncond, b = self._contexts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        img_shape = tuple(image.shape)
+        size = self._size(img_shape[2] if len(img_shape) == 4 else None, img_shape[3] if len(img_shape) == 4 else None)
+        steps = steps or self.default_steps
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
+        rng = make_rng(seed)
+        f = self.vae_scale_factor
+        shape = (b, self.ldm.channels, size[0] // f, size[1] // f)
+        posterior_noise = _normal(posterior_noise, rng, shape, "posterior_noise")
+        noise = _normal(noise, rng, shape, "noise")
+        z0 = self._image_latents(image, b, posterior_noise, "image")
+        name = resolve_sampler(sampler or self.default_sampler)
+        spacing = self.sampler_defaults.get("spacing", "leading")
+        ts, _ = sampling_timesteps(self.ldm.num_timesteps, steps, spacing, self.sampler_defaults.get("steps_offset", 0))
+        ac = float(self.ldm.schedule.alphas_cumprod[int(ts[steps - run])])
+        x = np.sqrt(ac) * z0 + np.sqrt(1.0 - ac) * noise
+        return self._run(b, cond, uncond, guidance_scale, size=size, sampler=name, steps=steps, eta=eta, seed=rng,
+                         x_T=x, grid_start=steps - run, return_latents=return_latents, progress=progress,
+                         **sampler_options_)
+
+    def inpaint(self, prompt: Union[str, Sequence[str]], image, mask, *,
+                negative_prompt: Union[None, str, Sequence[str]] = None, num_images_per_prompt: int = 1,
+                guidance_scale: float = 7.5, sampler: Optional[str] = None, steps: Optional[int] = None,
+                eta: float = 0.0, seed=None, latents: Optional[Tensor] = None, masked_image_noise=None,
+                return_latents: bool = False, progress: bool = False, **sampler_options_) -> Tensor:
+        """With an inpainting UNet: images (B, 3, H, W) in [0, 1] that repaint ``image`` where ``mask`` is 1.
+
+        ``image`` (B or 1, 3, H, W) in [0, 1]; ``mask`` (B or 1, 1, H, W) in [0, 1], binarised at 0.5 as
+        diffusers does; ``latents``: the initial noise; ``masked_image_noise``: the standard normals of the
+        masked image's VAE posterior sample (default: drawn from ``seed``).
+        """
+        if not self.is_inpainting:
+            raise ValueError("inpaint needs an inpainting UNet (9 input channels, e.g. stable-diffusion-inpainting)")
+        cond, uncond, b = self._contexts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
+        img = np.asarray(image.asnumpy() if isinstance(image, Tensor) else image, np.float32)
+        m = np.asarray(mask.asnumpy() if isinstance(mask, Tensor) else mask, np.float32)
+        if img.ndim != 4 or m.ndim != 4 or m.shape[1] != 1 or m.shape[2:] != img.shape[2:]:
+            raise ValueError(f"mask must be (batch, 1, H, W) matching the image's H x W, got mask {m.shape} and "
+                             f"image {img.shape}")
+        size = self._size(img.shape[2], img.shape[3])
+        m = (m >= 0.5).astype(np.float32)
+        masked = img * (1.0 - m) + 0.5 * m            # the masked region at 0 in [-1, 1], as diffusers blanks it
+        rng = make_rng(seed)
+        f = self.vae_scale_factor
+        shape = (b, self.ldm.channels, size[0] // f, size[1] // f)
+        if latents is None:
+            latents = Tensor(rng.standard_normal(shape).astype(np.float32))
+        masked_latents = self._image_latents(masked, b, _normal(masked_image_noise, rng, shape, "masked_image_noise"),
+                                             "image")
+        small = np.broadcast_to(m[:, :, ::f, ::f], (b, 1) + shape[2:]).astype(np.float32)   # nearest, as diffusers
+        c_concat = ms.ops.cat((Tensor(small), masked_latents), axis=1)
+        cond = (c_concat, cond)
+        uncond = None if uncond is None else (c_concat, uncond)
+        return self._run(b, cond, uncond, guidance_scale, size=size, sampler=sampler, steps=steps, eta=eta, seed=rng,
+                         x_T=latents, return_latents=return_latents, progress=progress, **sampler_options_)
+
+
+def _normal(value, rng: np.random.Generator, shape: Tuple[int, ...], what: str) -> Tensor:
+    """``value`` as a float32 tensor of ``shape``, or standard normals from ``rng``."""
+    if value is None:
+        return Tensor(rng.standard_normal(shape).astype(np.float32))
+    a = np.asarray(value.asnumpy() if isinstance(value, Tensor) else value, np.float32)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)}, got {a.shape}")
+    return Tensor(a)

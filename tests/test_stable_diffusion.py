@@ -1,0 +1,188 @@
+"""Stable Diffusion end to end against diffusers: tiny random StableDiffusion pipelines (SD 1.x-like:
+quick-GELU CLIP, epsilon; SD 2.x-like: GELU CLIP padding with "!", v-prediction, linear projections;
+an inpainting UNet) with the real CLIP tokenizer, saved by diffusers and loaded by us; from the same
+prompts, initial latents, posterior noise and DDIM grid, the decoded images must agree (fp32, 1e-4)."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+
+from ms_diffusion.io.state import ConversionError
+from ms_diffusion.stable_diffusion import StableDiffusion
+from tests.test_clip_text import clip_tokenizer_folder
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+PROMPTS = ["a photo of a cat", "a red car, highly detailed"]
+NEGATIVE = ["blurry", "dark, low quality"]
+SIZE, LATENT = 16, 8          # pixels; the tiny VAE downsamples by 2
+
+
+def _perturbed(module, seed):
+    """Every weight moved off its init (zero-initialised output convs included), so no path is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def _pipeline(root, kind):
+    """Build, save and return (folder, diffusers pipeline) of one tiny pipeline kind: sd1, sd2 or inpaint."""
+    sd2 = kind == "sd2"
+    torch.manual_seed(0)
+    tokenizer_dir = clip_tokenizer_folder(root / f"{kind}_tokenizer", pad_token="!" if sd2 else None)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    text_config = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                              hidden_act="gelu" if sd2 else "quick_gelu", eos_token_id=49407,
+                                              bos_token_id=49406, pad_token_id=1)
+    text_encoder = transformers.CLIPTextModel(text_config).eval()
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=LATENT, in_channels=9 if kind == "inpaint" else 4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2, norm_num_groups=8)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
+                                  latent_channels=4, norm_num_groups=8, sample_size=SIZE, layers_per_block=1)
+    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                        prediction_type="v_prediction" if sd2 else "epsilon")
+    cls = diffusers.StableDiffusionInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionPipeline
+    pipe = cls(vae=_perturbed(vae, 1), text_encoder=text_encoder, tokenizer=tokenizer, unet=_perturbed(unet, 2),
+               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    folder = root / kind
+    pipe.save_pretrained(str(folder))
+    return folder, pipe
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return {kind: _pipeline(root, kind) for kind in ("sd1", "sd2", "inpaint")}
+
+
+def _latents(seed, n=2):
+    return torch.randn(n, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(seed))
+
+
+def _images(seed, n=2):
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(ours, theirs_nhwc, atol=1e-4):
+    ours = ours.asnumpy().transpose(0, 2, 3, 1)
+    inside = (theirs_nhwc > 0.01) & (theirs_nhwc < 0.99)
+    assert inside.mean() > 0.5, "the reference images are mostly clipped: the comparison would be weak"
+    print(f"max |ours - diffusers| = {np.abs(ours - theirs_nhwc).max():.2g} ({inside.mean():.0%} of pixels unclipped)")
+    np.testing.assert_allclose(ours, theirs_nhwc, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sd2"])
+def test_txt2img_equals_diffusers(pipelines, kind):
+    folder, pipe = pipelines[kind]
+    sd = StableDiffusion.from_diffusers(folder)
+    assert sd.ldm.objective == ("pred_v" if kind == "sd2" else "pred_noise")
+    assert sd.tokenizer.pad_token == ("!" if kind == "sd2" else "<|endoftext|>")
+    latents = _latents(3)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=4,
+                   guidance_scale=5.0, latents=latents.clone(), output_type="np").images
+        ref_latents = pipe(PROMPTS, negative_prompt=NEGATIVE, height=SIZE, width=SIZE, num_inference_steps=4,
+                           guidance_scale=5.0, latents=latents.clone(), output_type="latent").images.numpy()
+        ref_plain = pipe(PROMPTS[:1], height=SIZE, width=SIZE, num_inference_steps=3, guidance_scale=1.0,
+                         latents=latents[:1].clone(), output_type="np").images
+    ours = sd(PROMPTS, negative_prompt=NEGATIVE, steps=4, guidance_scale=5.0, latents=ms.Tensor(latents.numpy()))
+    assert ours.shape == (2, 3, SIZE, SIZE)
+    _close(ours, ref)
+    ours_latents = sd(PROMPTS, negative_prompt=NEGATIVE, steps=4, guidance_scale=5.0,
+                      latents=ms.Tensor(latents.numpy()), return_latents=True).asnumpy()
+    np.testing.assert_allclose(ours_latents, ref_latents, rtol=0, atol=1e-4 * np.abs(ref_latents).max())
+    _close(sd(PROMPTS[:1], steps=3, guidance_scale=1.0, latents=ms.Tensor(latents[:1].numpy())), ref_plain)
+
+
+def test_img2img_equals_diffusers(pipelines):
+    folder, pipe = pipelines["sd1"]
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    sd = StableDiffusion.from_diffusers(folder)
+    image = _images(5)
+    with torch.no_grad():
+        ref = img2img(PROMPTS, image=image, strength=0.6, num_inference_steps=5, guidance_scale=4.0,
+                      negative_prompt=NEGATIVE, generator=torch.Generator().manual_seed(7), output_type="np").images
+    # diffusers draws the VAE posterior sample, then the forward noise, from the one generator
+    g = torch.Generator().manual_seed(7)
+    posterior_noise = torch.randn(2, 4, LATENT, LATENT, generator=g).numpy()
+    noise = torch.randn(2, 4, LATENT, LATENT, generator=g).numpy()
+    ours = sd.img2img(PROMPTS, image.numpy(), strength=0.6, steps=5, guidance_scale=4.0, negative_prompt=NEGATIVE,
+                      posterior_noise=posterior_noise, noise=noise)
+    _close(ours, ref)
+
+
+def test_inpaint_equals_diffusers(pipelines):
+    folder, pipe = pipelines["inpaint"]
+    sd = StableDiffusion.from_diffusers(folder)
+    assert sd.is_inpainting and sd.ldm.conditioning_key == "hybrid"
+    image = _images(9)
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[0, :, 4:12, 2:10] = 1.0
+    mask[1, :, 8:, :] = 0.7                     # binarised at 0.5
+    latents = _latents(11)
+    with torch.no_grad():
+        ref = pipe(PROMPTS, image=image, mask_image=mask, height=SIZE, width=SIZE, num_inference_steps=4,
+                   guidance_scale=3.0, latents=latents.clone(), generator=torch.Generator().manual_seed(13),
+                   output_type="np").images
+    masked_image_noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(13)).numpy()
+    ours = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), steps=4, guidance_scale=3.0,
+                      latents=ms.Tensor(latents.numpy()), masked_image_noise=masked_image_noise)
+    _close(ours, ref)
+
+
+def test_user_errors_are_clear(pipelines, tmp_path):
+    sd = StableDiffusion.from_diffusers(pipelines["sd1"][0])
+    with pytest.raises(ValueError, match="multiples of 4"):
+        sd("a cat", height=15, width=16, steps=2)
+    with pytest.raises(ValueError, match="negative_prompt acts through guidance"):
+        sd("a cat", negative_prompt="dog", guidance_scale=1.0, steps=2)
+    with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
+        sd("a cat", negative_prompt=["a", "b"], steps=2)
+    with pytest.raises(ValueError, match="inpainting UNet"):
+        sd.inpaint("a cat", np.zeros((1, 3, SIZE, SIZE)), np.zeros((1, 1, SIZE, SIZE)), steps=2)
+    with pytest.raises(ValueError, match="strength must lie in"):
+        sd.img2img("a cat", np.zeros((1, 3, SIZE, SIZE)), strength=0.0, steps=2)
+    with pytest.raises(ConversionError, match="model_index.json is missing"):
+        StableDiffusion.from_diffusers(tmp_path)
+
+
+def test_sample_cli_text_to_image_and_image_to_image(pipelines, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(__file__).resolve().parent.parent
+    folder = pipelines["sd1"][0]
+    Image.fromarray((np.random.default_rng(0).uniform(0, 1, (SIZE, SIZE, 3)) * 255).astype(np.uint8)).save(
+        tmp_path / "init.png")
+
+    def run(*args):
+        return subprocess.run([sys.executable, str(root / "sample.py"), "--ckpt", str(folder), "--no-progress",
+                               *map(str, args)], capture_output=True, text=True, timeout=600)
+
+    proc = run("--prompt", "a cat", "--prompt", "a dog", "--negative-prompt", "blurry", "--num", 2, "--steps", 2,
+               "--out", tmp_path / "grid.png", "--npz", tmp_path / "raw.npz")
+    assert proc.returncode == 0, proc.stderr
+    assert "4 images from" in proc.stdout and (tmp_path / "grid.png").is_file()
+    raw = np.load(tmp_path / "raw.npz")
+    assert raw["images"].shape == (4, 3, SIZE, SIZE) and list(raw["prompts"]) == ["a cat"] * 2 + ["a dog"] * 2
+    proc = run("--prompt", "a cat", "--init-image", tmp_path / "init.png", "--strength", 0.5, "--steps", 4,
+               "--out", tmp_path / "edit.png")
+    assert proc.returncode == 0 and "1 images from" in proc.stdout, proc.stderr
+    proc = run("--prompt", "a cat", "--mask", tmp_path / "init.png", "--out", tmp_path / "x.png")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "sample.py: error: --mask needs --init-image (the image to inpaint)"]
