@@ -520,5 +520,5 @@ def test_bad_inputs_are_clear_errors():
         tiny("pred_noise", zero_terminal_snr=True)
     with pytest.raises(ValueError, match="unknown sampler"):
         d.sample(batch_size=1, sampler="lms")
-    with pytest.raises(ValueError, match="needs a class-conditional"):
+    with pytest.raises(ValueError, match="needs a conditional model"):
         d.sample(batch_size=1, guidance_scale=3.0)
