@@ -1,5 +1,11 @@
 import os
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one core per test process (README's command runs two): a second kernel thread per process would only
+    # contend with the other process (float16 CPU training ran ~7x slower that way). Set before MindSpore and
+    # torch load; subprocesses a test starts inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import ms_diffusion  # noqa: F401  (applies the CPU workaround before MindSpore makes kernels)
 import mindspore as ms
 import numpy as np
