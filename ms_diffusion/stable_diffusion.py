@@ -199,6 +199,11 @@ class StableDiffusion:
             raise ValueError(f"height and width must be multiples of {step}, got {h}x{w}")
         return h, w
 
+    def _grid(self, steps: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(timesteps, prev_timesteps) of ``steps`` on the scheduler's grid."""
+        return sampling_timesteps(self.ldm.num_timesteps, steps, self.sampler_defaults.get("spacing", "leading"),
+                                  self.sampler_defaults.get("steps_offset", 0))
+
     def _run(self, b: int, cond, uncond, guidance_scale: float, *, size: Tuple[int, int], sampler: Optional[str],
              steps: Optional[int], eta: float, seed, x_T, grid_start: int = 0, return_latents: bool = False,
              progress: bool = False, **options_) -> Tensor:
@@ -212,8 +217,7 @@ class StableDiffusion:
         if grid_start:
             if "timesteps" not in taken:
                 raise ValueError(f"sampler {name!r} cannot start part-way along its grid (image-to-image)")
-            ts, prev = sampling_timesteps(self.ldm.num_timesteps, steps, options.get("spacing", "leading"),
-                                          options.get("steps_offset", 0))
+            ts, prev = self._grid(steps)
             options["timesteps"] = ts[grid_start:]
             if "prev_timesteps" in taken:
                 options["prev_timesteps"] = prev[grid_start:]
@@ -256,7 +260,7 @@ class StableDiffusion:
             raise ValueError(f"{what} has {img.shape[0]} images for a batch of {batch_size}")
         if img.shape[0] == 1 and batch_size > 1:
             img = ms.ops.tile(img, (batch_size, 1, 1, 1))
-        moments = self.ldm.first_stage_model.encode_moments(img * 2.0 - 1.0)
+        moments = self.ldm.first_stage_model.encode_moments(self.ldm.normalize_images(img))
         return self.ldm.get_first_stage_encoding(moments, noise)
 
     def img2img(self, prompt: Union[str, Sequence[str]], image, *, strength: float = 0.8,
@@ -288,12 +292,9 @@ class StableDiffusion:
         posterior_noise = _normal(posterior_noise, rng, shape, "posterior_noise")
         noise = _normal(noise, rng, shape, "noise")
         z0 = self._image_latents(image, b, posterior_noise, "image")
-        name = resolve_sampler(sampler or self.default_sampler)
-        spacing = self.sampler_defaults.get("spacing", "leading")
-        ts, _ = sampling_timesteps(self.ldm.num_timesteps, steps, spacing, self.sampler_defaults.get("steps_offset", 0))
-        ac = float(self.ldm.schedule.alphas_cumprod[int(ts[steps - run])])
+        ac = float(self.ldm.schedule.alphas_cumprod[int(self._grid(steps)[0][steps - run])])
         x = np.sqrt(ac) * z0 + np.sqrt(1.0 - ac) * noise
-        return self._run(b, cond, uncond, guidance_scale, size=size, sampler=name, steps=steps, eta=eta, seed=rng,
+        return self._run(b, cond, uncond, guidance_scale, size=size, sampler=sampler, steps=steps, eta=eta, seed=rng,
                          x_T=x, grid_start=steps - run, return_latents=return_latents, progress=progress,
                          **sampler_options_)
 
