@@ -1,10 +1,10 @@
-"""Stable Diffusion 1.x / 2.x text-to-image: a diffusers pipeline folder in, images out.
+"""Stable Diffusion 1.x / 2.x text-to-image: a diffusers pipeline folder or an original checkpoint in, images out.
 
-    sd = StableDiffusion.from_diffusers("path/to/stable-diffusion-v1-5")
+    sd = StableDiffusion.from_diffusers("path/to/stable-diffusion-v1-5")   # or .from_single_file("sd-v1-5.ckpt")
     images = sd("an astronaut riding a horse", negative_prompt="blurry", guidance_scale=7.5, steps=30, seed=0)
     # (B, 3, H, W) in [0, 1]
     edited = sd.img2img("a watercolour of a horse", images, strength=0.6)
-    filled = inpainting_sd.inpaint("a red door", images, mask)     # mask (B, 1, H, W), 1 = repaint
+    filled = sd.inpaint("a red door", images, mask)     # mask (B, 1, H, W), 1 = repaint
 
 The pieces are ours: ``CLIPTokenizer`` (``tokenizer/``), ``CLIPTextModel`` (``text_encoder/``), ldm's
 ``UNetModel`` (``unet/``) and ``AutoencoderKL`` (``vae/``) inside a ``LatentDiffusion`` whose schedule,
@@ -15,31 +15,43 @@ VAE decodes ``latents / scaling_factor``. Every sampler of ``ms_diffusion.sample
 
 Image-to-image (SDEdit, diffusers' ``StableDiffusionImg2ImgPipeline``): the image's latent (a posterior
 sample) is noised to the grid's step ``steps - int(steps * strength)`` and denoised from there.
-Inpainting with an inpainting UNet (9 input channels, diffusers' ``StableDiffusionInpaintPipeline``): the
-UNet sees the latents, the mask at latent resolution and the latents of the image with the masked region
-blanked (``conditioning_key="hybrid"``: they are its concat conditioning).
+Inpainting (diffusers' ``StableDiffusionInpaintPipeline``): an inpainting UNet (9 input channels) sees the
+latents, the mask at latent resolution and the latents of the image with the masked region blanked
+(``conditioning_key="hybrid"``: they are its concat conditioning); an ordinary model repaints the masked
+region while the rest is blended back in after every step.
+
+Files: ``from_diffusers`` / ``save_diffusers`` (pipeline folders), ``from_single_file`` / ``save_single_file``
+(original SD 1.x / 2.x checkpoints with their ldm YAML; see ``interop.sd_formats``).
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
+import yaml
 from mindspore import Tensor
 
 from ms_diffusion.diffusion.latent import LatentDiffusion
 from ms_diffusion.interop.clip import text_encoder_from_transformers
 from ms_diffusion.interop.diffusers import diffusers_to_ms
-from ms_diffusion.interop.torch_io import PathLike
+from ms_diffusion.interop.names import LDM_SCHEDULE_BUFFERS
+from ms_diffusion.interop.plan import Plan
+from ms_diffusion.interop.sd_formats import (read_sd_checkpoint, sd_checkpoint_state, sd_ldm_config,
+                                             write_diffusers_pipeline)
+from ms_diffusion.interop.torch_io import PathLike, write_weights
 from ms_diffusion.io.state import ConversionError, load_arrays_into
 from ms_diffusion.models import AutoencoderKL, UNetModel
+from ms_diffusion.nn.attention import set_attention_slicing
 from ms_diffusion.samplers import resolve_sampler, sampler_options
 from ms_diffusion.samplers.base import make_rng
 from ms_diffusion.schedules import sampling_timesteps
 from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer
+from ms_diffusion.text.tokenizer import EOS
 
 __all__ = ["StableDiffusion", "diffusion_kwargs_from_scheduler", "sampler_defaults_from_scheduler"]
 
@@ -100,6 +112,8 @@ class StableDiffusion:
     default_sampler: str = "ddim"
     default_steps: int = 50
     sampler_defaults: Dict[str, Any] = field(default_factory=dict)
+    scheduler_config: Dict[str, Any] = field(default_factory=dict)
+    source: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def text_encoder(self) -> CLIPTextModel:
@@ -126,17 +140,66 @@ class StableDiffusion:
         text_encoder = text_encoder_from_transformers(root, "text_encoder", skip_last_layers=clip_skip)
 
         unet_converted = diffusers_to_ms(root, "unet")
-        unet_kwargs = {k: v for k, v in unet_converted.network.items() if k != "type"}
-        unet = UNetModel(**unet_kwargs)
+        unet = UNetModel(**{k: v for k, v in unet_converted.network.items() if k != "type"})
         load_arrays_into(unet, unet_converted.online)
 
         vae_converted = diffusers_to_ms(root, "vae")
-        section = {k: v for k, v in vae_converted.config["model"].items() if k != "type"}
-        vae = AutoencoderKL(**section)
+        vae = AutoencoderKL(**{k: v for k, v in vae_converted.config["model"].items() if k != "type"})
         load_arrays_into(vae, vae_converted.online)
         scaling = vae_converted.meta.get("scaling_factor") or 0.18215
-
         scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
+        return cls._assemble(tokenizer, text_encoder, unet, vae, float(scaling), scheduler)
+
+    @classmethod
+    def from_single_file(cls, path: PathLike, *, config: Union[None, PathLike, Mapping[str, Any]] = None,
+                         prediction_type: Optional[str] = None, use_ema: bool = True,
+                         tokenizer: Optional[PathLike] = None, clip_skip: int = 0) -> "StableDiffusion":
+        """An original Stable Diffusion 1.x / 2.x checkpoint (``.ckpt`` / ``.safetensors`` holding UNet, VAE and
+        text encoder; ``sd-v1-5.safetensors``, ``v2-1_768-ema-pruned.ckpt``, ``sd-v1-5-inpainting.ckpt``, ...).
+
+        ``config``: its ldm YAML (default ``NAME.yaml`` beside it, else read off the tensors: see
+        ``interop.sd_formats``); ``prediction_type``: ``epsilon`` / ``v_prediction`` (needed for SD 2.x without a
+        YAML); ``use_ema``: LitEma's UNet weights when present; ``tokenizer``: a tokenizer folder (default:
+        CLIP's BPE vocabulary from open-clip-torch, cleaned and padded as the model's own text encoder did);
+        ``clip_skip``: further layers to skip. Scheduler: SD's DDIM grid (leading, offset 1, final alpha of step 0).
+        """
+        parts = read_sd_checkpoint(path, config, use_ema=use_ema, prediction_type=prediction_type)
+        skip = (1 if parts.text_layer == "penultimate" else 0) + int(clip_skip)
+        text_encoder = CLIPTextModel(**parts.text_kwargs, skip_last_layers=skip)
+        load_arrays_into(text_encoder, parts.text_encoder)
+        text_encoder.set_train(False)
+        unet = UNetModel(**parts.config.unet)
+        load_arrays_into(unet, parts.unet)
+        vae = AutoencoderKL(**parts.config.autoencoder)
+        load_arrays_into(vae, parts.vae)
+        max_length = parts.config.text_stage["max_length"]
+        if tokenizer is not None:
+            tok = CLIPTokenizer.from_folder(tokenizer, max_length=max_length)
+        elif parts.text_source == "transformers":      # FrozenCLIPEmbedder: transformers' tokenizer, end-token padding
+            tok = CLIPTokenizer.from_bpe_file(pad_token=EOS, clean="transformers", max_length=max_length)
+        else:                                           # FrozenOpenCLIPEmbedder: open_clip.tokenize
+            tok = CLIPTokenizer.from_bpe_file(clean="clip", max_length=max_length)
+        d = parts.config.diffusion
+        schedule = d.get("schedule_fn_kwargs", {})
+        scheduler = {"num_train_timesteps": d["timesteps"], "beta_start": schedule.get("beta_start", 0.00085),
+                     "beta_end": schedule.get("beta_end", 0.012),
+                     "beta_schedule": {"ldm_linear": "scaled_linear", "sqrt_linear": "linear"}.get(d["beta_schedule"],
+                                                                                               d["beta_schedule"]),
+                     "prediction_type": {v: k for k, v in _PREDICTIONS.items()}[d["objective"]],
+                     "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
+        sd = cls._assemble(tok, text_encoder, unet, vae, float(d["scale_factor"]), scheduler,
+                           image_size=d.get("image_size"))
+        sd.source = dict(parts.meta)
+        if parts.buffers:
+            Plan(source=f"{path}", checked={k: getattr(sd.ldm, k).asnumpy() for k in parts.buffers},
+                 hint="the config's schedule differs from the one the model was trained with").check_buffers(
+                parts.buffers)
+        return sd
+
+    @classmethod
+    def _assemble(cls, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNetModel, vae: AutoencoderKL,
+                  scaling: float, scheduler: Mapping[str, Any], image_size: Optional[int] = None) -> "StableDiffusion":
+        """The latent diffusion of these parts, with the schedule and sampler grid of a diffusers scheduler config."""
         kwargs, problems = diffusion_kwargs_from_scheduler(scheduler)
         if problems:
             raise ConversionError("the pipeline's scheduler does not map onto our schedule: " + "; ".join(problems))
@@ -150,11 +213,75 @@ class StableDiffusion:
         inpainting = unet.in_channels == 2 * z + 1
         ldm = LatentDiffusion(vae, unet, conditioning_key="hybrid" if inpainting else "crossattn",
                               cond_stage_model=CLIPTextEmbedder(text_encoder), latent_channels=z if inpainting else None,
-                              scale_factor=float(scaling), image_size=unet.image_size * vae.downsample_factor,
+                              scale_factor=scaling, image_size=image_size or unet.image_size * vae.downsample_factor,
                               ddim_timestep_spacing=scheduler.get("timestep_spacing", "leading"), **kwargs)
         ldm.set_train(False)
         defaults = sampler_defaults_from_scheduler(scheduler, ldm.schedule.alphas_cumprod)
-        return cls(tokenizer=tokenizer, ldm=ldm, sampler_defaults=defaults)
+        keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "clip_sample",
+                "set_alpha_to_one", "steps_offset", "timestep_spacing")
+        return cls(tokenizer=tokenizer, ldm=ldm, sampler_defaults=defaults,
+                   scheduler_config={k: scheduler[k] for k in keep if k in scheduler})
+
+    # ------------------------------------------------------------------ memory
+
+    def enable_attention_slicing(self, slice_size: int = 1024) -> "StableDiffusion":
+        """Compute every attention (UNet, VAE) for ``slice_size`` queries at a time (0: all at once). At 512 x 512
+        the (2B, heads, 4096, 4096) scores of the UNet's first level are a step's largest tensors. Same
+        images; call before the first generation (compiled graphs keep the setting they were built with)."""
+        set_attention_slicing(self.ldm, slice_size)
+        return self
+
+    def enable_vae_tiling(self, tile_size: Optional[int] = None, overlap: float = 0.25) -> "StableDiffusion":
+        """Decode (and encode, for image-to-image / inpainting) images larger than ``tile_size`` pixels
+        (default: the model's native size) tile by tile, blended across ``overlap`` as diffusers'
+        ``enable_vae_tiling`` (the images differ slightly at the seams)."""
+        self.vae.enable_tiling(tile_size or self.ldm.pixel_size[0], overlap)
+        return self
+
+    # ------------------------------------------------------------------ saving
+
+    @property
+    def unet(self) -> UNetModel:
+        return self.ldm.model.diffusion_model
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.ldm.first_stage_model
+
+    def save_diffusers(self, folder: PathLike) -> Path:
+        """Write a diffusers pipeline folder (``StableDiffusionPipeline.from_pretrained`` loads it; an inpainting
+        model as ``StableDiffusionInpaintPipeline``). The folder must not exist or be empty."""
+        return write_diffusers_pipeline(folder, tokenizer=self.tokenizer, text_encoder=self.text_encoder,
+                                        unet=self.unet, vae=self.vae,
+                                        scaling_factor=float(self.ldm.scale_factor.asnumpy()),
+                                        scheduler_config=self.scheduler_config, inpainting=self.is_inpainting)
+
+    def save_single_file(self, path: PathLike) -> Path:
+        """Write an original-format checkpoint (``.safetensors`` or ``.ckpt``) and its ldm YAML beside it
+        (``NAME.yaml``), as SD front-ends and ``from_single_file`` read them. SD 2.x text encoders must hold every
+        layer (as loaded from an original checkpoint)."""
+        path = Path(path)
+        config = self.scheduler_config
+        if config.get("beta_schedule", "scaled_linear") != "scaled_linear":
+            raise ConversionError(f"original Stable Diffusion checkpoints use ldm's scaled linear schedule; this "
+                                  f"model's is {config.get('beta_schedule')!r}")
+        parameterization = {"epsilon": "eps", "v_prediction": "v"}.get(config.get("prediction_type", "epsilon"))
+        if parameterization is None:
+            raise ConversionError(f"prediction_type {config.get('prediction_type')!r} has no ldm parameterization")
+        yaml_config = sd_ldm_config(self.unet, self.vae, self.text_encoder, parameterization=parameterization,
+                                    scale_factor=float(self.ldm.scale_factor.asnumpy()),
+                                    timesteps=int(config.get("num_train_timesteps", 1000)),
+                                    linear_start=float(config.get("beta_start", 0.00085)),
+                                    linear_end=float(config.get("beta_end", 0.012)),
+                                    image_size=int(self.unet.image_size))
+        state = sd_checkpoint_state(self.unet, self.vae, self.text_encoder,
+                                    {k: getattr(self.ldm, k).asnumpy() for k in LDM_SCHEDULE_BUFFERS})
+        write_weights(path, {"state_dict": state} if path.suffix == ".ckpt" else state)  # .ckpt: as Lightning
+        yaml_path = path.with_suffix(".yaml")
+        tmp = yaml_path.with_name(f".{yaml_path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(yaml_config, sort_keys=False))
+        os.replace(tmp, yaml_path)
+        return path
 
     # ------------------------------------------------------------------ text
 
@@ -260,7 +387,8 @@ class StableDiffusion:
             raise ValueError(f"{what} has {img.shape[0]} images for a batch of {batch_size}")
         if img.shape[0] == 1 and batch_size > 1:
             img = ms.ops.tile(img, (batch_size, 1, 1, 1))
-        moments = self.ldm.first_stage_model.encode_moments(self.ldm.normalize_images(img))
+        vae = self.ldm.first_stage_model
+        moments = vae.tiled(vae.encode_moments, self.ldm.normalize_images(img), latents=False)
         return self.ldm.get_first_stage_encoding(moments, noise)
 
     def img2img(self, prompt: Union[str, Sequence[str]], image, *, strength: float = 0.8,
@@ -301,38 +429,46 @@ class StableDiffusion:
     def inpaint(self, prompt: Union[str, Sequence[str]], image, mask, *,
                 negative_prompt: Union[None, str, Sequence[str]] = None, num_images_per_prompt: int = 1,
                 guidance_scale: float = 7.5, sampler: Optional[str] = None, steps: Optional[int] = None,
-                eta: float = 0.0, seed=None, latents: Optional[Tensor] = None, masked_image_noise=None,
+                eta: float = 0.0, seed=None, latents: Optional[Tensor] = None, image_noise=None,
                 return_latents: bool = False, progress: bool = False, **sampler_options_) -> Tensor:
-        """With an inpainting UNet: images (B, 3, H, W) in [0, 1] that repaint ``image`` where ``mask`` is 1.
+        """Images (B, 3, H, W) in [0, 1] that repaint ``image`` where ``mask`` is 1, as diffusers'
+        ``StableDiffusionInpaintPipeline`` (full strength).
 
         ``image`` (B or 1, 3, H, W) in [0, 1]; ``mask`` (B or 1, 1, H, W) in [0, 1], binarised at 0.5 as
-        diffusers does; ``latents``: the initial noise; ``masked_image_noise``: the standard normals of the
-        masked image's VAE posterior sample (default: drawn from ``seed``).
+        diffusers does; ``latents``: the initial noise (B, 4, H / f, W / f); ``image_noise``: the standard
+        normals of the VAE posterior sample (default: drawn from ``seed``). With an inpainting UNet (9 input
+        channels) the UNet sees the mask and the masked image's latents. With an ordinary model the kept
+        region is blended in after every step: the image's latents noised with ``latents`` to the level the
+        step reached (then the clean latents after the last step), the repainted region left to the model.
         """
-        if not self.is_inpainting:
-            raise ValueError("inpaint needs an inpainting UNet (9 input channels, e.g. stable-diffusion-inpainting)")
         cond, uncond, b = self._contexts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
         img = np.asarray(image.asnumpy() if isinstance(image, Tensor) else image, np.float32)
         m = np.asarray(mask.asnumpy() if isinstance(mask, Tensor) else mask, np.float32)
         if img.ndim != 4 or m.ndim != 4 or m.shape[1] != 1 or m.shape[2:] != img.shape[2:]:
             raise ValueError(f"mask must be (batch, 1, H, W) matching the image's H x W, got mask {m.shape} and "
                              f"image {img.shape}")
+        if m.shape[0] not in (1, b):
+            raise ValueError(f"mask has {m.shape[0]} masks for a batch of {b}")
         size = self._size(img.shape[2], img.shape[3])
         m = (m >= 0.5).astype(np.float32)
-        masked = img * (1.0 - m) + 0.5 * m            # the masked region at 0 in [-1, 1], as diffusers blanks it
         rng = make_rng(seed)
         f = self.vae_scale_factor
         shape = (b, self.ldm.channels, size[0] // f, size[1] // f)
-        if latents is None:
-            latents = Tensor(rng.standard_normal(shape).astype(np.float32))
-        masked_latents = self._image_latents(masked, b, _normal(masked_image_noise, rng, shape, "masked_image_noise"),
-                                             "image")
-        small = np.broadcast_to(m[:, :, ::f, ::f], (b, 1) + shape[2:]).astype(np.float32)   # nearest, as diffusers
-        c_concat = ms.ops.cat((Tensor(small), masked_latents), axis=1)
-        cond = (c_concat, cond)
-        uncond = None if uncond is None else (c_concat, uncond)
-        return self._run(b, cond, uncond, guidance_scale, size=size, sampler=sampler, steps=steps, eta=eta, seed=rng,
-                         x_T=latents, return_latents=return_latents, progress=progress, **sampler_options_)
+        latents = _normal(latents, rng, shape, "latents")
+        small = Tensor(np.broadcast_to(m[:, :, ::f, ::f], (b, 1) + shape[2:]).astype(np.float32))  # nearest
+        run = dict(sampler=sampler, steps=steps, eta=eta, seed=rng, x_T=latents, progress=progress)
+        if self.is_inpainting:
+            masked = img * (1.0 - m) + 0.5 * m            # the masked region at 0 in [-1, 1], as diffusers blanks it
+            masked_latents = self._image_latents(masked, b, _normal(image_noise, rng, shape, "image_noise"), "image")
+            c_concat = ms.ops.cat((small, masked_latents), axis=1)
+            return self._run(b, (c_concat, cond), None if uncond is None else (c_concat, uncond), guidance_scale,
+                             size=size, return_latents=return_latents, **run, **sampler_options_)
+        z0 = self._image_latents(img, b, _normal(image_noise, rng, shape, "image_noise"), "image")
+        keep = 1.0 - small
+        out = self._run(b, cond, uncond, guidance_scale, size=size, return_latents=True, mask=keep, x0=z0,
+                        mask_noise=latents, mask_from_step=1, **run, **sampler_options_)
+        out = z0 * keep + out * small
+        return out if return_latents else self.ldm.decode_to_images(out)
 
 
 def _normal(value, rng: np.random.Generator, shape: Tuple[int, ...], what: str) -> Tensor:

@@ -16,6 +16,14 @@ From PyTorch (the output .ckpt / .safetensors is an ms_diffusion checkpoint: ``p
   # diffusers model folders (AutoencoderKL, UNet2DConditionModel, UNet2DModel):
   python scripts/convert_checkpoint.py from-diffusers stable-diffusion-v1-5 vae.ckpt --subfolder vae
 
+Stable Diffusion 1.x / 2.x whole (UNet + VAE + text encoder + tokenizer + scheduler), between an original
+single-file checkpoint (+ its ldm YAML beside it) and a diffusers pipeline folder (``sample.py --ckpt`` reads
+both directly):
+
+  python scripts/convert_checkpoint.py sd-to-diffusers v2-1_768.safetensors sd21/ --prediction-type v_prediction
+  python scripts/convert_checkpoint.py sd-to-diffusers sd-v1-5.ckpt sd15/ --ldm-config v1-inference.yaml
+  python scripts/convert_checkpoint.py diffusers-to-sd sd15/ sd15.safetensors          # + sd15.yaml
+
 To PyTorch:
 
   python scripts/convert_checkpoint.py to-lucidrains runs/fmnist model-1.pt             # Trainer-style (model + ema)
@@ -43,7 +51,8 @@ except ImportError:  # run from a checkout without installing the package
 
 from ms_diffusion.cli.common import UsageError, make_parser, run_command
 
-DIRECTIONS = ("from-lucidrains", "from-ldm", "from-diffusers", "to-lucidrains", "to-ldm", "to-diffusers")
+DIRECTIONS = ("from-lucidrains", "from-ldm", "from-diffusers", "to-lucidrains", "to-ldm", "to-diffusers",
+              "sd-to-diffusers", "diffusers-to-sd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="from-*: an ms_diffusion YAML whose model / diffusion / sample sections describe the model")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="from-*: config value, e.g. --set diffusion.image_size=32 --set model.channels=3")
-    p.add_argument("--ldm-config", default=None, help="from-ldm: the model's ldm YAML (ldm checkpoints carry none)")
+    p.add_argument("--ldm-config", default=None, help="from-ldm / sd-to-diffusers: the model's ldm YAML (ldm "
+                                                      "checkpoints carry none)")
+    p.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                   help="sd-to-diffusers without a YAML, SD 2.x: noise (512 px models) or v (768 px)")
     p.add_argument("--component", default="all", choices=("all", "unet", "vae"),
                    help="from-ldm: the whole LatentDiffusion (default) or one network of it")
     p.add_argument("--no-ema", action="store_true", help="from-ldm --component unet: take the raw, not the EMA, "
@@ -117,11 +129,38 @@ def _lookup(config: Optional[Dict[str, Any]], dotted: str):
     return node
 
 
+def _run_stable_diffusion(args: argparse.Namespace, out: Path) -> int:
+    from ms_diffusion.stable_diffusion import StableDiffusion
+
+    if args.config or args.overrides or args.component != "all" or args.subfolder or args.weights or args.prefix \
+            or args.unet_only:
+        raise UsageError(f"{args.direction} takes --ldm-config, --prediction-type and --no-ema only")
+    if args.direction == "sd-to-diffusers":
+        sd = StableDiffusion.from_single_file(args.src, config=args.ldm_config, prediction_type=args.prediction_type,
+                                              use_ema=not args.no_ema)
+        folder = sd.save_diffusers(out)
+        kind = "StableDiffusionInpaintPipeline" if sd.is_inpainting else "StableDiffusionPipeline"
+        print(f"wrote {folder}: a diffusers {kind} ({sd.source.get('weights')} unet weights; config "
+              f"{sd.source.get('config')})")
+        return 0
+    if args.ldm_config or args.prediction_type or args.no_ema:
+        raise UsageError("diffusers-to-sd reads everything from the pipeline folder: no --ldm-config / "
+                         "--prediction-type / --no-ema")
+    sd = StableDiffusion.from_diffusers(args.src)
+    path = sd.save_single_file(out)
+    print(f"wrote {path} and {path.with_suffix('.yaml')} (an original-format Stable Diffusion checkpoint)")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion.interop.checkpoints import save_converted
     from ms_diffusion.interop.torch_io import write_weights
 
     out = Path(args.out)
+    if args.direction.startswith("sd-") or args.direction.endswith("-to-sd"):
+        return _run_stable_diffusion(args, out)
+    if args.prediction_type:
+        raise UsageError("--prediction-type applies to sd-to-diffusers")
     if args.direction.startswith("from-"):
         if args.unet_only or args.prefix is not None:
             raise UsageError("--unet-only / --prefix apply to to-lucidrains / to-ldm")

@@ -217,7 +217,17 @@ def test_ldm_yaml_is_read_without_imports_and_maps_the_schedule():
         "first_stage_config": {"target": "ldm.models.autoencoder.VQModelInterface"},
         "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}}}})
     assert any("sequential" in p for p in text.unet_problems)
-    assert any("VQ" in p for p in text.problems) and any("FrozenCLIPEmbedder" in p for p in text.problems)
+    assert any("VQ" in p for p in text.problems)
+    assert text.text_stage == {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder", "source": "transformers",
+                               "layer": "last", "max_length": 77}
+    sd2 = parse_ldm_config({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                              "params": {"layer": "penultimate", "freeze": True}}}}})
+    assert sd2.text_stage["source"] == "open_clip" and sd2.text_stage["layer"] == "penultimate"
+    pooled = parse_ldm_config({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder",
+                              "params": {"layer": "hidden", "layer_idx": -2}}}}})
+    assert any("'hidden'" in p for p in pooled.problems)
 
 
 def test_importing_the_package_does_not_import_torch():

@@ -138,8 +138,72 @@ def test_inpaint_equals_diffusers(pipelines):
                    output_type="np").images
     masked_image_noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(13)).numpy()
     ours = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), steps=4, guidance_scale=3.0,
-                      latents=ms.Tensor(latents.numpy()), masked_image_noise=masked_image_noise)
+                      latents=ms.Tensor(latents.numpy()), image_noise=masked_image_noise)
     _close(ours, ref)
+
+
+def test_inpaint_with_an_ordinary_model_equals_diffusers(pipelines):
+    """A 4-channel model in diffusers' inpainting pipeline: the kept region is the image's latents, noised with
+    the initial noise to each step's level, blended in after every step (clean after the last)."""
+    folder, pipe = pipelines["sd1"]
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    sd = StableDiffusion.from_diffusers(folder)
+    assert not sd.is_inpainting
+    image = _images(15)
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[0, :, 2:10, 4:14] = 1.0
+    mask[1, :, :, :6] = 1.0
+    latents = _latents(17)
+    with torch.no_grad():
+        ref = inpaint(PROMPTS, image=image, mask_image=mask, height=SIZE, width=SIZE, num_inference_steps=5,
+                      guidance_scale=4.0, negative_prompt=NEGATIVE, latents=latents.clone(),
+                      generator=torch.Generator().manual_seed(19), output_type="latent").images.numpy()
+    image_noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(19)).numpy()
+    kwargs = dict(steps=5, guidance_scale=4.0, negative_prompt=NEGATIVE, latents=ms.Tensor(latents.numpy()),
+                  image_noise=image_noise)
+    ours = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), return_latents=True, **kwargs).asnumpy()
+    print(f"max |ours - diffusers| latents = {np.abs(ours - ref).max():.2g}")
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+    with torch.no_grad():
+        ref_images = inpaint.vae.decode(torch.tensor(ref) / inpaint.vae.config.scaling_factor).sample
+    ref_images = ((ref_images / 2 + 0.5).clamp(0, 1)).numpy().transpose(0, 2, 3, 1)
+    _close(sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), **kwargs), ref_images)
+
+
+def test_attention_slicing_and_vae_tiling(pipelines):
+    """Attention in slices gives the same images; VAE tiling gives diffusers' tiled encode / decode (its seams
+    included) and, end to end at twice the model's size, diffusers' images with ``enable_vae_tiling``."""
+    folder, pipe = pipelines["sd1"]
+    latents = _latents(25)
+    plain = StableDiffusion.from_diffusers(folder)(PROMPTS, steps=3, guidance_scale=4.0,
+                                                   latents=ms.Tensor(latents.numpy())).asnumpy()
+    sd = StableDiffusion.from_diffusers(folder).enable_attention_slicing(16)   # 64 latent pixels: 4 slices
+    sliced = sd(PROMPTS, steps=3, guidance_scale=4.0, latents=ms.Tensor(latents.numpy())).asnumpy()
+    np.testing.assert_allclose(sliced, plain, rtol=0, atol=2e-6)
+
+    sd.enable_vae_tiling()                       # tiles of the model's 16 pixels, as diffusers' sample_size
+    pipe.vae.enable_tiling()
+    try:
+        z = torch.randn(2, 4, 2 * LATENT, 2 * LATENT + 4, generator=torch.Generator().manual_seed(27))
+        x = torch.rand(1, 3, 2 * SIZE + 8, 2 * SIZE, generator=torch.Generator().manual_seed(29)) * 2 - 1
+        with torch.no_grad():
+            ref_dec = pipe.vae.decode(z).sample.numpy()
+            ref_mean = pipe.vae.encode(x).latent_dist.mean.numpy()
+        ours_dec = sd.vae.tiled(sd.vae.decode, ms.Tensor(z.numpy()), latents=True).asnumpy()
+        np.testing.assert_allclose(ours_dec, ref_dec, rtol=0, atol=1e-4 * np.abs(ref_dec).max())
+        whole = sd.vae.decode(ms.Tensor(z.numpy())).asnumpy()
+        assert np.abs(whole - ref_dec).max() > 1e-3        # the tiles really are decoded apart
+        moments = sd.vae.tiled(sd.vae.encode_moments, ms.Tensor(x.numpy()), latents=False).asnumpy()
+        np.testing.assert_allclose(moments[:, :4], ref_mean, rtol=0, atol=1e-4 * np.abs(ref_mean).max())
+        big = torch.randn(2, 4, 2 * LATENT, 2 * LATENT, generator=torch.Generator().manual_seed(31))
+        with torch.no_grad():
+            ref = pipe(PROMPTS, height=2 * SIZE, width=2 * SIZE, num_inference_steps=2, guidance_scale=3.0,
+                       latents=big.clone(), output_type="np").images
+        _close(sd(PROMPTS, height=2 * SIZE, width=2 * SIZE, steps=2, guidance_scale=3.0,
+                  latents=ms.Tensor(big.numpy())), ref)
+    finally:
+        pipe.vae.disable_tiling()
 
 
 def test_user_errors_are_clear(pipelines, tmp_path):
@@ -150,8 +214,8 @@ def test_user_errors_are_clear(pipelines, tmp_path):
         sd("a cat", negative_prompt="dog", guidance_scale=1.0, steps=2)
     with pytest.raises(ValueError, match="2 negative prompts for 1 prompts"):
         sd("a cat", negative_prompt=["a", "b"], steps=2)
-    with pytest.raises(ValueError, match="inpainting UNet"):
-        sd.inpaint("a cat", np.zeros((1, 3, SIZE, SIZE)), np.zeros((1, 1, SIZE, SIZE)), steps=2)
+    with pytest.raises(ValueError, match="mask must be"):
+        sd.inpaint("a cat", np.zeros((1, 3, SIZE, SIZE)), np.zeros((1, 1, SIZE, 8)), steps=2)
     with pytest.raises(ValueError, match="strength must lie in"):
         sd.img2img("a cat", np.zeros((1, 3, SIZE, SIZE)), strength=0.0, steps=2)
     with pytest.raises(ConversionError, match="model_index.json is missing"):

@@ -1,8 +1,8 @@
 """``python sample.py --ckpt RUN_OR_CKPT [--sampler ddim --steps 50 --num 64 --out grid.png --gif denoise.gif]``.
 
-With a Stable Diffusion pipeline folder (diffusers layout) as ``--ckpt``: text-to-image from ``--prompt``
-(or ``--prompts-file``), image-to-image with ``--init-image --strength``, inpainting with ``--init-image
---mask`` (an inpainting model).
+With a Stable Diffusion model as ``--ckpt`` (a diffusers pipeline folder, or an original SD 1.x / 2.x
+``.ckpt`` / ``.safetensors`` with ``--prompt``): text-to-image from ``--prompt`` (or ``--prompts-file``),
+image-to-image with ``--init-image --strength``, inpainting with ``--init-image --mask``.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser("sample.py", "Generate images from a trained ms_diffusion checkpoint.")
     p.add_argument("--ckpt", required=True,
                    help="a run folder (its newest checkpoint), a step_*.ckpt file, a model.safetensors export, or a "
-                        "Stable Diffusion pipeline folder (diffusers layout: model_index.json, unet/, vae/, ...)")
+                        "Stable Diffusion model: a pipeline folder (diffusers layout: model_index.json, unet/, vae/, "
+                        "...) or, with --prompt, an original SD 1.x / 2.x .ckpt / .safetensors")
     p.add_argument("--weights", default="ema", choices=("ema", "online"), help="EMA weights (default) or raw ones")
     p.add_argument("--sampler", default=None,
                    help="ddpm, ddim, plms, dpmpp, dpmpp_sde, euler, euler_a, heun or unipc (default: the config's "
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class id for a class-conditional model (default: unconditional / all classes in turn)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (Lin et al.), 0 = off")
-    text = p.add_argument_group("text-to-image (a Stable Diffusion pipeline folder as --ckpt)")
+    text = p.add_argument_group("text-to-image (a Stable Diffusion model as --ckpt)")
     text.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     text.add_argument("--prompts-file", default=None, help="a text file of prompts, one per line")
     text.add_argument("--negative-prompt", default=None, help="what guidance steers away from (default: nothing)")
@@ -51,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--mask", default=None, help="inpainting: white where the image is repainted")
     text.add_argument("--clip-skip", type=int, default=0, help="condition on a text-encoder layer this many before "
                                                                 "the last")
+    text.add_argument("--sd-config", default=None, help="an original checkpoint's ldm YAML (default: NAME.yaml "
+                                                        "beside it, else read off the weights)")
+    text.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                      help="an original SD 2.x checkpoint without YAML: noise (512 px models) or v (768 px)")
+    p.add_argument("--attention-slicing", type=int, default=0, metavar="N",
+                   help="compute attention for N queries at a time (less memory, same images; 0: off)")
+    p.add_argument("--vae-tiling", action="store_true",
+                   help="Stable Diffusion: decode / encode images larger than the model's size tile by tile "
+                        "(less memory, slight seams)")
     p.add_argument("--out", default="samples.png",
                    help="grid image to write: .png (default samples.png), .jpg, .webp, ... (checked before sampling)")
     p.add_argument("--gif", default=None, help="also write an animated GIF of the denoising of the first batch")
@@ -76,7 +86,7 @@ def _is_pipeline_folder(path: str) -> bool:
 
 
 def _run_text_to_image(args: argparse.Namespace) -> int:
-    """--ckpt is a Stable Diffusion pipeline folder: prompts -> a grid (and --npz)."""
+    """--ckpt is a Stable Diffusion model (pipeline folder or original checkpoint): prompts -> a grid (and --npz)."""
     from ms_diffusion import runtime
     from ms_diffusion.imageio import load_image, save_grid
     from ms_diffusion.stable_diffusion import StableDiffusion
@@ -96,7 +106,20 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
     image = load_image(args.init_image, "RGB", size) if args.init_image else None
     mask = load_image(args.mask, "L", image.shape[2:]) if args.mask else None
     runtime.setup(args.device or "auto", args.mode or "graph")
-    sd = StableDiffusion.from_diffusers(args.ckpt, clip_skip=args.clip_skip)
+    if _is_pipeline_folder(args.ckpt):
+        if args.sd_config or args.prediction_type:
+            raise UsageError("--sd-config / --prediction-type are for original checkpoints; a pipeline folder's "
+                             "scheduler/ says both")
+        sd = StableDiffusion.from_diffusers(args.ckpt, clip_skip=args.clip_skip)
+    else:
+        if not Path(args.ckpt).is_file():
+            raise UsageError(f"--ckpt {args.ckpt} does not exist")
+        sd = StableDiffusion.from_single_file(args.ckpt, config=args.sd_config, prediction_type=args.prediction_type,
+                                              use_ema=args.weights == "ema", clip_skip=args.clip_skip)
+    if args.attention_slicing:
+        sd.enable_attention_slicing(args.attention_slicing)
+    if args.vae_tiling:
+        sd.enable_vae_tiling()
     per_prompt = args.num or 1
     common = dict(negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(prompts),
                   num_images_per_prompt=per_prompt, sampler=args.sampler, steps=args.steps,
@@ -123,11 +146,17 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if _is_pipeline_folder(args.ckpt):
+    if _is_pipeline_folder(args.ckpt) or (Path(args.ckpt).is_file() and (args.prompt or args.prompts_file)):
         return _run_text_to_image(args)
     if args.prompt or args.prompts_file or args.init_image or args.mask:
-        raise UsageError("--prompt / --prompts-file / --init-image / --mask need a Stable Diffusion pipeline folder "
-                         "as --ckpt (diffusers layout); this checkpoint is not text-conditioned")
+        raise UsageError("--prompt / --prompts-file / --init-image / --mask need a Stable Diffusion model as --ckpt "
+                         "(a diffusers pipeline folder or an original .ckpt / .safetensors); this is a run folder")
+    if args.sd_config or args.prediction_type:
+        raise UsageError("--sd-config / --prediction-type are for original Stable Diffusion checkpoints (with "
+                         "--prompt)")
+    if args.vae_tiling:
+        raise UsageError("--vae-tiling is for Stable Diffusion models, whose --height / --width can exceed the size "
+                         "they were trained at")
     from ms_diffusion import runtime
     from ms_diffusion.imageio import save_gif, save_grid
     from ms_diffusion.pipeline import cycled_classes, describe_degenerate, generate, load_diffusion
@@ -146,6 +175,10 @@ def _run(args: argparse.Namespace) -> int:
     runtime.setup(args.device or "auto", args.mode or "graph")
     cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights,
                                           log=lambda line: print(f"sample.py: {line}", file=sys.stderr))
+    if args.attention_slicing:
+        from ms_diffusion.nn.attention import set_attention_slicing
+
+        set_attention_slicing(diffusion, args.attention_slicing)
     s = cfg.sample
     num = args.num or s.num
     batch = args.batch_size or min(s.batch_size, num)

@@ -372,7 +372,8 @@ class LatentSpace:
         """Scaled latents -> images clipped to [-1, 1] and mapped like the training images ([0, 1] by default)."""
         if self._decode_fn is None:
             self._decode_fn = _compile_decode(self)
-        return self.unnormalize_images(ops.clamp(self._decode_fn(z), -1.0, 1.0))
+        images = self.first_stage_model.tiled(self._decode_fn, z, latents=True)   # whole unless tiling is on
+        return self.unnormalize_images(ops.clamp(images, -1.0, 1.0))
 
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, cond=None, uncond=None,
                return_latents: bool = False, **kwargs) -> ms.Tensor:

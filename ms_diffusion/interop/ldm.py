@@ -59,6 +59,8 @@ _UNET_IGNORED = ("use_checkpoint", "use_fp16")
 # ldm's LitEma counters
 _EMA_COUNTERS = ("decay", "num_updates")
 _PARAMETERIZATIONS = {"eps": "pred_noise", "x0": "pred_x0", "v": "pred_v"}
+# ldm / stablediffusion text encoders: class -> (where its weights come from, the layer it conditions on)
+_TEXT_STAGES = {"FrozenCLIPEmbedder": ("transformers", "last"), "FrozenOpenCLIPEmbedder": ("open_clip", "last")}
 _SCHEDULES = {"linear": "ldm_linear", "cosine": "cosine", "sqrt_linear": "sqrt_linear", "sqrt": "sqrt"}
 
 
@@ -74,6 +76,7 @@ class LdmConfig:
     autoencoder: Optional[Dict[str, Any]] = None       # {"ddconfig": ..., "embed_dim": ...}
     autoencoder_loss: Optional[Dict[str, Any]] = None  # LPIPSWithDiscriminator params of a first-stage config
     cond_stage: Optional[Dict[str, Any]] = None        # {"target": ..., "params": ...} or None (unconditional)
+    text_stage: Optional[Dict[str, Any]] = None        # a CLIP text encoder: target, source, layer, max_length
     diffusion: Dict[str, Any] = field(default_factory=dict)   # our `latent` diffusion section, without type
     target: str = ""
     unet_problems: List[str] = field(default_factory=list)
@@ -155,6 +158,15 @@ def parse_ldm_config(source: Union[PathLike, Mapping[str, Any]]) -> LdmConfig:
         key, cond = None, None
     elif isinstance(cond, Mapping) and str(cond.get("target", "")).endswith("ClassEmbedder"):
         cond = {"target": str(cond["target"]), "params": dict(cond.get("params") or {})}
+    elif isinstance(cond, Mapping) and str(cond.get("target", "")).rsplit(".", 1)[-1] in _TEXT_STAGES:
+        cond_params = dict(cond.get("params") or {})
+        source, default_layer = _TEXT_STAGES[str(cond["target"]).rsplit(".", 1)[-1]]
+        layer = cond_params.get("layer", default_layer)
+        if layer not in ("last", "penultimate") or (source == "transformers" and layer != "last"):
+            out.problems.append(f"text encoder layer {layer!r} of {cond['target']} is not implemented here")
+        out.text_stage = {"target": str(cond["target"]), "source": source, "layer": layer,
+                          "max_length": int(cond_params.get("max_length", 77))}
+        cond = None
     else:
         name = cond if isinstance(cond, str) else (cond or {}).get("target")
         out.problems.append(f"conditioning stage {name!r} is not implemented here (only ClassEmbedder and "
@@ -352,6 +364,10 @@ def ldm_to_ms(path: PathLike, ldm_config: Union[PathLike, Mapping[str, Any]], co
                 meta["not_converted"]["model_ema.*"] = "the unet's EMA weights (use_ema=False)"
         meta["weights"] = "ema" if (ema is not None and use_ema) else "online"
         return Converted(config=None, online=online, meta=meta, network={"type": "unet_ldm", **cfg.unet})
+    if cfg.text_stage is not None:
+        raise ConversionError(f"this is a text-to-image model ({cfg.text_stage['target']}): load it whole with "
+                              f"StableDiffusion.from_single_file (sample.py --ckpt FILE --prompt ...), or convert "
+                              f"--component unet / vae")
     if cfg.problems:
         raise ConversionError("this ldm model does not convert whole (convert --component unet / vae instead): "
                               + "; ".join(cfg.problems))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from ms_diffusion.models.distributions import DiagonalGaussianDistribution, gaussian_sample, split_moments
@@ -86,14 +87,30 @@ class AttnBlock(nn.Cell):
         self.proj_out = conv2d(in_channels, in_channels, 1)
         self.scale = in_channels ** -0.5
         self.use_flash = bool(flash) and flash_attention_available(in_channels)
+        self.attention_slice = 0
 
     def construct(self, x):
         b, c, h, w = x.shape
         hn = self.norm(x)
         shape = (b, 1, c, h * w)                                  # one head, channels first
         out = attention(self.q(hn).reshape(shape), self.k(hn).reshape(shape), self.v(hn).reshape(shape), self.scale,
-                        self.use_flash, channels_first=True)      # (b, 1, c, hw): no transposes
+                        self.use_flash, channels_first=True, slice_size=self.attention_slice)
         return x + self.proj_out(out.reshape(b, c, h, w))
+
+
+def _blend(a: np.ndarray, b: np.ndarray, extent: int, axis: int) -> None:
+    """Blend the first ``extent`` rows (axis 2) or columns (axis 3) of b, in place, from a's last ones to b's
+    own with weights linear in the position (diffusers' ``blend_v`` / ``blend_h``)."""
+    extent = min(a.shape[axis], b.shape[axis], extent)
+    if extent <= 0:
+        return
+    w = (np.arange(extent, dtype=np.float64) / extent).astype(b.dtype)
+    w = w.reshape((1, 1, extent, 1) if axis == 2 else (1, 1, 1, extent))
+    tail = a[:, :, -extent:, :] if axis == 2 else a[:, :, :, -extent:]
+    if axis == 2:
+        b[:, :, :extent, :] = tail * (1 - w) + b[:, :, :extent, :] * w
+    else:
+        b[:, :, :, :extent] = tail * (1 - w) + b[:, :, :, :extent] * w
 
 
 def check_attn_type(attn_type: str) -> None:
@@ -336,6 +353,7 @@ class AutoencoderKL(nn.Cell):
         z = int(config["z_channels"])
         self.quant_conv = conv2d(2 * z, 2 * embed_dim, 1)
         self.post_quant_conv = conv2d(embed_dim, z, 1)
+        self.tiling: Optional[tuple] = None      # (tile_size, overlap) with enable_tiling
 
     @property
     def downsample_factor(self) -> int:
@@ -358,6 +376,49 @@ class AutoencoderKL(nn.Cell):
         if shape[2] % f or shape[3] % f:
             raise ValueError(f"image size {shape[2]}x{shape[3]} is not divisible by {f} (the encoder halves it "
                              f"{self.num_downsamples} times); pad or resize the images")
+
+    def enable_tiling(self, tile_size: int = 512, overlap: float = 0.25) -> None:
+        """Let ``tiled(fn, x)`` encode / decode images larger than ``tile_size`` pixels (``tile_size / f``
+        latents) tile by tile, as diffusers' ``AutoencoderKL.enable_tiling``: tiles overlap by ``overlap``,
+        neighbours are blended linearly across the overlap, so memory stays that of one tile at the cost of
+        slight seams."""
+        f = self.downsample_factor
+        if tile_size < f or tile_size % f:
+            raise ValueError(f"tile_size must be a positive multiple of the downsampling factor {f}, got {tile_size}")
+        if not 0.0 <= overlap < 1.0:
+            raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
+        self.tiling = (int(tile_size), float(overlap))
+
+    def disable_tiling(self) -> None:
+        self.tiling = None
+
+    def tiled(self, fn, x, latents: bool):
+        """``fn(x)`` (host side), tile by tile when tiling is enabled and x is larger than a tile.
+
+        ``fn``: the encoder to moments (``latents=False``: x images (B, C, H, W)) or the decoder
+        (``latents=True``: x latents (B, z, h, w)), compiled or not. Tiles overlap (stride tile (1 - overlap)),
+        outputs are blended across int(tile_out * overlap) and cropped, as diffusers' tiled encode / decode."""
+        if self.tiling is None:
+            return fn(x)
+        tile, overlap = self.tiling
+        f = self.downsample_factor
+        tile_in, tile_out = (tile // f, tile) if latents else (tile, tile // f)
+        if x.shape[2] <= tile_in and x.shape[3] <= tile_in:
+            return fn(x)
+        stride = int(tile_in * (1 - overlap))
+        extent = int(tile_out * overlap)
+        limit = tile_out - extent
+        rows = [[fn(x[:, :, i:i + tile_in, j:j + tile_in]).asnumpy() for j in range(0, x.shape[3], stride)]
+                for i in range(0, x.shape[2], stride)]
+        out_rows = []
+        for i, row in enumerate(rows):
+            for j, part in enumerate(row):
+                if i > 0:
+                    _blend(rows[i - 1][j], part, extent, axis=2)
+                if j > 0:
+                    _blend(row[j - 1], part, extent, axis=3)
+            out_rows.append(np.concatenate([t[:, :, :limit, :limit] for t in row], axis=3))
+        return ms.Tensor(np.concatenate(out_rows, axis=2))
 
     def encode_moments(self, x):
         """Images (B, C, H, W) in [-1, 1] -> posterior moments (B, 2 * embed_dim, H / f, W / f)."""

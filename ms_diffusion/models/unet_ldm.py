@@ -145,6 +145,7 @@ class AttentionBlock(nn.Cell):
         self.qkv = conv2d(channels, channels * 3, 1)
         self.proj_out = zero_init(conv2d(channels, channels, 1))
         self.use_flash = bool(flash) and flash_attention_available(self.head_dim)
+        self.attention_slice = 0
 
     def construct(self, x):
         b, c, h, w = x.shape
@@ -157,7 +158,7 @@ class AttentionBlock(nn.Cell):
             q, k, v = ops.chunk(qkv.reshape(b * self.num_heads, 3 * self.head_dim, n), 3, axis=1)
         shape = (b, self.num_heads, self.head_dim, n)
         out = attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.head_dim ** -0.5, self.use_flash,
-                        channels_first=True)                                  # (b, heads, d, n): no transposes
+                        channels_first=True, slice_size=self.attention_slice)  # (b, heads, d, n): no transposes
         return x + self.proj_out(out.reshape(b, c, h, w))
 
 
@@ -248,6 +249,7 @@ class UNetModel(nn.Cell):
         flash_attn: bool = False,
     ):
         super().__init__()
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments
         if dims != 2:
             raise ValueError(f"UNetModel supports dims=2 (images) only, got dims={dims}")
         if n_embed is not None:

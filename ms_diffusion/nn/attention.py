@@ -3,6 +3,10 @@
 ``attention(q, k, v, scale, use_flash)`` is the only place softmax attention is computed.
 On Ascend with ``use_flash`` it calls the fused ``flash_attention_score`` kernel (fp16/bf16);
 everywhere else (CPU, GPU, or flash not requested) a batched matmul + float32 softmax.
+
+Memory: the matmul path holds the (B, H, N, M) scores twice (scores and softmax). ``slice_size`` computes
+them for that many queries at a time (the result is the same: every query row is independent);
+``set_attention_slicing(cell, n)`` sets it on every attention layer inside a network.
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from ms_diffusion.nn.layers import cast_like, conv2d, to_float32
 from ms_diffusion.nn.norms import ChannelLayerNorm, GroupNorm, RMSNorm
 
-__all__ = ["attention", "flash_attention_available", "split_heads", "Attention", "LinearAttention", "make_channel_norm"]
+__all__ = ["attention", "flash_attention_available", "split_heads", "set_attention_slicing", "Attention",
+           "LinearAttention", "make_channel_norm"]
+
 
 def flash_attention_available(head_dim: int) -> bool:
     """True when the Ascend fused kernel can run attention with this head size here."""
@@ -30,7 +36,21 @@ _BMM_T_A = ops.BatchMatMul(transpose_a=True)
 _BMM_T_B = ops.BatchMatMul(transpose_b=True)
 
 
-def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bool = False, bias=None):
+def set_attention_slicing(network: nn.Cell, slice_size: int = 0) -> int:
+    """Compute every softmax attention inside ``network`` for ``slice_size`` queries at a time (0: all at
+    once). Set it before the first call of a compiled (graph mode) network. Returns the layers changed."""
+    if slice_size < 0:
+        raise ValueError(f"slice_size must be >= 0 (0: no slicing), got {slice_size}")
+    changed = 0
+    for _, cell in network.cells_and_names():
+        if hasattr(cell, "attention_slice"):
+            cell.attention_slice = int(slice_size)
+            changed += 1
+    return changed
+
+
+def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bool = False, bias=None,
+              slice_size: int = 0):
     """softmax(q k^T * scale + bias) v over the last-but-one (token) axis.
 
     ``channels_first=False``: q (B, H, N, D), k/v (B, H, M, D) -> (B, H, N, D).
@@ -38,7 +58,9 @@ def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bo
     convolution produces; no transposes are made on the matmul path (transpose flags instead).
     ``bias``: float32, broadcastable to (B, H, N, M), added to the scaled scores (a causal or padding
     mask as large negative numbers); attention with a bias always takes the matmul path.
+    ``slice_size`` > 0: the matmul path for that many queries at a time (same result, less memory).
     """
+    n = q.shape[-1] if channels_first else q.shape[-2]
     if use_flash and bias is None:
         if channels_first:
             q, k, v = q.swapaxes(-1, -2), k.swapaxes(-1, -2), v.swapaxes(-1, -2)
@@ -48,6 +70,19 @@ def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bo
                                         scalar_value=scale, input_layout="BNSD")
         out = cast_like(out, q)
         return out.swapaxes(-1, -2) if channels_first else out
+    if not slice_size or n <= slice_size:
+        return _matmul_attention(q, k, v, scale, channels_first, bias)
+    outs = []
+    for i in range(0, n, slice_size):
+        j = min(i + slice_size, n)
+        part_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., i:j, :]
+        part = q[..., i:j] if channels_first else q[..., i:j, :]
+        outs.append(_matmul_attention(part, k, v, scale, channels_first, part_bias))
+    return ops.cat(outs, axis=-1 if channels_first else -2)
+
+
+def _matmul_attention(q, k, v, scale: float, channels_first: bool, bias):
+    """``attention``'s batched matmul + float32 softmax path (layouts as there)."""
     if channels_first:
         sim = to_float32(_BMM_T_A(q, k)) * scale               # (B, H, N, M)
         if bias is not None:
@@ -113,6 +148,7 @@ class Attention(nn.Cell):
         self.to_qkv = conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = conv2d(hidden, dim, 1)
         self.use_flash = bool(flash) and flash_attention_available(dim_head)
+        self.attention_slice = 0
 
     def construct(self, x):
         b, _, h, w = x.shape
@@ -120,7 +156,7 @@ class Attention(nn.Cell):
         if self.num_mem_kv > 0:
             mem = cast_like(self.mem_kv, x).swapaxes(-1, -2)  # lucidrains keeps (2, heads, m, d)
         q, k, v = split_heads(self.to_qkv(self.norm(x)), self.heads, self.dim_head, mem)
-        out = attention(q, k, v, self.scale, self.use_flash, channels_first=True)
+        out = attention(q, k, v, self.scale, self.use_flash, channels_first=True, slice_size=self.attention_slice)
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 

@@ -50,6 +50,7 @@ class CrossAttention(nn.Cell):
         self.to_v = dense(self.context_dim, inner, bias=False)
         self.to_out = nn.SequentialCell([dense(inner, query_dim), _dropout(dropout)])
         self.use_flash = bool(flash) and flash_attention_available(dim_head)
+        self.attention_slice = 0          # queries per softmax (0: all); see nn.attention.set_attention_slicing
 
     def _heads(self, t):
         b, n, _ = t.shape
@@ -64,7 +65,7 @@ class CrossAttention(nn.Cell):
         q = self._heads(self.to_q(x))
         k = self._heads(self.to_k(context))
         v = self._heads(self.to_v(context))
-        out = attention(q, k, v, self.scale, self.use_flash)           # (b, heads, n, d)
+        out = attention(q, k, v, self.scale, self.use_flash, slice_size=self.attention_slice)   # (b, heads, n, d)
         b, _, n, _ = out.shape
         return self.to_out(out.swapaxes(1, 2).reshape(b, n, self.heads * self.dim_head))
 

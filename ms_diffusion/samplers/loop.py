@@ -7,6 +7,9 @@ takes the same *loop options* (keyword arguments of ``SamplingLoop``):
 * ``mask``, ``x0``: inpainting with ldm's semantics. ``x0`` (B, C, H, W) is the known image in model
   space, ``mask`` (broadcastable to it) is 1 where x0 is kept; before every step the kept region is
   replaced by x0 noised to the current level (q_sample with fresh noise from ``rng``).
+  ``mask_noise`` (B, C, H, W): noise x0 with this fixed noise at every level instead (diffusers'
+  inpainting pipeline for ordinary models reuses its initial noise); ``mask_from_step``: the first step
+  whose input is replaced (default 0; that pipeline starts from pure noise at full strength: 1).
 * ``log_every_t``: keep every n-th step in ``SampleResult.trajectory`` (0: only the final sample).
 * ``callback(i, t, x, x0)``: called after step i (which evaluated timestep t) with the new sample
   and the x0 estimate that step used.
@@ -26,7 +29,8 @@ from ms_diffusion.schedules import NoiseSchedule
 
 __all__ = ["SamplingLoop", "LOOP_OPTIONS"]
 
-LOOP_OPTIONS = ("self_condition", "mask", "x0", "log_every_t", "callback", "progress")
+LOOP_OPTIONS = ("self_condition", "mask", "x0", "mask_noise", "mask_from_step", "log_every_t", "callback",
+                "progress")
 
 _T = TypeVar("_T")
 
@@ -43,10 +47,15 @@ class SamplingLoop:
     def __init__(self, denoise: Denoise, schedule: NoiseSchedule, rng: Optional[np.random.Generator], *, name: str,
                  num_steps: int, self_condition: bool = False,
                  mask: Optional[Union[ms.Tensor, np.ndarray]] = None,
-                 x0: Optional[Union[ms.Tensor, np.ndarray]] = None, log_every_t: int = 0,
-                 callback: Optional[StepCallback] = None, progress: bool = False):
+                 x0: Optional[Union[ms.Tensor, np.ndarray]] = None,
+                 mask_noise: Optional[Union[ms.Tensor, np.ndarray]] = None, mask_from_step: int = 0,
+                 log_every_t: int = 0, callback: Optional[StepCallback] = None, progress: bool = False):
         if (mask is None) != (x0 is None):
             raise ValueError("inpainting needs both `mask` and `x0` (the known image), or neither")
+        if mask is None and (mask_noise is not None or mask_from_step):
+            raise ValueError("mask_noise / mask_from_step are inpainting options: pass mask and x0 too")
+        if mask_from_step < 0:
+            raise ValueError(f"mask_from_step must be >= 0, got {mask_from_step}")
         if mask is not None and rng is None:
             raise ValueError(f"{name} does not support inpainting (mask / x0)")
         if log_every_t < 0:
@@ -59,6 +68,9 @@ class SamplingLoop:
         self.self_condition = bool(self_condition)
         self.mask = None if mask is None else _as_tensor(mask)
         self.known = None if x0 is None else _as_tensor(x0)
+        self.mask_noise = None if mask_noise is None else _as_tensor(mask_noise)
+        self.mask_from_step = int(mask_from_step)
+        self._inpaint_step = 0
         self.callback = callback
         self.progress = bool(progress)
         self.trajectory = Trajectory(every=int(log_every_t))
@@ -67,9 +79,10 @@ class SamplingLoop:
     def start(self, x: ms.Tensor, t: int) -> None:
         """Record the starting sample x (B, C, H, W) at timestep t; checks the inpainting shapes."""
         if self.known is not None:
-            if tuple(self.known.shape) != tuple(x.shape):
-                raise ValueError(f"inpainting x0 has shape {tuple(self.known.shape)} but the sample is "
-                                 f"{tuple(x.shape)}")
+            for what, a in (("x0", self.known), ("mask_noise", self.mask_noise)):
+                if a is not None and tuple(a.shape) != tuple(x.shape):
+                    raise ValueError(f"inpainting {what} has shape {tuple(a.shape)} but the sample is "
+                                     f"{tuple(x.shape)}")
             try:
                 np.broadcast_shapes(tuple(self.mask.shape), tuple(x.shape))
             except ValueError:
@@ -93,11 +106,17 @@ class SamplingLoop:
         return out
 
     def inpaint(self, x: ms.Tensor, level: NoiseLevel) -> ms.Tensor:
-        """ldm inpainting: the kept region of x replaced by the known image noised to ``level``."""
+        """Inpainting, called once before every step: the kept region of x replaced by the known image noised
+        to ``level`` (from step ``mask_from_step`` on)."""
         if self.mask is None:
             return x
-        known = self.known if level.sigma == 0.0 else (level.alpha * self.known
-                                                        + level.sigma * gaussian(self.rng, x.shape, x.dtype))
+        step, self._inpaint_step = self._inpaint_step, self._inpaint_step + 1
+        if step < self.mask_from_step:
+            return x
+        noise = self.mask_noise
+        if noise is None and level.sigma != 0.0:
+            noise = gaussian(self.rng, x.shape, x.dtype)
+        known = self.known if level.sigma == 0.0 else level.alpha * self.known + level.sigma * noise
         return known * self.mask + (1.0 - self.mask) * x
 
     def end_step(self, i: int, t: int, t_to: int, x: ms.Tensor, x0: Optional[ms.Tensor]) -> None:
