@@ -71,7 +71,7 @@ def run_case(case: str, folder: Path, size: int, steps: int, tile: int) -> None:
         from ms_diffusion import runtime
         from ms_diffusion.stable_diffusion import StableDiffusion
 
-        runtime.setup("CPU", "graph")
+        runtime.setup("auto", "graph")
         start = time.perf_counter()
         sd = StableDiffusion.from_diffusers(folder)
         if sliced:

@@ -111,7 +111,7 @@ class Plan:
             raise ConversionError(f"{self.source} weights do not match the model: "
                                   f"{problem_report(missing, unexpected, sorted(mismatched))}{hint}")
         self.check_buffers(state)
-        out = {e.ms_name: e.transform.to_ms([np.asarray(state[t]) for t in e.torch_names]).astype(e.ms_dtype)
+        out = {e.ms_name: e.transform.to_ms([np.asarray(state[t]) for t in e.torch_names]).astype(e.ms_dtype, copy=False)
                for e in self.entries}
         for name, (value, _) in self.fixed.items():
             out[name] = np.array(value, copy=True)

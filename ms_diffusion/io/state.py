@@ -91,4 +91,4 @@ def load_arrays_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], rules: Seq
         raise ConversionError("weights do not match the model; " + problem_report(missing, unexpected, mismatched))
     for dst, (_, value) in renamed.items():
         p = params[dst]
-        p.set_data(ms.Tensor(value.astype(numpy_dtype(p)), dtype=p.dtype))
+        p.set_data(ms.Tensor(value.astype(numpy_dtype(p), copy=False), dtype=p.dtype))
