@@ -46,7 +46,7 @@ from ms_diffusion.interop.plan import Plan
 from ms_diffusion.interop.sd_formats import (read_sd_checkpoint, sd_checkpoint_state, sd_ldm_config,
                                              write_diffusers_pipeline)
 from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write_weights
-from ms_diffusion.io.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
 from ms_diffusion.models import AutoencoderKL, UNetModel
 from ms_diffusion.nn.attention import set_attention_slicing
 from ms_diffusion.samplers import resolve_sampler, sampler_options
@@ -147,13 +147,13 @@ class StableDiffusion:
         kwargs, problems = unet_kwargs_from_diffusers(config, config.get("_class_name"))
         if problems:
             raise ConversionError("this diffusers UNet does not map onto ldm's UNetModel: " + "; ".join(problems))
-        unet = UNetModel(**kwargs)
+        unet = build_uninitialised(UNetModel, **kwargs)
         load_arrays_into(unet, diffusers_unet_plan(unet).to_ms(state))
         config, state = read_diffusers_folder(root, "vae")
         section, problems = autoencoder_config_from_diffusers(config)
         if problems:
             raise ConversionError("this diffusers AutoencoderKL does not map onto ldm's: " + "; ".join(problems))
-        vae = AutoencoderKL(**section)
+        vae = build_uninitialised(AutoencoderKL, **section)
         load_arrays_into(vae, diffusers_vae_plan(vae).to_ms(state))
         del state
         scaling = config.get("scaling_factor") or 0.18215
@@ -175,12 +175,12 @@ class StableDiffusion:
         """
         parts = read_sd_checkpoint(path, config, use_ema=use_ema, prediction_type=prediction_type)
         skip = (1 if parts.text_layer == "penultimate" else 0) + int(clip_skip)
-        text_encoder = CLIPTextModel(**parts.text_kwargs, skip_last_layers=skip)
+        text_encoder = build_uninitialised(CLIPTextModel, **parts.text_kwargs, skip_last_layers=skip)
         load_arrays_into(text_encoder, parts.text_encoder)
         text_encoder.set_train(False)
-        unet = UNetModel(**parts.config.unet)
+        unet = build_uninitialised(UNetModel, **parts.config.unet)
         load_arrays_into(unet, parts.unet)
-        vae = AutoencoderKL(**parts.config.autoencoder)
+        vae = build_uninitialised(AutoencoderKL, **parts.config.autoencoder)
         load_arrays_into(vae, parts.vae)
         max_length = parts.config.text_stage["max_length"]
         if tokenizer is not None:

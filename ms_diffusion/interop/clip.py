@@ -19,7 +19,7 @@ import numpy as np
 from ms_diffusion.interop.names import OPEN_CLIP_TEXT, TRANSFORMERS_CLIP_TEXT
 from ms_diffusion.interop.plan import Plan, build_plan
 from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder
-from ms_diffusion.io.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
 from ms_diffusion.text.clip import CLIPTextModel
 
 __all__ = ["text_encoder_plan", "text_encoder_kwargs_from_transformers", "transformers_text_config",
@@ -115,7 +115,7 @@ def text_encoder_from_transformers(folder: PathLike, subfolder: Optional[str] = 
     kwargs, problems = text_encoder_kwargs_from_transformers(config)
     if problems:
         raise ConversionError("this CLIP text encoder does not map onto ours: " + "; ".join(problems))
-    model = CLIPTextModel(**{**kwargs, **overrides})
+    model = build_uninitialised(CLIPTextModel, **{**kwargs, **overrides})
     load_arrays_into(model, text_encoder_plan(model).to_ms(state))
     model.set_train(False)
     return model
