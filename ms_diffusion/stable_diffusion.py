@@ -173,15 +173,8 @@ class StableDiffusion:
         CLIP's BPE vocabulary from open-clip-torch, cleaned and padded as the model's own text encoder did);
         ``clip_skip``: further layers to skip. Scheduler: SD's DDIM grid (leading, offset 1, final alpha of step 0).
         """
-        parts = read_sd_checkpoint(path, config, use_ema=use_ema, prediction_type=prediction_type)
-        skip = (1 if parts.text_layer == "penultimate" else 0) + int(clip_skip)
-        text_encoder = build_uninitialised(CLIPTextModel, **parts.text_kwargs, skip_last_layers=skip)
-        load_arrays_into(text_encoder, parts.text_encoder)
-        text_encoder.set_train(False)
-        unet = build_uninitialised(UNetModel, **parts.config.unet)
-        load_arrays_into(unet, parts.unet)
-        vae = build_uninitialised(AutoencoderKL, **parts.config.autoencoder)
-        load_arrays_into(vae, parts.vae)
+        parts = read_sd_checkpoint(path, config, use_ema=use_ema, prediction_type=prediction_type,
+                                   clip_skip=clip_skip)
         max_length = parts.config.text_stage["max_length"]
         if tokenizer is not None:
             tok = CLIPTokenizer.from_folder(tokenizer, max_length=max_length)
@@ -197,7 +190,7 @@ class StableDiffusion:
                                                                                                d["beta_schedule"]),
                      "prediction_type": {v: k for k, v in _PREDICTIONS.items()}[d["objective"]],
                      "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1, "timestep_spacing": "leading"}
-        sd = cls._assemble(tok, text_encoder, unet, vae, float(d["scale_factor"]), scheduler,
+        sd = cls._assemble(tok, parts.text_encoder, parts.unet, parts.vae, float(d["scale_factor"]), scheduler,
                            image_size=d.get("image_size"))
         sd.source = dict(parts.meta)
         if parts.buffers:

@@ -42,6 +42,8 @@ __all__ = ["vae_plan", "unet_plan", "autoencoder_config_from_diffusers", "unet_k
 
 DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+#: the diffusers version whose config formats we write (and test against)
+DIFFUSERS_VERSION = "0.42.1"
 
 # config.json keys that are plain renames of ours, (our key, diffusers' key, diffusers' default): read and
 # written from these tables. AutoencoderKL: ldm's ddconfig; UNet: UNetModel kwargs (= its attributes).
@@ -420,7 +422,7 @@ def ms_to_diffusers(path: PathLike, out_folder: PathLike, weights: str = "ema") 
         config, state = diffusers_vae_config(vae), vae_plan(vae).to_torch(groups[group])
     out = Path(out_folder)
     out.mkdir(parents=True, exist_ok=True)
-    config["_diffusers_version"] = "0.42.1"
+    config["_diffusers_version"] = DIFFUSERS_VERSION
     config["_ms_diffusion_version"] = __version__
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_weights(out / WEIGHTS_NAME, state)

@@ -42,7 +42,7 @@ from ms_diffusion.io.state import ConversionError, load_arrays_into, problem_rep
 from ms_diffusion.interop.torch_io import PathLike, flat_arrays, read_weights
 from ms_diffusion.interop.transforms import IDENTITY
 
-__all__ = ["LdmConfig", "parse_ldm_config", "read_ldm_checkpoint", "unet_plan", "autoencoder_plan",
+__all__ = ["LdmConfig", "load_ldm_yaml", "parse_ldm_config", "read_ldm_checkpoint", "unet_plan", "autoencoder_plan",
            "latent_diffusion_plan", "lit_ema_key", "lit_ema_state", "ldm_to_ms", "ms_to_ldm", "COMPONENTS",
            "UNET_PREFIX", "FIRST_STAGE_PREFIX", "COND_STAGE_PREFIX"]
 
@@ -83,7 +83,8 @@ class LdmConfig:
     problems: List[str] = field(default_factory=list)
 
 
-def _load_yaml(source: Union[PathLike, Mapping[str, Any]]) -> Mapping[str, Any]:
+def load_ldm_yaml(source: Union[PathLike, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """An ldm YAML (path, or an already-read mapping) with its `model:` section, or ConversionError."""
     if isinstance(source, Mapping):
         return source
     p = Path(source)
@@ -126,7 +127,7 @@ def _unet_kwargs(params: Mapping[str, Any]) -> Tuple[Dict[str, Any], List[str]]:
 
 def parse_ldm_config(source: Union[PathLike, Mapping[str, Any]]) -> LdmConfig:
     """Read an ldm YAML (a LatentDiffusion config or a first-stage AutoencoderKL config)."""
-    raw = _load_yaml(source)
+    raw = load_ldm_yaml(source)
     model = raw["model"]
     target = str(model.get("target", ""))
     params = dict(model.get("params") or {})

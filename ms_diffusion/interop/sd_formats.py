@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
-import yaml
 
 from ms_diffusion.interop.clip import text_encoder_kwargs_from_open_clip, text_encoder_plan
 from ms_diffusion.interop.ldm import (EMA_PREFIX, FIRST_STAGE_PREFIX, UNET_PREFIX, LdmConfig, autoencoder_plan,
-                                      lit_ema_state, parse_ldm_config, read_ldm_checkpoint, unet_plan)
+                                      lit_ema_state, load_ldm_yaml, parse_ldm_config, read_ldm_checkpoint,
+                                      unet_plan)
 from ms_diffusion.interop.names import LDM_SCHEDULE_BUFFERS
 from ms_diffusion.interop.torch_io import PathLike
-from ms_diffusion.io.state import ConversionError, state_arrays
+from ms_diffusion.io.state import (ConversionError, build_uninitialised, load_arrays_into, named_parameters,
+                                   state_arrays)
 
 __all__ = ["SD_TEXT_ENCODERS", "SDComponents", "sd_text_source", "infer_sd_config", "read_sd_checkpoint",
            "write_diffusers_pipeline",
@@ -52,16 +53,14 @@ _SD1_UNET_HEADS = 8
 
 @dataclass
 class SDComponents:
-    """What ``read_sd_checkpoint`` found: the parsed config, each network's constructor arguments and weights
-    (our names), the text encoder's source (``transformers`` / ``open_clip``) and the layer SD conditions on."""
+    """What ``read_sd_checkpoint`` found: the parsed config, the three networks with their weights loaded, and
+    the text encoder's source (``transformers`` / ``open_clip``)."""
 
     config: LdmConfig
     text_source: str
-    text_layer: str
-    text_kwargs: Dict[str, Any]
-    unet: Dict[str, np.ndarray]
-    vae: Dict[str, np.ndarray]
-    text_encoder: Dict[str, np.ndarray]
+    unet: Any                 # UNetModel
+    vae: Any                  # AutoencoderKL
+    text_encoder: Any         # CLIPTextModel, conditioning on the layer the config names (minus clip_skip more)
     buffers: Dict[str, np.ndarray] = field(default_factory=dict)     # ldm's schedule buffers, to check
     meta: Dict[str, Any] = field(default_factory=dict)
 
@@ -197,16 +196,7 @@ def _load_config(state: Mapping[str, np.ndarray], config: Union[None, PathLike, 
                  prediction_type: Optional[str]) -> Mapping[str, Any]:
     if config is None:
         return infer_sd_config(state, prediction_type)
-    if not isinstance(config, Mapping):
-        path = Path(config)
-        if not path.is_file():
-            raise ConversionError(f"ldm config {str(path)!r} does not exist")
-        try:
-            config = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConversionError(f"{path}: invalid YAML: {err}") from None
-        if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
-            raise ConversionError(f"{path}: not an ldm config (no `model:` section)")
+    config = load_ldm_yaml(config)
     if prediction_type is not None:
         params = dict(config["model"].get("params") or {})
         if prediction_type not in _PREDICTIONS:
@@ -217,12 +207,14 @@ def _load_config(state: Mapping[str, np.ndarray], config: Union[None, PathLike, 
 
 
 def read_sd_checkpoint(path: PathLike, config: Union[None, PathLike, Mapping[str, Any]] = None, *,
-                       use_ema: bool = True, prediction_type: Optional[str] = None) -> SDComponents:
-    """A Stable Diffusion 1.x / 2.x checkpoint -> its components in our names, checked tensor by tensor.
+                       use_ema: bool = True, prediction_type: Optional[str] = None,
+                       clip_skip: int = 0) -> SDComponents:
+    """A Stable Diffusion 1.x / 2.x checkpoint -> our networks with its weights, checked tensor by tensor.
 
     ``config``: the model's ldm YAML (path or mapping; default: ``NAME.yaml`` beside the file if present,
     else read off the tensors, see ``infer_sd_config``); ``use_ema``: the UNet's LitEma weights when the
-    file has them; ``prediction_type``: overrides the config's parameterisation.
+    file has them; ``prediction_type``: overrides the config's parameterisation; ``clip_skip``: text-encoder
+    layers to skip beyond the one the config names.
     """
     from ms_diffusion.models import AutoencoderKL, UNetModel
     from ms_diffusion.text import CLIPTextModel
@@ -247,7 +239,7 @@ def read_sd_checkpoint(path: PathLike, config: Union[None, PathLike, Mapping[str
                             "config": str(config) if isinstance(config, (str, Path)) else
                             ("inferred" if config is None else "given"), "not_converted": dict(info["not_converted"])}
 
-    unet = UNetModel(**cfg.unet)
+    unet = build_uninitialised(UNetModel, **cfg.unet)
     plan = unet_plan(unet, UNET_PREFIX)
     ema = lit_ema_state(state, plan.torch_names)
     unet_state = {k: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
@@ -257,17 +249,18 @@ def read_sd_checkpoint(path: PathLike, config: Union[None, PathLike, Mapping[str
     elif ema is not None:
         meta["not_converted"]["model_ema.*"] = "the unet's EMA weights (use_ema=False)"
     meta["weights"] = "ema" if (ema is not None and use_ema) else "as stored"
-    unet_arrays = unet_plan(unet, "").to_ms({k[len(UNET_PREFIX):]: v for k, v in unet_state.items()})
+    load_arrays_into(unet, plan.to_ms(unet_state))
 
-    vae = AutoencoderKL(**cfg.autoencoder)
-    vae_arrays = autoencoder_plan(vae, "").to_ms(
-        {k[len(FIRST_STAGE_PREFIX):]: v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)})
+    vae = build_uninitialised(AutoencoderKL, **cfg.autoencoder)
+    load_arrays_into(vae, autoencoder_plan(vae).to_ms(
+        {k: v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)}))
 
     prefix = SD_TEXT_ENCODERS[source][0]
     text_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    kwargs = _text_kwargs(text_state, source)
-    text = CLIPTextModel(**kwargs)
-    text_arrays = text_encoder_plan(text, source).to_ms(text_state)
+    skip = (1 if cfg.text_stage["layer"] == "penultimate" else 0) + int(clip_skip)
+    text = build_uninitialised(CLIPTextModel, **_text_kwargs(text_state, source), skip_last_layers=skip)
+    load_arrays_into(text, text_encoder_plan(text, source).to_ms(text_state))
+    text.set_train(False)
 
     buffers = {k: state[k] for k in LDM_SCHEDULE_BUFFERS if k in state}
     known = (UNET_PREFIX, FIRST_STAGE_PREFIX, prefix, EMA_PREFIX)
@@ -277,8 +270,8 @@ def read_sd_checkpoint(path: PathLike, config: Union[None, PathLike, Mapping[str
     if rest:
         raise ConversionError(f"{path}: tensors that belong to no Stable Diffusion component: "
                               f"{', '.join(rest[:8])}{' ...' if len(rest) > 8 else ''} ({len(rest)})")
-    return SDComponents(config=cfg, text_source=source, text_layer=cfg.text_stage["layer"], text_kwargs=kwargs,
-                        unet=unet_arrays, vae=vae_arrays, text_encoder=text_arrays, buffers=buffers, meta=meta)
+    return SDComponents(config=cfg, text_source=source, unet=unet, vae=vae, text_encoder=text, buffers=buffers,
+                        meta=meta)
 
 
 def _text_layout(text_encoder) -> Tuple[str, str]:
@@ -362,8 +355,8 @@ def _truncated_text_encoder(text_encoder):
     arrays = state_arrays(text_encoder)
     if depth == c["num_hidden_layers"] and not c["projection_dim"]:
         return text_encoder, arrays
-    kept = CLIPTextModel(**{**c, "num_hidden_layers": depth, "projection_dim": None})
-    names = set(state_arrays(kept))
+    kept = build_uninitialised(CLIPTextModel, **{**c, "num_hidden_layers": depth, "projection_dim": None})
+    names = set(named_parameters(kept))            # only its names and config are used, not its values
     return kept, {k: v for k, v in arrays.items() if k in names}
 
 
@@ -400,14 +393,15 @@ def write_diffusers_pipeline(folder: PathLike, *, tokenizer, text_encoder, unet,
                 ("vae", {**dif.diffusers_vae_config(vae), "scaling_factor": float(scaling_factor)},
                  dif.vae_plan(vae), state_arrays(vae))):
             (staging / part).mkdir()
-            config["_diffusers_version"] = "0.42.1"
+            config["_diffusers_version"] = dif.DIFFUSERS_VERSION
             (staging / part / "config.json").write_text(json.dumps(config, indent=2) + "\n")
             write_weights(staging / part / dif.WEIGHTS_NAME, plan.to_torch(arrays))
         (staging / "scheduler").mkdir()
-        scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": "0.42.1", **dict(scheduler_config)}
+        scheduler = {"_class_name": "DDIMScheduler", "_diffusers_version": dif.DIFFUSERS_VERSION,
+                     **dict(scheduler_config)}
         (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
         index = {"_class_name": "StableDiffusionInpaintPipeline" if inpainting else "StableDiffusionPipeline",
-                 "_diffusers_version": "0.42.1", "_ms_diffusion_version": __version__, **_PIPELINE_INDEX}
+                 "_diffusers_version": dif.DIFFUSERS_VERSION, "_ms_diffusion_version": __version__, **_PIPELINE_INDEX}
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if folder.exists():
             folder.rmdir()
