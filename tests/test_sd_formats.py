@@ -19,7 +19,8 @@ from ms_diffusion.io.state import ConversionError, state_arrays
 from ms_diffusion.stable_diffusion import StableDiffusion
 from tests.anchors import open_clip
 from tests.test_clip_text import clip_tokenizer_folder
-from tests.test_stable_diffusion import NEGATIVE, PROMPTS, SIZE, _close, _latents, _perturbed
+from tests.test_stable_diffusion import (NEGATIVE, PROMPTS, SIZE, _close, _latents, _perturbed, save_pipeline,
+                                         tiny_vae)
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -42,20 +43,9 @@ def _pipeline(root, kind):
         block_out_channels=(64, 128) if sd2 else (32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
         attention_head_dim=(1, 2) if sd2 else 8, use_linear_projection=sd2, norm_num_groups=32)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                                  latent_channels=4, norm_num_groups=32, sample_size=SIZE, layers_per_block=1)
-    scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                        prediction_type="v_prediction" if sd2 else "epsilon")
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=_perturbed(vae, 1), text_encoder=_perturbed(transformers.CLIPTextModel(text_config), 3),
-        tokenizer=tokenizer, unet=_perturbed(unet, 2), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    folder = root / kind
-    pipe.save_pretrained(str(folder))
-    return folder, pipe
+    vae = tiny_vae((32, 64), groups=32)
+    return save_pipeline(root, kind, unet=unet, vae=vae, tokenizer=tokenizer, v_prediction=sd2,
+                         text_encoder=_perturbed(transformers.CLIPTextModel(text_config), 3))
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,25 @@ def _pipeline(root, kind):
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=(2, 4) if sd2 else 4, use_linear_projection=sd2, norm_num_groups=8)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32),
-                                  latent_channels=4, norm_num_groups=8, sample_size=SIZE, layers_per_block=1)
+    vae = tiny_vae((16, 32), groups=8)
+    return save_pipeline(root, kind, unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         v_prediction=sd2, inpainting=kind == "inpaint")
+
+
+def tiny_vae(channels, groups):
+    """A two-level AutoencoderKL (f = 2, 4 latent channels) for SIZE-pixel images."""
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=channels,
+                                   latent_channels=4, norm_num_groups=groups, sample_size=SIZE, layers_per_block=1)
+
+
+def save_pipeline(root, kind, *, unet, vae, text_encoder, tokenizer, v_prediction, inpainting=False):
+    """(folder, pipeline): the UNet and VAE moved off their init, SD's DDIM scheduler (leading grid, offset 1,
+    final alpha of step 0), saved by diffusers under ``root / kind``."""
     scheduler = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                                        prediction_type="v_prediction" if sd2 else "epsilon")
-    cls = diffusers.StableDiffusionInpaintPipeline if kind == "inpaint" else diffusers.StableDiffusionPipeline
+                                        prediction_type="v_prediction" if v_prediction else "epsilon")
+    cls = diffusers.StableDiffusionInpaintPipeline if inpainting else diffusers.StableDiffusionPipeline
     pipe = cls(vae=_perturbed(vae, 1), text_encoder=text_encoder, tokenizer=tokenizer, unet=_perturbed(unet, 2),
                scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
