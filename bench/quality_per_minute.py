@@ -8,10 +8,12 @@
 Every recipe trains for the same wall-clock budget (``--minutes``) on this machine, one after the other,
 each in a fresh subprocess (a fresh MindSpore / PyTorch runtime, no memory carried over):
 
-* ``default``    -- ``configs/fashion_mnist_fast.yaml`` (the shipped default: lucidrains-style U-Net dim 16,
-  v-prediction, cosine schedule, min-SNR weighting, batch 32, lr 5e-4 with a cosine decay);
+* ``vpred``      -- ``configs/fashion_mnist_vpred.yaml`` (the default until 2026-12-06: lucidrains-style U-Net
+  dim 16, v-prediction, cosine schedule, min-SNR weighting, batch 32, lr 5e-4 with a cosine decay; called
+  ``default`` in the result files of before that date);
 * ``edm``        -- ``configs/fashion_mnist_edm.yaml`` (same network and training, EDM objective);
-* ``flow``       -- ``configs/fashion_mnist_flow.yaml`` (same network and training, flow matching);
+* ``flow``       -- ``configs/fashion_mnist_fast.yaml`` (the shipped default since 2026-12-06: same network
+  and training, flow matching);
 * ``lucidrains`` -- the PyTorch anchor, ``denoising_diffusion_pytorch`` ``Unet(dim=32, dim_mults=(1, 2, 4),
   channels=1)`` in ``GaussianDiffusion(model, image_size=28)`` with its defaults (pred_v, sigmoid schedule,
   1000 timesteps), Adam lr 2e-4 betas (0.9, 0.99), batch 64, gradient-norm clip 1.0, ``ema_pytorch.EMA(beta=0.995,
@@ -48,7 +50,7 @@ train split, in the feature space of the project's shipped Fashion-MNIST classif
 (``ms_diffusion.evaluation.SampleEvaluator``; the anchor's images go through the same extractor and
 reference). Every evaluation draws its images from seed ``--seed`` (the same initial noise for our recipes;
 torch's own generator for the anchor). Every ``--eval-every`` minutes of training clock a recipe is
-evaluated with its cheapest sensible ~20-evaluation sampler (default: DDIM 20; edm: Heun 10 steps = 19
+evaluated with its cheapest sensible ~20-evaluation sampler (vpred: DDIM 20; edm: Heun 10 steps = 19
 network evaluations; flow: flow-matching Euler 20; anchor: its own DDIM 20), and once more at the end.
 Then the final EMA model is evaluated with every sampler of ``--final-samplers`` at each ``--final-nfe``
 (network evaluations; Heun takes (NFE + 1) // 2 steps = 2 * steps - 1 evaluations, and the table shows the
@@ -92,13 +94,13 @@ from ms_diffusion.cli.common import UsageError, make_parser, run_command
 ROOT = Path(__file__).resolve().parent.parent
 
 RECIPES: Dict[str, Dict[str, Any]] = {
-    "default": {"config": "fashion_mnist_fast", "periodic": ("ddim", 20),
-                "description": "configs/fashion_mnist_fast.yaml: U-Net dim 16, v-pred, cosine schedule, min-SNR, "
-                               "batch 32, lr 5e-4 cosine"},
+    "vpred": {"config": "fashion_mnist_vpred", "periodic": ("ddim", 20),
+              "description": "configs/fashion_mnist_vpred.yaml: U-Net dim 16, v-pred, cosine schedule, min-SNR, "
+                             "batch 32, lr 5e-4 cosine (the default until 2026-12-06)"},
     "edm": {"config": "fashion_mnist_edm", "periodic": ("heun", 10),
             "description": "configs/fashion_mnist_edm.yaml: same network and training, EDM objective"},
-    "flow": {"config": "fashion_mnist_flow", "periodic": ("flow_euler", 20),
-             "description": "configs/fashion_mnist_flow.yaml: same network and training, flow matching"},
+    "flow": {"config": "fashion_mnist_fast", "periodic": ("flow_euler", 20),
+             "description": "configs/fashion_mnist_fast.yaml (the default): same network and training, flow matching"},
     "lucidrains": {"config": None, "periodic": ("ddim", 20),
                    "description": "denoising_diffusion_pytorch Unet(dim=32, dim_mults=(1, 2, 4)) + GaussianDiffusion "
                                   "defaults (pred_v, sigmoid, T=1000), Adam 2e-4, batch 64, EMA 0.995/10 (PyTorch)"},
@@ -357,7 +359,7 @@ def _lucidrains_module():
         module = lucidrains()
     except pytest.skip.Exception:
         raise UsageError("the lucidrains recipe needs torch and denoising-diffusion-pytorch (pip install "
-                         "denoising-diffusion-pytorch); leave it out with --recipes default,edm,flow") from None
+                         "denoising-diffusion-pytorch); leave it out with --recipes vpred,edm,flow") from None
     module.tqdm = lambda iterable=None, *a, **k: iterable   # no progress bar per sampling batch
     return module
 

@@ -43,7 +43,7 @@ def test_default_config_and_overrides():
 @pytest.mark.parametrize("override,message", [
     ("train.lrr=1", "unknown key 'train.lrr' — did you mean 'lr'?"),
     ("model.dimm=8", "unknown key 'model.dimm' — did you mean 'dim'?"),
-    ("diffusion.beta_scedule=cosine", "did you mean 'beta_schedule'?"),
+    ("diffusion.time_samplng=uniform", "did you mean 'time_sampling'?"),
     ("trian.lr=1", "unknown key 'trian' — did you mean 'train'?"),
     ("data.random_flp=true", "did you mean 'random_flip'?"),
     ("model.type=unett", "model.type: unknown type 'unett' — did you mean 'unet'?"),
@@ -80,7 +80,7 @@ def test_round_trip_and_build(tmp_path):
     assert again.to_dict() == cfg.to_dict()
     diffusion = build_diffusion(again)
     assert diffusion.image_size == (28, 28) and diffusion.model.channels == 1
-    assert diffusion.sampling_timesteps == 50
+    assert type(diffusion).__name__ == "FlowMatching" and diffusion.sampling_timesteps == 20
 
 
 def test_yaml_is_safe_loaded(tmp_path):
