@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Single operations on CPU: MindSpore (as ms_diffusion runs them) vs PyTorch on the same work.
+"""Single operations on CPU: MindSpore's built-in ops, ms_diffusion's own kernels, and PyTorch, same work.
 
     python bench/ops.py                    # batch 16, the shapes of a dim-32 U-Net on 28x28 images
     python bench/ops.py --reps 9           # more timings per row (medians are less noisy)
@@ -11,18 +11,21 @@ compiled (``ms.jit``), as in training. Rows:
 
 * convolutions (no bias): forward, backward-data (dL/dx alone), backward-weights (dL/dW alone), and
   forward + backward of the layer as training runs it; GFLOP/s counts 2*B*Cout*H*W*Cin*k*k per pass.
-  MindSpore's backward passes are its Conv2DBackpropInput / Conv2DBackpropFilter primitives, torch's
-  ``torch.nn.grad.conv2d_input`` / ``conv2d_weight`` (aten.convolution_backward with one output);
+  MindSpore's backward passes are its Conv2DBackpropInput / Conv2DBackpropFilter primitives, ours the
+  kernels of ``ms_diffusion.kernels.conv``, torch's ``torch.nn.grad.conv2d_input`` / ``conv2d_weight``
+  (aten.convolution_backward with one output);
 * linear attention forward + backward: ms_diffusion's ``LinearAttention`` vs lucidrains' (same
   dim, heads 4, dim_head 32, 4 memory key/values), gradients for the input and every weight;
-* GroupNorm forward + backward: ms_diffusion's ``GroupNorm`` (MindSpore's fused ``ops.group_norm``)
-  vs ``torch.nn.GroupNorm``, and, MindSpore only, the same norm written with mean/var reductions;
+* GroupNorm forward + backward: MindSpore's fused ``ops.group_norm``, ms_diffusion's kernel, and
+  ``torch.nn.GroupNorm``, and, MindSpore only, the same norm written with mean/var reductions;
 * softmax forward + backward over a middle axis vs over the last axis (MindSpore only: why
   ``LinearAttention`` transposes before its softmax over features).
 
 Forward and backward outputs of the convolutions and GroupNorm are compared between the frameworks
 on the same inputs (``check`` column: largest difference relative to the largest value).
-The ratio column is PyTorch's time / ours (1.00 = as fast; 0.20 = five times slower). The load
+"built-in" is MindSpore's op, "ours" the op as ms_diffusion's layers run it (our kernel where one
+exists; ``MS_DIFFUSION_CPU_KERNELS=0`` makes both columns the built-in op). The ratio column is
+PyTorch's time / ours (1.00 = as fast; 0.20 = five times slower). The load
 average is printed before and after: on a shared machine the numbers are only as good as it.
 The oneDNN ISA line (conv forward with and without ms_diffusion's AVX2 cap) depends on the CPU: the
 default oneDNN path is the slow one only where the CPU has AVX-512 (it prints the CPU's flags).
@@ -99,7 +102,9 @@ def run_ms(args) -> Dict[str, dict]:
     from mindspore import Tensor, nn, ops
     from mindspore.ops.operations import _grad_ops as G
 
+    from ms_diffusion.kernels.conv import Conv2dOp
     from ms_diffusion.nn.attention import LinearAttention
+    from ms_diffusion.nn.layers import conv2d
     from ms_diffusion.nn.norms import GroupNorm
 
     ms.set_device("CPU")
@@ -141,16 +146,37 @@ def run_ms(args) -> Dict[str, dict]:
             return weights(dy, x, w.shape)
 
         f, bd, bw = ms.jit(forward), ms.jit(backward_data), ms.jit(backward_weights)
-        row = {"forward": _median_time(lambda: f(xt, wt), sync, args.reps),
-               "check_forward": _summary(f(xt, wt).asnumpy())}
+        row = {"forward": _median_time(lambda: f(xt, wt), sync, args.reps)}
         if args.child != "ms-native":
             layer = nn.Conv2d(cin, cout, k, pad_mode="pad", padding=pad, has_bias=False)
             layer.weight.set_data(wt)
             both = fwd_bwd(layer)
             row.update({"backward-data": _median_time(lambda: bd(dyt, wt), sync, args.reps),
                         "backward-weights": _median_time(lambda: bw(dyt, xt), sync, args.reps),
-                        "forward+backward": _median_time(lambda: both(xt, dyt), sync, args.reps),
-                        "check_backward-data": _summary(bd(dyt, wt).asnumpy()),
+                        "forward+backward": _median_time(lambda: both(xt, dyt), sync, args.reps)})
+            ours = conv2d(cin, cout, k, padding=pad, bias=False)
+            ours.weight.set_data(wt)
+            if ours.use_kernel:
+                op = Conv2dOp(padding=pad, has_bias=False)
+
+                def k_forward(x, w):
+                    return op.prim(x, w, op.spec)
+
+                def k_backward_data(dy, w):
+                    return op.backward_data(dy, w, xt, op.spec)
+
+                def k_backward_weights(dy, x):
+                    return op.backward_weights(x, dy, wt, op.spec)
+
+                f, bd, bw = ms.jit(k_forward), ms.jit(k_backward_data), ms.jit(k_backward_weights)
+            both = fwd_bwd(ours)
+            row.update({"ours:forward": _median_time(lambda: f(xt, wt), sync, args.reps),
+                        "ours:backward-data": _median_time(lambda: bd(dyt, wt), sync, args.reps),
+                        "ours:backward-weights": _median_time(lambda: bw(dyt, xt), sync, args.reps),
+                        "ours:forward+backward": _median_time(lambda: both(xt, dyt), sync, args.reps)})
+        row.update({"check_forward": _summary(f(xt, wt).asnumpy())})
+        if args.child != "ms-native":
+            row.update({"check_backward-data": _summary(bd(dyt, wt).asnumpy()),
                         "check_backward-weights": _summary(bw(dyt, xt).asnumpy())})
         results[name] = row
     if args.child == "ms-native":
@@ -159,15 +185,20 @@ def run_ms(args) -> Dict[str, dict]:
     for name, dim, size in ATTENTION:
         x = Tensor(np.random.default_rng(1).standard_normal((args.batch, dim, size, size)).astype(np.float32))
         both = fwd_bwd(LinearAttention(dim))
-        results[name] = {"forward+backward": _median_time(lambda: both(x, x), sync, args.reps)}
+        t = _median_time(lambda: both(x, x), sync, args.reps)
+        results[name] = {"forward+backward": t, "ours:forward+backward": t}
 
     name, groups, ch, size = GROUPNORM
     x, _, dy = _inputs(args.batch, ch, ch, 1, size, seed=2)
     xt, dyt = Tensor(x), Tensor(dy)
     norm = GroupNorm(groups, ch)
-    both = fwd_bwd(norm)
-    results[name] = {"forward+backward": _median_time(lambda: both(xt, dyt), sync, args.reps),
-                     "check_forward+backward": _summary(both(xt, dyt)[0][0].asnumpy())}
+    ours = fwd_bwd(norm)
+    results[name] = {"ours:forward+backward": _median_time(lambda: ours(xt, dyt), sync, args.reps),
+                     "check_forward+backward": _summary(ours(xt, dyt)[0][0].asnumpy())}
+    builtin = GroupNorm(groups, ch)
+    builtin.use_kernel = False
+    both = fwd_bwd(builtin)
+    results[name]["forward+backward"] = _median_time(lambda: both(xt, dyt), sync, args.reps)
 
     class ReducedGroupNorm(nn.Cell):   # the same normalisation written with reductions
         def __init__(self):
@@ -295,7 +326,10 @@ def _info(kind: str) -> dict:
     if kind.startswith("ms"):
         import mindspore as ms
 
-        return {"version": ms.__version__, "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native")}
+        from ms_diffusion import kernels
+
+        return {"version": ms.__version__, "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "native"),
+                "kernels": "on" if kernels.enabled() else f"off ({kernels.disabled_reason()})"}
     import torch
 
     return {"version": torch.__version__, "threads": torch.get_num_threads()}
@@ -329,9 +363,10 @@ def main() -> None:
     ref, torch_info = _child("torch", args)
     print(f"batch {args.batch}, {os.cpu_count()} CPU cores; MindSpore {ms_info['version']} (graph mode, oneDNN ISA "
           f"cap {ms_info['isa']}), torch {torch_info['version']} ({torch_info['threads']} threads); median of "
-          f"{args.reps} timings; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
-    print(f"{'op':44s}{'pass':18s}{'ours ms':>9s}{'GFLOP/s':>9s}{'torch ms':>10s}{'GFLOP/s':>9s}{'ratio':>7s}"
-          f"{'check':>9s}")
+          f"{args.reps} timings; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
+          f"our kernels {ms_info['kernels']}")
+    print(f"{'op':44s}{'pass':18s}{'built-in':>9s}{'GFLOP/s':>9s}{'ours ms':>9s}{'GFLOP/s':>9s}{'torch ms':>10s}"
+          f"{'GFLOP/s':>9s}{'ratio':>7s}{'check':>9s}")
 
     def check(name, key):
         a, b = ours[name].get("check_" + key), ref.get(name, {}).get("check_" + key)
@@ -341,10 +376,10 @@ def main() -> None:
         return f"{max(abs(u - v) for u, v in zip(a, b)) / scale:9.0e}"
 
     def row(name, key, gflop=None, theirs=True):
-        t = ours[name][key]
+        builtin, t = ours[name][key], ours[name]["ours:" + key]
         r = ref.get(name, {}).get(key) if theirs else None
         rate = (lambda s: f"{gflop / s:9.1f}") if gflop else (lambda s: f"{'':9s}")
-        line = f"{name:44s}{key:18s}{t * 1e3:9.1f}{rate(t)}"
+        line = f"{name:44s}{key:18s}{builtin * 1e3:9.1f}{rate(builtin)}{t * 1e3:9.1f}{rate(t)}"
         if r is not None:
             line += f"{r * 1e3:10.1f}{rate(r)}{r / t:7.2f}{check(name, key)}"
         print(line)
@@ -358,8 +393,8 @@ def main() -> None:
     gn = GROUPNORM[0]
     row(gn, "forward+backward")
     reduced = ours[gn + ", reductions"]["forward+backward"]
-    print(f"{gn + ', reductions':44s}{'forward+backward':18s}{reduced * 1e3:9.1f}{'':9s}{'':10s}{'':9s}{'':7s}"
-          f"   fused ops.group_norm: {reduced / ours[gn]['forward+backward']:.1f}x faster")
+    print(f"{gn + ', reductions':44s}{'forward+backward':18s}{reduced * 1e3:9.1f}"
+          f"   (fused ops.group_norm: {reduced / ours[gn]['forward+backward']:.1f}x faster)")
     middle, last = (ours[k]["forward+backward"] for k in ("softmax over axis -2",
                                                           "softmax over axis -2, transposed to -1"))
     for key, t in (("softmax over axis -2", middle), ("softmax over axis -2, transposed to -1", last)):

@@ -1,12 +1,16 @@
 #!/usr/bin/env python
-"""Train step and sampling step: ms_diffusion vs denoising-diffusion-pytorch on the same configuration.
+"""Train step, sampling step and a whole DDIM sample: ms_diffusion vs denoising-diffusion-pytorch.
 
     python bench/train_step.py                     # dim 32, mults 1,2,4, 28x28x1, batch 16
+    python bench/train_step.py --dim 16 --batch 32 # the default config's network and batch
     python bench/train_step.py --no-isa-compare    # skip the (slow) run without the oneDNN workaround
 
 Each measurement runs in its own process (clean peak memory, oneDNN reads its ISA cap at start-up).
-Prints img/s for both frameworks and the ratio, our compile time and peak resident memory, and the
-train-step time with and without the oneDNN AVX2 workaround of ms_diffusion.runtime.
+Prints img/s for MindSpore's built-in CPU ops (``MS_DIFFUSION_CPU_KERNELS=0``), for ms_diffusion as
+it runs by default (our CPU kernels on), and for PyTorch, with the ratios to PyTorch; a whole DDIM
+sample (``--sample-steps`` steps, batch ``--sample-batch``, compilation excluded); our compile time
+and peak resident memory; and the train-step time with and without the oneDNN AVX2 workaround of
+ms_diffusion.runtime.
 """
 from __future__ import annotations
 
@@ -73,9 +77,15 @@ def run_ms(args) -> dict:
         out = denoise(x, 999 - i)[1]
     out.asnumpy()
     sample_s = (time.perf_counter() - t0) / args.steps
+    d.sample(batch_size=args.sample_batch, sampler="ddim", steps=args.sample_steps, seed=0).asnumpy()  # compiles
+    t0 = time.perf_counter()
+    d.sample(batch_size=args.sample_batch, sampler="ddim", steps=args.sample_steps, seed=1).asnumpy()
+    whole_s = time.perf_counter() - t0
     params = sum(int(p.size) for p in d.trainable_params())
+    from ms_diffusion import kernels
     return {"train_s": train_s, "sample_s": sample_s, "compile_s": compile_s, "sample_compile_s": sample_compile_s,
-            "peak_mb": _peak_mb(), "params": params, "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default")}
+            "whole_s": whole_s, "peak_mb": _peak_mb(), "params": params,
+            "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"), "kernels": kernels.enabled()}
 
 
 def run_torch(args) -> dict:
@@ -115,13 +125,20 @@ def run_torch(args) -> dict:
         for i in range(args.steps):
             d.model_predictions(x, torch.full((args.batch,), 999 - i), clip_x_start=True, rederive_pred_noise=True)
         sample_s = (time.perf_counter() - t0) / args.steps
-    return {"train_s": train_s, "sample_s": sample_s, "peak_mb": _peak_mb(),
+        ddim = L.GaussianDiffusion(d.model, image_size=args.image, objective="pred_noise", beta_schedule="linear",
+                                   sampling_timesteps=args.sample_steps)
+        ddim.sample(batch_size=args.sample_batch)
+        t0 = time.perf_counter()
+        ddim.sample(batch_size=args.sample_batch)
+        whole_s = time.perf_counter() - t0
+    return {"train_s": train_s, "sample_s": sample_s, "whole_s": whole_s, "peak_mb": _peak_mb(),
             "params": sum(p.numel() for p in d.parameters()), "torch": torch.__version__}
 
 
 def _child(kind: str, args, env_extra=None) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--dim", str(args.dim), "--mults", args.mults, "--batch",
-           str(args.batch), "--image", str(args.image), "--channels", str(args.channels), "--steps", str(args.steps)]
+           str(args.batch), "--image", str(args.image), "--channels", str(args.channels), "--steps", str(args.steps),
+           "--sample-batch", str(args.sample_batch), "--sample-steps", str(args.sample_steps)]
     env = dict(os.environ, **(env_extra or {}))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -138,6 +155,8 @@ def main() -> None:
     p.add_argument("--image", type=int, default=28)
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--sample-batch", type=int, default=32, help="batch of the whole DDIM sample (default 32)")
+    p.add_argument("--sample-steps", type=int, default=20, help="steps of the whole DDIM sample (default 20)")
     p.add_argument("--no-isa-compare", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -146,23 +165,34 @@ def main() -> None:
         return
     b = args.batch
     ours = _child("ms", args)
+    builtin = _child("ms", args, {"MS_DIFFUSION_CPU_KERNELS": "0"})
     ref = _child("torch", args)
     print(f"config: Unet(dim={args.dim}, dim_mults=({args.mults})), {args.channels}x{args.image}x{args.image}, "
-          f"batch {b}, {os.cpu_count()} CPU cores")
+          f"batch {b}, {os.cpu_count()} CPU cores; our CPU kernels {'on' if ours['kernels'] else 'OFF'}")
     print(f"parameters: ms_diffusion {ours['params']:,}  lucidrains {ref['params']:,}")
-    print(f"{'':28s}{'ms_diffusion':>14s}{'PyTorch':>12s}{'ratio':>8s}")
-    for name, key in (("train step (img/s)", "train_s"), ("sampling step (img/s)", "sample_s")):
-        ours_ips, ref_ips = b / ours[key], b / ref[key]
-        print(f"{name:28s}{ours_ips:14.1f}{ref_ips:12.1f}{ours_ips / ref_ips:8.2f}")
-    for name, key in (("train step (ms)", "train_s"), ("sampling step (ms)", "sample_s")):
-        print(f"{name:28s}{ours[key] * 1000:14.0f}{ref[key] * 1000:12.0f}")
-    print(f"{'peak memory (MB)':28s}{ours['peak_mb']:14.0f}{ref['peak_mb']:12.0f}")
-    print(f"compile: train step {ours['compile_s']:.1f} s, sampling step {ours['sample_compile_s']:.1f} s")
+    print(f"{'':34s}{'built-in':>10s}{'ours':>10s}{'PyTorch':>10s}{'built-in/PT':>13s}{'ours/PT':>9s}"
+          f"{'ours/built-in':>15s}")
+    rows = (("train step (img/s)", "train_s", b), ("sampling step (img/s)", "sample_s", b),
+            (f"DDIM-{args.sample_steps} sample, batch {args.sample_batch} (img/s)", "whole_s", args.sample_batch))
+    for name, key, n in rows:
+        a, o, r = n / builtin[key], n / ours[key], n / ref[key]
+        print(f"{name:34s}{a:10.1f}{o:10.1f}{r:10.1f}{a / r:13.2f}{o / r:9.2f}{o / a:15.2f}")
+    for name, key in (("train step (ms)", "train_s"), ("sampling step (ms)", "sample_s"),
+                      ("whole sample (s)", "whole_s")):
+        scale, fmt = (1000, ".0f") if key != "whole_s" else (1, ".2f")
+        print(f"{name:34s}{builtin[key] * scale:10{fmt}}{ours[key] * scale:10{fmt}}{ref[key] * scale:10{fmt}}")
+    print(f"{'peak memory (MB)':34s}{builtin['peak_mb']:10.0f}{ours['peak_mb']:10.0f}{ref['peak_mb']:10.0f}")
+    print(f"compile (ours): train step {ours['compile_s']:.1f} s, sampling step {ours['sample_compile_s']:.1f} s "
+          f"(built-in: {builtin['compile_s']:.1f} s, {builtin['sample_compile_s']:.1f} s)")
     if not args.no_isa_compare:
         slow_args = argparse.Namespace(**{**vars(args), "steps": 1})
+        native = _child("ms", slow_args, {"MS_DIFFUSION_ONEDNN_ISA": "native", "MS_DIFFUSION_CPU_KERNELS": "0"})
+        print(f"oneDNN ISA, built-in ops: train step {builtin['train_s'] * 1000:.0f} ms with the AVX2 cap "
+              f"(ms_diffusion default), {native['train_s'] * 1000:.0f} ms without it "
+              f"({native['train_s'] / builtin['train_s']:.1f}x the time)")
         native = _child("ms", slow_args, {"MS_DIFFUSION_ONEDNN_ISA": "native"})
-        print(f"oneDNN ISA: train step {ours['train_s'] * 1000:.0f} ms with the AVX2 cap (ms_diffusion default), "
-              f"{native['train_s'] * 1000:.0f} ms without it ({native['train_s'] / ours['train_s']:.0f}x slower)")
+        print(f"oneDNN ISA, our kernels: train step {ours['train_s'] * 1000:.0f} ms with the AVX2 cap, "
+              f"{native['train_s'] * 1000:.0f} ms without it ({native['train_s'] / ours['train_s']:.1f}x the time)")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import mindspore as ms
 from mindspore import nn, ops
 
-from ms_diffusion.nn.layers import GELU, Identity, SiLU, conv2d, dense
+from ms_diffusion.kernels.norm import RmsNormOp
+from ms_diffusion.nn.layers import GELU, Identity, KernelSwitch, SiLU, conv2d, dense, to_float32
 from ms_diffusion.nn.norms import GroupNorm, RMSNorm
 
 __all__ = ["Block", "ResnetBlock", "ConvNextBlock"]
@@ -15,8 +17,11 @@ def _dropout(p: float) -> nn.Cell:
     return nn.Dropout(p=p) if p > 0 else Identity()
 
 
-class Block(nn.Cell):
-    """conv3x3 -> RMSNorm -> (x * (scale + 1) + shift) -> SiLU -> dropout. (B, C, H, W) -> (B, C', H, W)."""
+class Block(KernelSwitch, nn.Cell):
+    """conv3x3 -> RMSNorm -> (x * (scale + 1) + shift) -> SiLU -> dropout. (B, C, H, W) -> (B, C', H, W).
+
+    On CPU the norm, modulation and SiLU run as one kernel of ours (see ``KernelSwitch``).
+    """
 
     def __init__(self, dim: int, dim_out: int, dropout: float = 0.0):
         super().__init__()
@@ -24,9 +29,18 @@ class Block(nn.Cell):
         self.norm = RMSNorm(dim_out)
         self.act = SiLU()
         self.dropout = _dropout(dropout)
+        if self._init_kernel():
+            plain, modulated = RmsNormOp(silu=True), RmsNormOp(modulated=True, silu=True)
+            self.fused, self.fused_mod, self.fused_spec = plain.prim, modulated.prim, plain.spec
 
     def construct(self, x, scale=None, shift=None):
-        x = self.norm(self.proj(x))
+        x = self.proj(x)
+        if self.use_kernel and x.dtype == ms.float32:
+            if scale is None:
+                return self.dropout(self.fused(x, self.norm.g, self.fused_spec)[0])
+            return self.dropout(self.fused_mod(x, self.norm.g, to_float32(scale), to_float32(shift),
+                                               self.fused_spec)[0])
+        x = self.norm(x)
         if scale is not None:
             x = x * (scale + 1) + shift
         return self.dropout(self.act(x))

@@ -10,7 +10,59 @@ from typing import Optional
 import mindspore as ms
 from mindspore import nn, ops
 
-__all__ = ["conv2d", "dense", "Identity", "GELU", "SiLU", "to_float32", "cast_like"]
+from ms_diffusion import kernels
+from ms_diffusion.kernels.conv import Conv2dOp
+from ms_diffusion.kernels.conv import available as conv_kernel_available
+
+__all__ = ["KernelSwitch", "Conv2d", "conv2d", "dense", "Identity", "GELU", "SiLU", "to_float32", "cast_like"]
+
+
+class KernelSwitch:
+    """Mixin of the layers that have a CPU kernel of ours (``ms_diffusion.kernels``).
+
+    Whether a layer uses it is decided when the layer is built (``kernels.enabled()``: CPU device,
+    x86-64, library built, ``MS_DIFFUSION_CPU_KERNELS`` not 0). The kernels are fp32:
+    ``to_float(float16 / bfloat16)`` -- on the layer or on a parent -- makes MindSpore cast inside its
+    built-in op, so the layer switches back to it; ``to_float(float32)`` switches the kernel on again.
+    """
+
+    def _init_kernel(self) -> bool:
+        self.kernel_ready = kernels.enabled()
+        self.use_kernel = self.kernel_ready
+        return self.kernel_ready
+
+    def add_flags(self, **flags):
+        super().add_flags(**flags)
+        if flags.get("fp16") or flags.get("bf16"):
+            self.use_kernel = False
+        elif flags.get("fp32"):
+            self.use_kernel = getattr(self, "kernel_ready", False)
+        return self
+
+
+class Conv2d(KernelSwitch, nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, names and initialisation) on our oneDNN kernel on CPU
+    (see ``KernelSwitch``). (B, C, H, W) -> (B, O, H', W')."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+                 padding: int = 0, has_bias: bool = True, group: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                         padding=padding, has_bias=has_bias, group=group)
+        if self._init_kernel() and not conv_kernel_available(stride, padding, 1, group):
+            self.kernel_ready = self.use_kernel = False      # more distinct settings than the library has names
+        if self.kernel_ready:
+            op = Conv2dOp(stride=stride, padding=padding, groups=group, has_bias=has_bias)
+            self.kernel_op, self.kernel_spec = op.prim, op.spec
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32 and self.weight.dtype == ms.float32:
+            if self.has_bias:
+                return self.kernel_op(x, self.weight, self.bias, self.kernel_spec)
+            return self.kernel_op(x, self.weight, self.kernel_spec)
+        output = self.conv2d(x, self.weight)
+        if self.has_bias:
+            output = self.bias_add(output, self.bias)
+        return output
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -18,8 +70,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
     """A 2-D convolution on NCHW input; ``padding`` defaults to ``kernel_size // 2``."""
     if padding is None:
         padding = kernel_size // 2
-    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
-                     padding=padding, has_bias=bias, group=groups)
+    return Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, has_bias=bias,
+                  group=groups)
 
 
 def dense(in_features: int, out_features: int, bias: bool = True) -> nn.Dense:

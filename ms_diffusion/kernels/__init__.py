@@ -1,0 +1,79 @@
+"""Our own CPU kernels, run through MindSpore's ``ops.Custom(func_type="aot")`` (layer 0).
+
+MindSpore's CPU convolutions ask oneDNN for plain NCHW and get its slow GEMM kernels; ours ask for
+the layouts oneDNN prefers (blocked, as PyTorch's CPU convolutions do) and reorder at the edges.
+``bench/kernels.py`` times them against the built-in ops and PyTorch.
+
+When they are used: on CPU, x86-64, fp32, when the library builds (once per machine and version; see
+``build.py``). Anything else -- Ascend / GPU, ``MS_DIFFUSION_CPU_KERNELS=0``, no compiler, no oneDNN
+headers, a failed build -- falls back to MindSpore's built-in ops, with one notice on stderr saying
+why (none for the variable or a non-CPU device).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ms_diffusion.kernels.build import BuildError, build_library
+
+__all__ = ["enabled", "library", "disabled_reason", "reset", "BuildError", "ENV"]
+
+ENV = "MS_DIFFUSION_CPU_KERNELS"
+_X86 = {"x86_64", "amd64"}
+_state: dict = {}
+
+
+def _device_target() -> str:
+    import mindspore as ms
+    return str(ms.get_context("device_target")).upper()
+
+
+def _load() -> Optional[Path]:
+    if os.environ.get(ENV, "1").strip().lower() in {"0", "off", "false", "no"}:
+        _state["reason"] = f"{ENV}=0"
+        return None
+    if platform.machine().lower() not in _X86:
+        _state["reason"] = f"not an x86-64 CPU ({platform.machine()})"
+        return None
+    try:
+        lib = build_library()
+        import ctypes
+        handle = ctypes.CDLL(str(lib))
+        abi = handle.MsdKernelsAbi()
+        from ms_diffusion.kernels.build import ABI
+        if abi != ABI:
+            raise BuildError(f"{lib} has interface version {abi}, expected {ABI}")
+    except (BuildError, OSError, AttributeError) as e:
+        _state["reason"] = str(e)
+        print(f"ms_diffusion: CPU kernels off, using MindSpore's built-in ops: {e}", file=sys.stderr)
+        return None
+    return lib
+
+
+def library() -> Optional[Path]:
+    """The compiled kernel library, or None where the built-in ops are used (see ``disabled_reason``)."""
+    if "lib" not in _state:
+        _state["lib"] = _load()
+    return _state["lib"]
+
+
+def enabled() -> bool:
+    """True when layers built now use our kernels: CPU device, kernels not disabled, library built."""
+    if os.environ.get(ENV, "1").strip().lower() in {"0", "off", "false", "no"}:
+        return False
+    if _device_target() != "CPU":
+        return False
+    return library() is not None
+
+
+def disabled_reason() -> Optional[str]:
+    """Why the kernels are off (None when they are on or not yet asked for)."""
+    return _state.get("reason")
+
+
+def reset() -> None:
+    """Forget the cached decision (tests change the environment between cases)."""
+    _state.clear()

@@ -1,0 +1,911 @@
+// ms_diffusion's CPU kernels: oneDNN primitives with the layouts oneDNN picks (format_tag::any, the
+// blocked nChw16c / nChw8c layouts PyTorch's CPU convolutions run on), behind MindSpore's "aot" Custom
+// operator interface. MindSpore's own CPU convolution asks oneDNN for plain NCHW, which selects its
+// slow gemm-based kernels; the whole gain here is the layout choice.
+//
+// Every entry point has MindSpore's aot signature: inputs then outputs in `params`, fp32, NCHW. The
+// last input of each is an int64 vector of the convolution's settings (see ConvSpec). Primitives are
+// built once per (shapes, settings) and kept; execution runs on our own small thread pool, because the
+// libdnnl.so.3 MindSpore ships (the one loaded in the process, so the one we link) is a threadpool build.
+#include <dnnl.hpp>
+#include <dnnl_threadpool.h>
+#include <dnnl_threadpool_iface.hpp>
+
+#include <sched.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Thread pool: n - 1 workers plus the calling thread. One parallel_for at a time (a mutex), since
+// MindSpore may launch independent kernels from several threads.
+class Pool : public dnnl::threadpool_interop::threadpool_iface {
+ public:
+  explicit Pool(int n) : n_(n < 1 ? 1 : n) {
+    for (int t = 1; t < n_; ++t) workers_.emplace_back([this] { Work(); });
+  }
+  ~Pool() override {
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto &w : workers_) w.join();
+  }
+  int get_num_threads() const override { return n_; }
+  bool get_in_parallel() const override { return inside_; }
+  uint64_t get_flags() const override { return 0; }
+
+  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
+    if (n <= 0) return;
+    if (n == 1 || n_ == 1 || inside_) {
+      for (int i = 0; i < n; ++i) fn(i, n);
+      return;
+    }
+    std::lock_guard<std::mutex> serial(submit_);
+    {
+      std::lock_guard<std::mutex> lock(m_);
+      fn_ = &fn;
+      total_ = n;
+      next_.store(0);
+      done_ = 0;
+      ++generation_;
+    }
+    cv_.notify_all();
+    RunShare();
+    std::unique_lock<std::mutex> lock(m_);
+    finished_.wait(lock, [this] { return done_ == total_; });
+    fn_ = nullptr;
+  }
+
+ private:
+  void RunShare() {
+    inside_ = true;
+    int count = 0;
+    for (int i = next_.fetch_add(1); i < total_; i = next_.fetch_add(1)) {
+      (*fn_)(i, total_);
+      ++count;
+    }
+    inside_ = false;
+    if (count) {
+      std::lock_guard<std::mutex> lock(m_);
+      done_ += count;
+      if (done_ == total_) finished_.notify_all();
+    }
+  }
+  void Work() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+        if (stop_) return;
+        seen = generation_;
+        if (fn_ == nullptr) continue;
+      }
+      RunShare();
+    }
+  }
+
+  int n_;
+  std::vector<std::thread> workers_;
+  std::mutex submit_, m_;
+  std::condition_variable cv_, finished_;
+  const std::function<void(int, int)> *fn_ = nullptr;
+  std::atomic<int> next_{0};
+  int total_ = 0, done_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+  static thread_local bool inside_;
+};
+thread_local bool Pool::inside_ = false;
+
+// Threads: MS_DIFFUSION_KERNEL_THREADS, else OMP_NUM_THREADS (the test runner pins one per process),
+// else the cores this process may run on.
+int PoolSize() {
+  for (const char *name : {"MS_DIFFUSION_KERNEL_THREADS", "OMP_NUM_THREADS"}) {
+    const char *env = std::getenv(name);
+    if (env && std::atoi(env) > 0) return std::atoi(env);
+  }
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  int n = static_cast<int>(std::thread::hardware_concurrency());
+  return n < 1 ? 1 : n;
+}
+
+struct Runtime {
+  dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+  Pool pool{PoolSize()};
+  dnnl::stream stream;
+  Runtime() {
+    dnnl_stream_t s = nullptr;
+    dnnl_threadpool_interop_stream_create(&s, engine.get(), &pool);
+    stream = dnnl::stream(s);
+  }
+};
+
+Runtime &Rt() {
+  static Runtime rt;
+  return rt;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Convolution settings, the op's last input: stride h, w; padding top, left, bottom, right;
+// dilation h, w (1 = none); groups.
+struct ConvSpec {
+  int64_t stride[2], pad_l[2], pad_r[2], dilation[2], groups;
+  explicit ConvSpec(const int64_t *p)
+      : stride{p[0], p[1]}, pad_l{p[2], p[3]}, pad_r{p[4], p[5]}, dilation{p[6], p[7]}, groups(p[8]) {}
+};
+
+using dt = dnnl::memory::data_type;
+using tag = dnnl::memory::format_tag;
+using dims = dnnl::memory::dims;
+
+dims Dims(const int64_t *s, int n) { return dims(s, s + n); }
+
+// Weights (O, C/g, kh, kw) as oneDNN sees them: plain OIHW, or GOIHW when grouped.
+dims WeightDims(const dims &w, int64_t g) {
+  if (g == 1) return w;
+  return {g, w[0] / g, w[1], w[2], w[3]};
+}
+tag WeightTag(int64_t g) { return g == 1 ? tag::oihw : tag::goihw; }
+
+std::string Key(const char *op, std::initializer_list<const dims *> shapes, const ConvSpec &c) {
+  std::string k(op);
+  for (const dims *d : shapes) {
+    k += '|';
+    for (auto v : *d) k += std::to_string(v) + ',';
+  }
+  const int64_t s[] = {c.stride[0], c.stride[1], c.pad_l[0], c.pad_l[1], c.pad_r[0], c.pad_r[1],
+                       c.dilation[0], c.dilation[1], c.groups};
+  k += '|';
+  for (auto v : s) k += std::to_string(v) + ',';
+  return k;
+}
+
+// A user tensor (plain layout, MindSpore's buffer) and the layout the primitive wants. When they
+// differ the data goes through a reorder into a per-thread scratch buffer.
+struct Operand {
+  dnnl::memory::desc user, inner;
+  dnnl::reorder to_inner, to_user;  // built when the layouts differ
+  bool same = true;
+  void Init(const dnnl::memory::desc &u, const dnnl::memory::desc &i, bool input) {
+    user = u;
+    inner = i;
+    same = (u == i);
+    if (same) return;
+    auto &e = Rt().engine;
+    if (input)
+      to_inner = dnnl::reorder(dnnl::reorder::primitive_desc(e, u, e, i));
+    else
+      to_user = dnnl::reorder(dnnl::reorder::primitive_desc(e, i, e, u));
+  }
+};
+
+// Scratch buffers reused across calls (per thread, per slot): no allocation or fresh pages per step.
+// Buffers above kKeepBytes are released after the call (TrimScratch): a 512x512 VAE decode should not
+// keep hundreds of MB alive, and at that size a fresh allocation costs little next to the work.
+constexpr size_t kKeepBytes = size_t(32) << 20;
+struct Buffer {
+  std::unique_ptr<char[]> data;  // uninitialised: every byte is written before it is read
+  size_t size = 0;
+};
+thread_local Buffer scratch[8];
+
+void *Scratch(int slot, size_t bytes) {
+  auto &b = scratch[slot];
+  if (b.size < bytes + 64) {
+    b.data.reset(new char[bytes + 64]);
+    b.size = bytes + 64;
+  }
+  auto p = reinterpret_cast<uintptr_t>(b.data.get());
+  return reinterpret_cast<void *>((p + 63) & ~uintptr_t(63));
+}
+
+void TrimScratch() {
+  for (auto &b : scratch)
+    if (b.size > kKeepBytes) {
+      b.data.reset();
+      b.size = 0;
+    }
+}
+
+// Wraps a user pointer; reorders inputs into scratch (slot) when the primitive's layout differs.
+dnnl::memory In(Operand &o, void *ptr, int slot) {
+  auto &rt = Rt();
+  dnnl::memory user(o.user, rt.engine, ptr);
+  if (o.same) return user;
+  dnnl::memory inner(o.inner, rt.engine, Scratch(slot, o.inner.get_size()));
+  o.to_inner.execute(rt.stream, user, inner);
+  return inner;
+}
+dnnl::memory OutInner(Operand &o, void *ptr, int slot) {
+  auto &rt = Rt();
+  if (o.same) return dnnl::memory(o.user, rt.engine, ptr);
+  return dnnl::memory(o.inner, rt.engine, Scratch(slot, o.inner.get_size()));
+}
+void OutFinish(Operand &o, dnnl::memory &inner, void *ptr) {
+  if (o.same) return;
+  auto &rt = Rt();
+  dnnl::memory user(o.user, rt.engine, ptr);
+  o.to_user.execute(rt.stream, inner, user);
+}
+
+// 1x1 convolutions (attention projections, skips) are matrix products on NCHW already: blocked layouts
+// only add reorders of (often large) outputs there, so they keep MindSpore's plain layout (oneDNN then
+// runs them as GEMMs). A fixed rule, not a timing: the same shapes must always take the same kernel.
+bool Plain1x1(const dims &w, const ConvSpec &c) {
+  return w[2] == 1 && w[3] == 1 && c.stride[0] == 1 && c.stride[1] == 1 && c.pad_l[0] == 0 && c.pad_l[1] == 0 &&
+         c.pad_r[0] == 0 && c.pad_r[1] == 0 && c.groups == 1;
+}
+
+// Memory descriptors of a convolution's activations and weights as the primitive should see them.
+struct ConvDescs {
+  dnnl::memory::desc x, w, y;
+  ConvDescs(const dims &xs, const dims &ws, const dims &ys, const ConvSpec &c) {
+    const bool plain = Plain1x1(ws, c);
+    x = dnnl::memory::desc(xs, dt::f32, plain ? tag::nchw : tag::any);
+    y = dnnl::memory::desc(ys, dt::f32, plain ? tag::nchw : tag::any);
+    w = dnnl::memory::desc(WeightDims(ws, c.groups), dt::f32, plain ? WeightTag(c.groups) : tag::any);
+  }
+};
+
+dnnl::convolution_forward::primitive_desc ForwardPd(const dims &x, const dims &w, const dims &y,
+                                                     const ConvSpec &c, bool bias) {
+  auto &e = Rt().engine;
+  ConvDescs d(x, w, y, c);
+  const auto &xd = d.x, &wd = d.w, &yd = d.y;
+  dnnl::memory::desc bd({w[0]}, dt::f32, tag::x);
+  dims strides{c.stride[0], c.stride[1]}, dil{c.dilation[0] - 1, c.dilation[1] - 1},
+      pl{c.pad_l[0], c.pad_l[1]}, pr{c.pad_r[0], c.pad_r[1]};
+  if (bias)
+    return dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
+                                                     dnnl::algorithm::convolution_direct, xd, wd, bd, yd,
+                                                     strides, dil, pl, pr);
+  return dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
+                                                   dnnl::algorithm::convolution_direct, xd, wd, yd, strides,
+                                                   dil, pl, pr);
+}
+
+dnnl::memory::desc Plain(const dims &d) {
+  return dnnl::memory::desc(d, dt::f32, d.size() == 4 ? tag::nchw : tag::x);
+}
+
+struct Fwd {
+  dnnl::convolution_forward prim;
+  Operand x, w, y;
+  bool bias;
+};
+struct BwdData {
+  dnnl::convolution_backward_data prim;
+  Operand dy, w, dx;
+};
+struct BwdWeights {
+  dnnl::convolution_backward_weights prim;
+  Operand x, dy, dw;
+  bool bias;
+};
+
+std::mutex cache_mutex;
+std::unordered_map<std::string, std::shared_ptr<Fwd>> fwd_cache;
+std::unordered_map<std::string, std::shared_ptr<BwdData>> bwd_data_cache;
+std::unordered_map<std::string, std::shared_ptr<BwdWeights>> bwd_weights_cache;
+
+std::shared_ptr<Fwd> GetFwd(const dims &x, const dims &w, const dims &y, const ConvSpec &c, bool bias) {
+  auto key = Key(bias ? "fwd_b" : "fwd", {&x, &w, &y}, c);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto it = fwd_cache.find(key);
+  if (it != fwd_cache.end()) return it->second;
+  auto f = std::make_shared<Fwd>();
+  auto pd = ForwardPd(x, w, y, c, bias);
+  f->prim = dnnl::convolution_forward(pd);
+  f->x.Init(Plain(x), pd.src_desc(), true);
+  f->w.Init(dnnl::memory::desc(WeightDims(w, c.groups), dt::f32, WeightTag(c.groups)), pd.weights_desc(), true);
+  f->y.Init(Plain(y), pd.dst_desc(), false);
+  f->bias = bias;
+  fwd_cache[key] = f;
+  return f;
+}
+
+std::shared_ptr<BwdData> GetBwdData(const dims &x, const dims &w, const dims &y, const ConvSpec &c) {
+  auto key = Key("bwd_data", {&x, &w, &y}, c);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto it = bwd_data_cache.find(key);
+  if (it != bwd_data_cache.end()) return it->second;
+  auto b = std::make_shared<BwdData>();
+  auto hint = ForwardPd(x, w, y, c, false);
+  ConvDescs d(x, w, y, c);
+  const auto &xd = d.x, &wd = d.w, &yd = d.y;
+  dnnl::convolution_backward_data::primitive_desc pd(
+      Rt().engine, dnnl::algorithm::convolution_direct, xd, wd, yd, {c.stride[0], c.stride[1]},
+      {c.dilation[0] - 1, c.dilation[1] - 1}, {c.pad_l[0], c.pad_l[1]}, {c.pad_r[0], c.pad_r[1]}, hint);
+  b->prim = dnnl::convolution_backward_data(pd);
+  b->dy.Init(Plain(y), pd.diff_dst_desc(), true);
+  b->w.Init(dnnl::memory::desc(WeightDims(w, c.groups), dt::f32, WeightTag(c.groups)), pd.weights_desc(), true);
+  b->dx.Init(Plain(x), pd.diff_src_desc(), false);
+  bwd_data_cache[key] = b;
+  return b;
+}
+
+std::shared_ptr<BwdWeights> GetBwdWeights(const dims &x, const dims &w, const dims &y, const ConvSpec &c,
+                                          bool bias) {
+  auto key = Key(bias ? "bwd_w_b" : "bwd_w", {&x, &w, &y}, c);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto it = bwd_weights_cache.find(key);
+  if (it != bwd_weights_cache.end()) return it->second;
+  auto b = std::make_shared<BwdWeights>();
+  auto hint = ForwardPd(x, w, y, c, bias);
+  ConvDescs d(x, w, y, c);
+  const auto &xd = d.x, &wd = d.w, &yd = d.y;
+  dnnl::memory::desc bd({w[0]}, dt::f32, tag::x);
+  dims strides{c.stride[0], c.stride[1]}, dil{c.dilation[0] - 1, c.dilation[1] - 1},
+      pl{c.pad_l[0], c.pad_l[1]}, pr{c.pad_r[0], c.pad_r[1]};
+  auto pd = bias ? dnnl::convolution_backward_weights::primitive_desc(
+                       Rt().engine, dnnl::algorithm::convolution_direct, xd, wd, bd, yd, strides, dil, pl, pr, hint)
+                 : dnnl::convolution_backward_weights::primitive_desc(
+                       Rt().engine, dnnl::algorithm::convolution_direct, xd, wd, yd, strides, dil, pl, pr, hint);
+  b->prim = dnnl::convolution_backward_weights(pd);
+  b->x.Init(Plain(x), pd.src_desc(), true);
+  b->dy.Init(Plain(y), pd.diff_dst_desc(), true);
+  b->dw.Init(dnnl::memory::desc(WeightDims(w, c.groups), dt::f32, WeightTag(c.groups)), pd.diff_weights_desc(),
+             false);
+  b->bias = bias;
+  bwd_weights_cache[key] = b;
+  return b;
+}
+
+bool AllF32(int nparam, const char **dtypes) {
+  for (int i = 0; i < nparam - 1; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0 && std::strcmp(dtypes[i], "int64") != 0) return false;
+  return true;
+}
+
+// MS_DIFFUSION_KERNEL_PROFILE=1: time per entry point and shape, printed to stderr at exit (bench/kernels.py).
+struct Profile {
+  bool on = std::getenv("MS_DIFFUSION_KERNEL_PROFILE") != nullptr;
+  std::mutex m;
+  std::unordered_map<std::string, std::pair<int64_t, double>> t;
+  ~Profile() {
+    if (!on) return;
+    std::vector<std::pair<std::string, std::pair<int64_t, double>>> rows(t.begin(), t.end());
+    std::sort(rows.begin(), rows.end(), [](auto &a, auto &b) { return a.second.second > b.second.second; });
+    for (auto &r : rows)
+      std::fprintf(stderr, "kernel-profile %10.1f ms %7lld calls  %s\n", r.second.second * 1e3,
+                   static_cast<long long>(r.second.first), r.first.c_str());
+  }
+};
+Profile &Prof() {
+  static Profile p;
+  return p;
+}
+std::string ShapeKey(const char *name, int nparam, int *ndims, int64_t **shapes) {
+  std::string k(name);
+  for (int i = 0; i < nparam; ++i) {
+    k += ' ';
+    for (int d = 0; d < ndims[i]; ++d) k += (d ? "x" : "") + std::to_string(shapes[i][d]);
+  }
+  return k;
+}
+struct Timer;
+thread_local const Timer *current = nullptr;   // the entry point running on this thread (error messages)
+
+struct Timer {
+  const char *name;
+  int nparam;
+  int *ndims;
+  int64_t **shapes;
+  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+  Timer(const char *n, int np, int *nd, int64_t **sh) : name(n), nparam(np), ndims(nd), shapes(sh) {}
+  ~Timer() {
+    current = nullptr;
+    auto &p = Prof();
+    if (!p.on) return;
+    double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::lock_guard<std::mutex> lock(p.m);
+    auto &e = p.t[ShapeKey(name, nparam, ndims, shapes)];
+    e.first += 1;
+    e.second += dt;
+  }
+};
+
+// Runs an entry point's body; a failure is reported with the operation and its shapes, and returns 1,
+// which MindSpore turns into an error.
+
+template <typename F>
+int Guard(F &&body) {
+  try {
+    body();
+    TrimScratch();
+    return 0;
+  } catch (const dnnl::error &e) {
+    std::fprintf(stderr, "ms_diffusion kernel %s: oneDNN error %d: %s\n",
+                 current ? ShapeKey(current->name, current->nparam, current->ndims, current->shapes).c_str() : "",
+                 static_cast<int>(e.status), e.what());
+  } catch (const std::exception &e) {
+    std::fprintf(stderr, "ms_diffusion kernel %s: %s\n",
+                 current ? ShapeKey(current->name, current->nparam, current->ndims, current->shapes).c_str() : "",
+                 e.what());
+  }
+  return 1;
+}
+
+int Conv2dForward(int nparam, void **params, int64_t **shapes, bool bias) {
+  // inputs: x (N,C,H,W), w (O,C/g,kh,kw), [b (O)], spec; output: y (N,O,Ho,Wo)
+  int spec_i = bias ? 3 : 2, y_i = spec_i + 1;
+  ConvSpec c(static_cast<const int64_t *>(params[spec_i]));
+  dims x = Dims(shapes[0], 4), w = Dims(shapes[1], 4), y = Dims(shapes[y_i], 4);
+  auto f = GetFwd(x, w, y, c, bias);
+  auto &rt = Rt();
+  auto xm = In(f->x, params[0], 0);
+  auto wm = In(f->w, params[1], 1);
+  auto ym = OutInner(f->y, params[y_i], 2);
+  std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}};
+  if (bias) args[DNNL_ARG_BIAS] = dnnl::memory(Plain({w[0]}), rt.engine, params[2]);
+  f->prim.execute(rt.stream, args);
+  OutFinish(f->y, ym, params[y_i]);
+  rt.stream.wait();
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GroupNorm on NCHW, written by hand (oneDNN's group normalization is newer than the headers we
+// build against, and on plain NCHW it has no fast path). Sums in double, in a fixed order: results
+// do not depend on the thread count. Work is split over (n, group) pairs, or (n, channel) pairs.
+void ParallelRange(int64_t total, const std::function<void(int64_t, int64_t)> &body) {
+  auto &pool = Rt().pool;
+  int n = pool.get_num_threads();
+  if (total < 2 || n == 1) {
+    body(0, total);
+    return;
+  }
+  if (n > total) n = static_cast<int>(total);
+  pool.parallel_for(n, [&](int i, int k) { body(total * i / k, total * (i + 1) / k); });
+}
+
+struct GnShape {
+  int64_t n, c, hw, groups, cpg;
+  GnShape(const int64_t *x, int nd, int64_t g) : n(x[0]), c(x[1]), hw(1), groups(g), cpg(x[1] / g) {
+    for (int i = 2; i < nd; ++i) hw *= x[i];
+  }
+};
+
+void GnForward(const GnShape &s, const float *x, const float *gamma, const float *beta, float eps,
+                      float *y, float *mean_out, float *rstd_out) {
+  ParallelRange(s.n * s.groups, [&](int64_t lo, int64_t hi) {
+    for (int64_t ng = lo; ng < hi; ++ng) {
+      const int64_t g = ng % s.groups, m = s.cpg * s.hw;
+      const float *xs = x + ng * m;
+      double sum = 0.0, sq = 0.0;
+      for (int64_t i = 0; i < m; ++i) sum += xs[i];
+      const double mean = sum / m;
+      for (int64_t i = 0; i < m; ++i) {
+        const double d = xs[i] - mean;
+        sq += d * d;
+      }
+      const double rstd = 1.0 / std::sqrt(sq / m + eps);
+      const int64_t n = ng / s.groups;
+      for (int64_t cc = 0; cc < s.cpg; ++cc) {   // per channel (N, C): output shapes independent of groups
+        mean_out[n * s.c + g * s.cpg + cc] = static_cast<float>(mean);
+        rstd_out[n * s.c + g * s.cpg + cc] = static_cast<float>(rstd);
+      }
+      float *ys = y + ng * m;
+      for (int64_t cc = 0; cc < s.cpg; ++cc) {
+        const int64_t ch = g * s.cpg + cc;
+        const float a = static_cast<float>(rstd * gamma[ch]);
+        const float b = static_cast<float>(beta[ch] - mean * rstd * gamma[ch]);
+        const float *xc = xs + cc * s.hw;
+        float *yc = ys + cc * s.hw;
+        for (int64_t i = 0; i < s.hw; ++i) yc[i] = xc[i] * a + b;
+      }
+    }
+  });
+}
+
+void GnBackward(const GnShape &s, const float *dy, const float *x, const float *mean, const float *rstd,
+                       const float *gamma, float *dx, float *dgamma, float *dbeta) {
+  // per (n, channel): sum(dy * x) and sum(dy)
+  std::vector<double> ds(s.n * s.c), db(s.n * s.c);
+  ParallelRange(s.n * s.c, [&](int64_t lo, int64_t hi) {
+    for (int64_t nc = lo; nc < hi; ++nc) {
+      const float *d = dy + nc * s.hw, *xs = x + nc * s.hw;
+      double a = 0.0, b = 0.0;
+      for (int64_t i = 0; i < s.hw; ++i) {
+        a += static_cast<double>(d[i]) * xs[i];
+        b += d[i];
+      }
+      ds[nc] = a;
+      db[nc] = b;
+    }
+  });
+  for (int64_t ch = 0; ch < s.c; ++ch) {
+    double dg = 0.0, dbt = 0.0;
+    for (int64_t n = 0; n < s.n; ++n) {
+      const int64_t nc = n * s.c + ch;
+      dg += (ds[nc] - static_cast<double>(mean[nc]) * db[nc]) * rstd[nc];
+      dbt += db[nc];
+    }
+    dgamma[ch] = static_cast<float>(dg);
+    dbeta[ch] = static_cast<float>(dbt);
+  }
+  ParallelRange(s.n * s.groups, [&](int64_t lo, int64_t hi) {
+    for (int64_t ng = lo; ng < hi; ++ng) {
+      const int64_t n = ng / s.groups, g = ng % s.groups, m = s.cpg * s.hw;
+      const double mu = mean[n * s.c + g * s.cpg], r = rstd[n * s.c + g * s.cpg];
+      double s1 = 0.0, s2 = 0.0;   // sum(dy * gamma), sum(dy * gamma * xhat)
+      for (int64_t cc = 0; cc < s.cpg; ++cc) {
+        const int64_t ch = g * s.cpg + cc, nc = n * s.c + ch;
+        s1 += gamma[ch] * db[nc];
+        s2 += gamma[ch] * (ds[nc] - mu * db[nc]) * r;
+      }
+      const double k1 = s1 / m, k2 = s2 / m;
+      for (int64_t cc = 0; cc < s.cpg; ++cc) {
+        const int64_t ch = g * s.cpg + cc;
+        // dx = r * (dy * gamma - k1 - xhat * k2), xhat = (x - mu) * r
+        const float a = static_cast<float>(r * gamma[ch]);
+        const float b = static_cast<float>(r * r * k2);
+        const float c0 = static_cast<float>(-r * k1 + mu * r * r * k2);
+        const float *d = dy + (ng * m) + cc * s.hw, *xs = x + (ng * m) + cc * s.hw;
+        float *o = dx + (ng * m) + cc * s.hw;
+        for (int64_t i = 0; i < s.hw; ++i) o[i] = d[i] * a - xs[i] * b + c0;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// lucidrains' RMSNorm over channels of NCHW, with the Block's optional modulation and SiLU fused in:
+//   u = x / max(||x||_C, 1e-12),  v = u * g * sqrt(C),  z = v * (scale + 1) + shift,  y = silu(z) or z
+// g (C), scale / shift (N, C) or absent. Saves inv = 1 / max(||x||, 1e-12) per (n, position) for the
+// backward. Work is split over the batch; sums run in a fixed order.
+struct RmsShape {
+  int64_t n, c, hw;
+  RmsShape(const int64_t *x, int nd) : n(x[0]), c(x[1]), hw(1) {
+    for (int i = 2; i < nd; ++i) hw *= x[i];
+  }
+};
+constexpr int64_t kTile = 64;   // positions processed together (their channel sums side by side)
+
+// exp written so that loops over it vectorise (libm's expf is a scalar call per element): 2^n * e^r with
+// |r| <= ln2 / 2 and a degree-6 polynomial, within 2 ulp of expf over the float range used here.
+inline float FastExp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits;
+  const float two_n_bias = n + 127.0f;
+  bits = static_cast<int32_t>(two_n_bias) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline float Sigmoid(float z) { return 1.0f / (1.0f + FastExp(-z)); }
+
+void RmsForward(const RmsShape &s, const float *x, const float *g, const float *scale, const float *shift,
+                bool silu, float *y, float *inv) {
+  const float sc = std::sqrt(static_cast<float>(s.c));
+  ParallelRange(s.n, [&](int64_t lo, int64_t hi) {
+    float ss[kTile];
+    for (int64_t n = lo; n < hi; ++n) {
+      const float *xn = x + n * s.c * s.hw;
+      float *yn = y + n * s.c * s.hw;
+      for (int64_t t0 = 0; t0 < s.hw; t0 += kTile) {
+        const int64_t m = std::min(kTile, s.hw - t0);
+        for (int64_t i = 0; i < m; ++i) ss[i] = 0.0f;
+        for (int64_t ch = 0; ch < s.c; ++ch) {
+          const float *xc = xn + ch * s.hw + t0;
+          for (int64_t i = 0; i < m; ++i) ss[i] += xc[i] * xc[i];
+        }
+        float *iv = inv + n * s.hw + t0;
+        for (int64_t i = 0; i < m; ++i) iv[i] = 1.0f / std::max(std::sqrt(ss[i]), 1e-12f);
+        for (int64_t ch = 0; ch < s.c; ++ch) {
+          const float a = g[ch] * sc * (scale ? scale[n * s.c + ch] + 1.0f : 1.0f);
+          const float b = shift ? shift[n * s.c + ch] : 0.0f;
+          const float *xc = xn + ch * s.hw + t0;
+          float *yc = yn + ch * s.hw + t0;
+          if (silu) {
+            for (int64_t i = 0; i < m; ++i) {
+              const float z = xc[i] * iv[i] * a + b;
+              yc[i] = z * Sigmoid(z);
+            }
+          } else {
+            for (int64_t i = 0; i < m; ++i) yc[i] = xc[i] * iv[i] * a + b;
+          }
+        }
+      }
+    }
+  });
+}
+
+// Outputs dx (x's shape), dg (C), dscale and dshift (N, C; written when scale is given).
+void RmsBackward(const RmsShape &s, const float *dy, const float *x, const float *inv, const float *g,
+                 const float *scale, const float *shift, bool silu, float *dx, float *dg, float *dscale,
+                 float *dshift) {
+  const float sc = std::sqrt(static_cast<float>(s.c));
+  std::vector<double> dg_part(s.n * s.c, 0.0);   // per sample, summed over the batch in order below
+  ParallelRange(s.n, [&](int64_t lo, int64_t hi) {
+    float dot[kTile];
+    std::vector<float> dz(s.c * kTile);
+    for (int64_t n = lo; n < hi; ++n) {
+      const float *xn = x + n * s.c * s.hw, *dyn = dy + n * s.c * s.hw;
+      float *dxn = dx + n * s.c * s.hw;
+      double *dgn = dg_part.data() + n * s.c;
+      std::vector<double> dsc(s.c, 0.0), dsh(s.c, 0.0);
+      for (int64_t t0 = 0; t0 < s.hw; t0 += kTile) {
+        const int64_t m = std::min(kTile, s.hw - t0);
+        const float *iv = inv + n * s.hw + t0;
+        for (int64_t i = 0; i < m; ++i) dot[i] = 0.0f;
+        // dz = dL/dz; du = dz * (scale + 1) * g * sqrt(C); dot = sum_c du * u
+        for (int64_t ch = 0; ch < s.c; ++ch) {
+          const float k = scale ? scale[n * s.c + ch] + 1.0f : 1.0f;
+          const float a = g[ch] * sc;
+          const float b = shift ? shift[n * s.c + ch] : 0.0f;
+          const float *xc = xn + ch * s.hw + t0, *dyc = dyn + ch * s.hw + t0;
+          float *dzc = dz.data() + ch * kTile;
+          float t_sc[kTile], t_sh[kTile], t_g[kTile];
+          for (int64_t i = 0; i < m; ++i) {   // vectorises: no loop-carried sums
+            const float u = xc[i] * iv[i];
+            const float v = u * a;
+            float d = dyc[i];
+            if (silu) {
+              const float z = v * k + b, sg = Sigmoid(z);
+              d *= sg * (1.0f + z * (1.0f - sg));
+            }
+            t_sh[i] = d;
+            t_sc[i] = d * v;
+            const float dv = d * k;
+            t_g[i] = dv * u;
+            const float du = dv * a;
+            dzc[i] = du;
+            dot[i] += du * u;
+          }
+          double acc_sc = 0.0, acc_sh = 0.0, acc_g = 0.0;
+          for (int64_t i = 0; i < m; ++i) {
+            acc_sc += t_sc[i];
+            acc_sh += t_sh[i];
+            acc_g += t_g[i];
+          }
+          dsc[ch] += acc_sc;
+          dsh[ch] += acc_sh;
+          dgn[ch] += acc_g * sc;
+        }
+        for (int64_t ch = 0; ch < s.c; ++ch) {
+          const float *xc = xn + ch * s.hw + t0, *dzc = dz.data() + ch * kTile;
+          float *dxc = dxn + ch * s.hw + t0;
+          for (int64_t i = 0; i < m; ++i) {
+            // the clamp (norm below 1e-12) makes inv a constant: no projection term
+            const bool clamped = iv[i] >= 1e12f;
+            const float u = xc[i] * iv[i];
+            dxc[i] = iv[i] * (dzc[i] - (clamped ? 0.0f : u * dot[i]));
+          }
+        }
+      }
+      if (scale) {
+        for (int64_t ch = 0; ch < s.c; ++ch) {
+          dscale[n * s.c + ch] = static_cast<float>(dsc[ch]);
+          dshift[n * s.c + ch] = static_cast<float>(dsh[ch]);
+        }
+      }
+    }
+  });
+  for (int64_t ch = 0; ch < s.c; ++ch) {
+    double acc = 0.0;
+    for (int64_t n = 0; n < s.n; ++n) acc += dg_part[n * s.c + ch];
+    dg[ch] = static_cast<float>(acc);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The library's version of the interface: Python checks it matches what it was written for.
+int MsdKernelsAbi() { return 1; }
+
+// y = conv(x, w) + b
+int Conv2dBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+               void *extra) {
+  Timer timer{"Conv2dBias", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 5 || !AllF32(nparam, dtypes)) return 1;
+  return Guard([&] { Conv2dForward(nparam, params, shapes, true); });
+}
+
+// y = conv(x, w)
+int Conv2d(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+           void *extra) {
+  Timer timer{"Conv2d", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
+  return Guard([&] { Conv2dForward(nparam, params, shapes, false); });
+}
+
+// MindSpore keeps one shape-inference function per Custom function name, but a forward convolution's
+// output shape depends on its settings: each distinct setting (stride, padding, ...) gets its own
+// name, Conv2d_<k> / Conv2dBias_<k>, k two octal digits 00 to 77 (ms_diffusion.kernels.conv assigns them).
+#define MSD_CONV_ALIAS(k)                                                                                 \
+  int Conv2d_##k(int n, void **p, int *nd, int64_t **sh, const char **dt, void *st, void *ex) {           \
+    return Conv2d(n, p, nd, sh, dt, st, ex);                                                              \
+  }                                                                                                       \
+  int Conv2dBias_##k(int n, void **p, int *nd, int64_t **sh, const char **dt, void *st, void *ex) {       \
+    return Conv2dBias(n, p, nd, sh, dt, st, ex);                                                          \
+  }
+#define MSD_CONV_ALIAS8(k) \
+  MSD_CONV_ALIAS(k##0) MSD_CONV_ALIAS(k##1) MSD_CONV_ALIAS(k##2) MSD_CONV_ALIAS(k##3) \
+  MSD_CONV_ALIAS(k##4) MSD_CONV_ALIAS(k##5) MSD_CONV_ALIAS(k##6) MSD_CONV_ALIAS(k##7)
+MSD_CONV_ALIAS8(0) MSD_CONV_ALIAS8(1) MSD_CONV_ALIAS8(2) MSD_CONV_ALIAS8(3)
+MSD_CONV_ALIAS8(4) MSD_CONV_ALIAS8(5) MSD_CONV_ALIAS8(6) MSD_CONV_ALIAS8(7)
+int MsdConvAliases() { return 64; }
+
+// inputs: dy (N,O,Ho,Wo), w, x (shape only), spec; output: dx (N,C,H,W)
+int Conv2dBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                       void *stream, void *extra) {
+  Timer timer{"Conv2dBackwardData", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 5 || !AllF32(nparam, dtypes)) return 1;
+  return Guard([&] {
+    ConvSpec c(static_cast<const int64_t *>(params[3]));
+    dims y = Dims(shapes[0], 4), w = Dims(shapes[1], 4), x = Dims(shapes[2], 4);
+    auto b = GetBwdData(x, w, y, c);
+    auto &rt = Rt();
+    auto dym = In(b->dy, params[0], 0);
+    auto wm = In(b->w, params[1], 1);
+    auto dxm = OutInner(b->dx, params[4], 2);
+    b->prim.execute(rt.stream, {{DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DIFF_SRC, dxm}});
+    OutFinish(b->dx, dxm, params[4]);
+    rt.stream.wait();
+  });
+}
+
+// inputs: x, dy, w (shape only), spec; outputs: dw (O,C/g,kh,kw), db (O)
+int Conv2dBackwardWeightsBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  Timer timer{"Conv2dBackwardWeightsBias", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 6) return 1;
+  return Guard([&] {
+    ConvSpec c(static_cast<const int64_t *>(params[3]));
+    dims x = Dims(shapes[0], 4), y = Dims(shapes[1], 4), w = Dims(shapes[2], 4);
+    auto b = GetBwdWeights(x, w, y, c, true);
+    auto &rt = Rt();
+    auto xm = In(b->x, params[0], 0);
+    auto dym = In(b->dy, params[1], 1);
+    auto dwm = OutInner(b->dw, params[4], 2);
+    dnnl::memory dbm(Plain({w[0]}), rt.engine, params[5]);
+    b->prim.execute(rt.stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm},
+                                {DNNL_ARG_DIFF_BIAS, dbm}});
+    OutFinish(b->dw, dwm, params[4]);
+    rt.stream.wait();
+  });
+}
+
+// inputs: x, dy, w (shape only), spec; output: dw
+int Conv2dBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                          void *stream, void *extra) {
+  Timer timer{"Conv2dBackwardWeights", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 5) return 1;
+  return Guard([&] {
+    ConvSpec c(static_cast<const int64_t *>(params[3]));
+    dims x = Dims(shapes[0], 4), y = Dims(shapes[1], 4), w = Dims(shapes[2], 4);
+    auto b = GetBwdWeights(x, w, y, c, false);
+    auto &rt = Rt();
+    auto xm = In(b->x, params[0], 0);
+    auto dym = In(b->dy, params[1], 1);
+    auto dwm = OutInner(b->dw, params[4], 2);
+    b->prim.execute(rt.stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm}});
+    OutFinish(b->dw, dwm, params[4]);
+    rt.stream.wait();
+  });
+}
+
+// GroupNorm forward. inputs: x (N, C, *), gamma (C), beta (C), spec float64 [groups, eps];
+// outputs: y (x's shape), mean (N, C), rstd (N, C) (each group's statistics repeated over its channels)
+int GroupNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
+              void *extra) {
+  Timer timer{"GroupNorm", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 7 || std::strcmp(dtypes[0], "float32") != 0) return 1;
+  return Guard([&] {
+    const double *spec = static_cast<const double *>(params[3]);
+    GnShape s(shapes[0], ndims[0], static_cast<int64_t>(spec[0]));
+    GnForward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                     static_cast<const float *>(params[2]), static_cast<float>(spec[1]),
+                     static_cast<float *>(params[4]), static_cast<float *>(params[5]),
+                     static_cast<float *>(params[6]));
+  });
+}
+
+// GroupNorm backward. inputs: dy, x, mean, rstd, gamma, spec; outputs: dx, dgamma, dbeta
+int GroupNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                      void *stream, void *extra) {
+  Timer timer{"GroupNormBackward", nparam, ndims, shapes};
+  current = &timer;
+  if (nparam != 9 || std::strcmp(dtypes[0], "float32") != 0) return 1;
+  return Guard([&] {
+    const double *spec = static_cast<const double *>(params[5]);
+    GnShape s(shapes[1], ndims[1], static_cast<int64_t>(spec[0]));
+    GnBackward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                      static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                      static_cast<const float *>(params[4]), static_cast<float *>(params[6]),
+                      static_cast<float *>(params[7]), static_cast<float *>(params[8]));
+  });
+}
+
+// RMSNorm (+ SiLU). inputs: x (N, C, *), g (C), spec int64 [silu]; outputs: y (x's shape), inv (N, positions).
+// RmsNormMod adds the modulation: inputs x, g, scale (N, C), shift (N, C), spec. (Separate entry points:
+// MindSpore keys a Custom operator's registration by its function.)
+static int RmsForwardEntry(int nparam, void **params, int64_t **shapes, int *ndims, const char **dtypes, bool mod) {
+  if (nparam != (mod ? 7 : 5) || std::strcmp(dtypes[0], "float32") != 0) return 1;
+  return Guard([&] {
+    const int spec_i = mod ? 4 : 2;
+    const bool silu = static_cast<const int64_t *>(params[spec_i])[0] != 0;
+    RmsShape s(shapes[0], ndims[0]);
+    auto f = [&](int i) { return static_cast<const float *>(params[i]); };
+    RmsForward(s, f(0), f(1), mod ? f(2) : nullptr, mod ? f(3) : nullptr, silu,
+               static_cast<float *>(params[spec_i + 1]), static_cast<float *>(params[spec_i + 2]));
+  });
+}
+
+// inputs: dy, x, inv, g, [scale, shift], spec; outputs: dx, dg, [dscale, dshift]
+static int RmsBackwardEntry(int nparam, void **params, int64_t **shapes, int *ndims, const char **dtypes, bool mod) {
+  if (nparam != (mod ? 11 : 7) || std::strcmp(dtypes[0], "float32") != 0) return 1;
+  return Guard([&] {
+    const int spec_i = mod ? 6 : 4;
+    const bool silu = static_cast<const int64_t *>(params[spec_i])[0] != 0;
+    RmsShape s(shapes[1], ndims[1]);
+    auto f = [&](int i) { return static_cast<const float *>(params[i]); };
+    auto o = [&](int i) { return static_cast<float *>(params[i]); };
+    RmsBackward(s, f(0), f(1), f(2), f(3), mod ? f(4) : nullptr, mod ? f(5) : nullptr, silu, o(spec_i + 1),
+                o(spec_i + 2), mod ? o(spec_i + 3) : nullptr, mod ? o(spec_i + 4) : nullptr);
+  });
+}
+
+int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  Timer timer{"RmsNorm", nparam, ndims, shapes};
+  current = &timer;
+  return RmsForwardEntry(nparam, params, shapes, ndims, dtypes, false);
+}
+int RmsNormMod(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  Timer timer{"RmsNormMod", nparam, ndims, shapes};
+  current = &timer;
+  return RmsForwardEntry(nparam, params, shapes, ndims, dtypes, true);
+}
+int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  Timer timer{"RmsNormBackward", nparam, ndims, shapes};
+  current = &timer;
+  return RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, false);
+}
+int RmsNormModBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                       void *) {
+  Timer timer{"RmsNormModBackward", nparam, ndims, shapes};
+  current = &timer;
+  return RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, true);
+}
+
+}  // extern "C"
