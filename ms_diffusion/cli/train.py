@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from ms_diffusion import kernels
 from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, run_command
 from ms_diffusion.runtime import peak_rss_gb
 
@@ -49,6 +50,12 @@ def _overrides(args: argparse.Namespace) -> List[str]:
     return out
 
 
+def _kernel_status(device: str) -> str:
+    if str(device).upper() != "CPU":
+        return ""
+    return ", our CPU kernels " + ("on" if kernels.enabled() else "off")
+
+
 def _fit_in_run_folder(trainer, cfg, args: argparse.Namespace, folder, *, n_params: int, source, info, dist,
                        notes: Sequence[str] = ()) -> Dict[str, Any]:
     """Claim the run folder (rank 0), resume, write config.yaml, print what is trained, fit, release.
@@ -65,7 +72,8 @@ def _fit_in_run_folder(trainer, cfg, args: argparse.Namespace, folder, *, n_para
         if folder is not None:
             folder.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             print(f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {info.device} ({info.mode} mode"
-                  f"{', oneDNN ISA ' + info.onednn_isa if info.onednn_isa else ''}), {dist.world_size} worker(s)")
+                  f"{', oneDNN ISA ' + info.onednn_isa if info.onednn_isa else ''}{_kernel_status(info.device)}), "
+                  f"{dist.world_size} worker(s)")
             print(f"data: {source.describe() if hasattr(source, 'describe') else source}")
             print(f"run folder: {cfg.run_dir}")
             for note in notes:

@@ -782,46 +782,38 @@ int Conv2dBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, 
   });
 }
 
-// inputs: x, dy, w (shape only), spec; outputs: dw (O,C/g,kh,kw), db (O)
-int Conv2dBackwardWeightsBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                              void *stream, void *extra) {
-  Timer timer{"Conv2dBackwardWeightsBias", nparam, ndims, shapes};
-  current = &timer;
-  if (nparam != 6) return 1;
+// inputs: x, dy, w (shape only), spec; outputs: dw (O, C/g, kh, kw) [, db (O)]
+static int Conv2dBackwardWeightsEntry(int nparam, void **params, int64_t **shapes, bool bias) {
+  if (nparam != (bias ? 6 : 5)) return 1;
   return Guard([&] {
     ConvSpec c(static_cast<const int64_t *>(params[3]));
     dims x = Dims(shapes[0], 4), y = Dims(shapes[1], 4), w = Dims(shapes[2], 4);
-    auto b = GetBwdWeights(x, w, y, c, true);
+    auto b = GetBwdWeights(x, w, y, c, bias);
     auto &rt = Rt();
     auto xm = In(b->x, params[0], 0);
     auto dym = In(b->dy, params[1], 1);
     auto dwm = OutInner(b->dw, params[4], 2);
-    dnnl::memory dbm(Plain({w[0]}), rt.engine, params[5]);
-    b->prim.execute(rt.stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm},
-                                {DNNL_ARG_DIFF_BIAS, dbm}});
+    std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym},
+                                               {DNNL_ARG_DIFF_WEIGHTS, dwm}};
+    if (bias) args[DNNL_ARG_DIFF_BIAS] = dnnl::memory(Plain({w[0]}), rt.engine, params[5]);
+    b->prim.execute(rt.stream, args);
     OutFinish(b->dw, dwm, params[4]);
     rt.stream.wait();
   });
 }
 
-// inputs: x, dy, w (shape only), spec; output: dw
+int Conv2dBackwardWeightsBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                              void *stream, void *extra) {
+  Timer timer{"Conv2dBackwardWeightsBias", nparam, ndims, shapes};
+  current = &timer;
+  return Conv2dBackwardWeightsEntry(nparam, params, shapes, true);
+}
+
 int Conv2dBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                           void *stream, void *extra) {
   Timer timer{"Conv2dBackwardWeights", nparam, ndims, shapes};
   current = &timer;
-  if (nparam != 5) return 1;
-  return Guard([&] {
-    ConvSpec c(static_cast<const int64_t *>(params[3]));
-    dims x = Dims(shapes[0], 4), y = Dims(shapes[1], 4), w = Dims(shapes[2], 4);
-    auto b = GetBwdWeights(x, w, y, c, false);
-    auto &rt = Rt();
-    auto xm = In(b->x, params[0], 0);
-    auto dym = In(b->dy, params[1], 1);
-    auto dwm = OutInner(b->dw, params[4], 2);
-    b->prim.execute(rt.stream, {{DNNL_ARG_SRC, xm}, {DNNL_ARG_DIFF_DST, dym}, {DNNL_ARG_DIFF_WEIGHTS, dwm}});
-    OutFinish(b->dw, dwm, params[4]);
-    rt.stream.wait();
-  });
+  return Conv2dBackwardWeightsEntry(nparam, params, shapes, false);
 }
 
 // GroupNorm forward. inputs: x (N, C, *), gamma (C), beta (C), spec float64 [groups, eps];
