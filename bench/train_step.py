@@ -185,7 +185,7 @@ def main() -> None:
     print(f"compile (ours): train step {ours['compile_s']:.1f} s, sampling step {ours['sample_compile_s']:.1f} s "
           f"(built-in: {builtin['compile_s']:.1f} s, {builtin['sample_compile_s']:.1f} s)")
     if not args.no_isa_compare:
-        slow_args = argparse.Namespace(**{**vars(args), "steps": 1})
+        slow_args = argparse.Namespace(**{**vars(args), "steps": 3})
         native = _child("ms", slow_args, {"MS_DIFFUSION_ONEDNN_ISA": "native", "MS_DIFFUSION_CPU_KERNELS": "0"})
         print(f"oneDNN ISA, built-in ops: train step {builtin['train_s'] * 1000:.0f} ms with the AVX2 cap "
               f"(ms_diffusion default), {native['train_s'] * 1000:.0f} ms without it "

@@ -31,6 +31,22 @@ def _device_target() -> str:
     return str(ms.get_context("device_target")).upper()
 
 
+THREADS_ENV = "MS_DIFFUSION_KERNEL_THREADS"
+
+
+def _default_threads() -> None:
+    """The kernels' thread count, fixed before the library starts its pool: the user's OMP_NUM_THREADS as
+    Python sees it (the test runner sets 1 per process), else the cores this process may use."""
+    if os.environ.get(THREADS_ENV, "").strip():
+        return
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    try:
+        n = int(omp) if omp else len(os.sched_getaffinity(0))
+    except (ValueError, AttributeError, OSError):
+        n = os.cpu_count() or 1
+    os.environ[THREADS_ENV] = str(max(1, n))
+
+
 def _load() -> Optional[Path]:
     if os.environ.get(ENV, "1").strip().lower() in {"0", "off", "false", "no"}:
         _state["reason"] = f"{ENV}=0"
@@ -38,6 +54,7 @@ def _load() -> Optional[Path]:
     if platform.machine().lower() not in _X86:
         _state["reason"] = f"not an x86-64 CPU ({platform.machine()})"
         return None
+    _default_threads()
     try:
         lib = build_library()
         import ctypes

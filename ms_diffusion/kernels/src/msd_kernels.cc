@@ -11,7 +11,9 @@
 #include <dnnl_threadpool.h>
 #include <dnnl_threadpool_iface.hpp>
 
+#include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -39,6 +41,11 @@ class Pool : public dnnl::threadpool_interop::threadpool_iface {
  public:
   explicit Pool(int n) : n_(n < 1 ? 1 : n) {
     for (int t = 1; t < n_; ++t) workers_.emplace_back([this] { Work(); });
+  }
+  // Workers inherit the affinity of the thread that built the pool (possibly a pinned MindSpore
+  // thread); let them run on any core of the process.
+  void Unpin(const cpu_set_t &set) {
+    for (auto &w : workers_) pthread_setaffinity_np(w.native_handle(), sizeof(set), &set);
   }
   ~Pool() override {
     {
@@ -117,15 +124,18 @@ class Pool : public dnnl::threadpool_interop::threadpool_iface {
 };
 thread_local bool Pool::inside_ = false;
 
-// Threads: MS_DIFFUSION_KERNEL_THREADS, else OMP_NUM_THREADS (the test runner pins one per process),
-// else the cores this process may run on.
+// The cores the process may use: the main thread's affinity (getpid()), not the calling thread's --
+// MindSpore pins its graph-mode actor threads, and a pool sized or placed by theirs runs on one core.
+bool ProcessCpus(cpu_set_t *set) { return sched_getaffinity(getpid(), sizeof(*set), set) == 0 && CPU_COUNT(set) > 0; }
+
+// Threads: MS_DIFFUSION_KERNEL_THREADS (ms_diffusion.kernels sets it from Python's view of the process),
+// else the cores this process may run on. Not OMP_NUM_THREADS: MindSpore's runtime sets it to 1 for
+// itself, in the C environment only.
 int PoolSize() {
-  for (const char *name : {"MS_DIFFUSION_KERNEL_THREADS", "OMP_NUM_THREADS"}) {
-    const char *env = std::getenv(name);
-    if (env && std::atoi(env) > 0) return std::atoi(env);
-  }
+  const char *env = std::getenv("MS_DIFFUSION_KERNEL_THREADS");
+  if (env && std::atoi(env) > 0) return std::atoi(env);
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  if (ProcessCpus(&set)) return CPU_COUNT(&set);
   int n = static_cast<int>(std::thread::hardware_concurrency());
   return n < 1 ? 1 : n;
 }
@@ -135,6 +145,8 @@ struct Runtime {
   Pool pool{PoolSize()};
   dnnl::stream stream;
   Runtime() {
+    cpu_set_t cpus;
+    if (ProcessCpus(&cpus)) pool.Unpin(cpus);
     dnnl_stream_t s = nullptr;
     dnnl_threadpool_interop_stream_create(&s, engine.get(), &pool);
     stream = dnnl::stream(s);
