@@ -80,6 +80,7 @@ def library() -> Optional[Path]:
 def enabled() -> bool:
     """True when layers built now use our kernels: CPU device, kernels not disabled, library built."""
     if os.environ.get(ENV, "1").strip().lower() in {"0", "off", "false", "no"}:
+        _state["reason"] = f"{ENV}=0"
         return False
     if _device_target() != "CPU":
         return False
