@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ms_diffusion.kernels.build import BuildError, build_library
+from ms_diffusion.kernels.build import ABI, BuildError, build_library
 
-__all__ = ["enabled", "library", "disabled_reason", "reset", "BuildError", "ENV"]
+__all__ = ["enabled", "library", "require_library", "disabled_reason", "reset", "BuildError", "ENV"]
 
 ENV = "MS_DIFFUSION_CPU_KERNELS"
 _X86 = {"x86_64", "amd64"}
@@ -47,9 +47,15 @@ def _default_threads() -> None:
     os.environ[THREADS_ENV] = str(max(1, n))
 
 
-def _load() -> Optional[Path]:
+def _switched_off() -> bool:
     if os.environ.get(ENV, "1").strip().lower() in {"0", "off", "false", "no"}:
         _state["reason"] = f"{ENV}=0"
+        return True
+    return False
+
+
+def _load() -> Optional[Path]:
+    if _switched_off():
         return None
     if platform.machine().lower() not in _X86:
         _state["reason"] = f"not an x86-64 CPU ({platform.machine()})"
@@ -60,7 +66,6 @@ def _load() -> Optional[Path]:
         import ctypes
         handle = ctypes.CDLL(str(lib))
         abi = handle.MsdKernelsAbi()
-        from ms_diffusion.kernels.build import ABI
         if abi != ABI:
             raise BuildError(f"{lib} has interface version {abi}, expected {ABI}")
     except (BuildError, OSError, AttributeError) as e:
@@ -79,12 +84,17 @@ def library() -> Optional[Path]:
 
 def enabled() -> bool:
     """True when layers built now use our kernels: CPU device, kernels not disabled, library built."""
-    if os.environ.get(ENV, "1").strip().lower() in {"0", "off", "false", "no"}:
-        _state["reason"] = f"{ENV}=0"
-        return False
-    if _device_target() != "CPU":
+    if _switched_off() or _device_target() != "CPU":
         return False
     return library() is not None
+
+
+def require_library(lib: Optional[str] = None) -> str:
+    """``lib``, else the built library; an error when there is none (callers check ``enabled()`` first)."""
+    lib = lib or library()
+    if lib is None:
+        raise RuntimeError(f"the CPU kernel library is not available: {disabled_reason()}")
+    return str(lib)
 
 
 def disabled_reason() -> Optional[str]:

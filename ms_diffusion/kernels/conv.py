@@ -13,7 +13,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from ms_diffusion.kernels import library
+from ms_diffusion.kernels import require_library
 
 __all__ = ["Conv2dOp"]
 
@@ -69,13 +69,10 @@ class Conv2dOp:
 
     def __init__(self, stride: IntPair = 1, padding: Union[int, Sequence[int]] = 0, dilation: IntPair = 1,
                  groups: int = 1, has_bias: bool = True, lib: Optional[str] = None):
-        lib = lib or library()
-        if lib is None:
-            raise RuntimeError("the CPU kernel library is not available (see ms_diffusion.kernels.disabled_reason)")
+        lib = require_library(lib)
         sh, sw = _pair(stride)
         top, bottom, left, right = _padding(padding)
         dh, dw = _pair(dilation)
-        self.stride, self.padding, self.dilation, self.groups = (sh, sw), (top, bottom, left, right), (dh, dw), groups
         self.spec = Tensor(np.array([sh, sw, top, left, bottom, right, dh, dw, groups], np.int64))
 
         def out_size(size: int, k: int, axis: int) -> int:
@@ -98,10 +95,6 @@ class Conv2dOp:
             def bprop(x, w, b, spec, out, dout):
                 dw, db = weights(x, dout, w, spec)
                 return data(dout, w, x, spec), dw, db, ops.zeros_like(spec)
-
-            self.backward_data, self.backward_weights = data, weights
-            self.prim = ops.Custom(f"{lib}:Conv2dBias_{alias}", out_shape=forward_shape, out_dtype=f32, func_type="aot",
-                                   bprop=bprop)
         else:
             weights = ops.Custom(f"{lib}:Conv2dBackwardWeights", out_shape=lambda x, dy, w, spec: list(w),
                                  out_dtype=f32, func_type="aot")
@@ -109,9 +102,9 @@ class Conv2dOp:
             def bprop(x, w, spec, out, dout):
                 return data(dout, w, x, spec), weights(x, dout, w, spec), ops.zeros_like(spec)
 
-            self.backward_data, self.backward_weights = data, weights
-            self.prim = ops.Custom(f"{lib}:Conv2d_{alias}", out_shape=forward_shape, out_dtype=f32, func_type="aot",
-                                   bprop=bprop)
+        self.backward_data, self.backward_weights = data, weights
+        self.prim = ops.Custom(f"{lib}:{'Conv2dBias' if has_bias else 'Conv2d'}_{alias}", out_shape=forward_shape,
+                               out_dtype=f32, func_type="aot", bprop=bprop)
         self.has_bias = has_bias
 
     def __call__(self, x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from ms_diffusion.kernels import library
+from ms_diffusion.kernels import require_library
 
 __all__ = ["GroupNormOp", "RmsNormOp"]
 
@@ -26,9 +26,7 @@ class GroupNormOp:
     tensor; call ``op.prim(x, gamma, beta, op.spec)[0]`` inside ``construct``."""
 
     def __init__(self, num_groups: int, eps: float = 1e-5, lib: Optional[str] = None):
-        lib = lib or library()
-        if lib is None:
-            raise RuntimeError("the CPU kernel library is not available (see ms_diffusion.kernels.disabled_reason)")
+        lib = require_library(lib)
         self.spec = Tensor(np.array([num_groups, eps], np.float64))
         f32 = ms.float32
 
@@ -51,9 +49,7 @@ class RmsNormOp:
     when ``modulated``."""
 
     def __init__(self, modulated: bool = False, silu: bool = False, lib: Optional[str] = None):
-        lib = lib or library()
-        if lib is None:
-            raise RuntimeError("the CPU kernel library is not available (see ms_diffusion.kernels.disabled_reason)")
+        lib = require_library(lib)
         self.spec = Tensor(np.array([int(silu)], np.int64))
         f32 = ms.float32
 

@@ -269,10 +269,22 @@ bool Plain1x1(const dims &w, const ConvSpec &c) {
          c.pad_r[0] == 0 && c.pad_r[1] == 0 && c.groups == 1;
 }
 
-// Memory descriptors of a convolution's activations and weights as the primitive should see them.
+dnnl::memory::desc Plain(const dims &d) {
+  return dnnl::memory::desc(d, dt::f32, d.size() == 4 ? tag::nchw : tag::x);
+}
+
+// A convolution as the primitives should see it: activation and weight descriptors (layouts left to
+// oneDNN, or plain for 1x1), the bias, MindSpore's weight layout, and the geometry in oneDNN's terms.
 struct ConvDescs {
-  dnnl::memory::desc x, w, y;
-  ConvDescs(const dims &xs, const dims &ws, const dims &ys, const ConvSpec &c) {
+  dnnl::memory::desc x, w, y, bias, user_w;
+  dims strides, dilates, pad_l, pad_r;
+  ConvDescs(const dims &xs, const dims &ws, const dims &ys, const ConvSpec &c)
+      : bias(Plain({ws[0]})),
+        user_w(WeightDims(ws, c.groups), dt::f32, WeightTag(c.groups)),
+        strides{c.stride[0], c.stride[1]},
+        dilates{c.dilation[0] - 1, c.dilation[1] - 1},
+        pad_l{c.pad_l[0], c.pad_l[1]},
+        pad_r{c.pad_r[0], c.pad_r[1]} {
     const bool plain = Plain1x1(ws, c);
     x = dnnl::memory::desc(xs, dt::f32, plain ? tag::nchw : tag::any);
     y = dnnl::memory::desc(ys, dt::f32, plain ? tag::nchw : tag::any);
@@ -280,31 +292,19 @@ struct ConvDescs {
   }
 };
 
-dnnl::convolution_forward::primitive_desc ForwardPd(const dims &x, const dims &w, const dims &y,
-                                                     const ConvSpec &c, bool bias) {
-  auto &e = Rt().engine;
-  ConvDescs d(x, w, y, c);
-  const auto &xd = d.x, &wd = d.w, &yd = d.y;
-  dnnl::memory::desc bd({w[0]}, dt::f32, tag::x);
-  dims strides{c.stride[0], c.stride[1]}, dil{c.dilation[0] - 1, c.dilation[1] - 1},
-      pl{c.pad_l[0], c.pad_l[1]}, pr{c.pad_r[0], c.pad_r[1]};
-  if (bias)
-    return dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
-                                                     dnnl::algorithm::convolution_direct, xd, wd, bd, yd,
-                                                     strides, dil, pl, pr);
-  return dnnl::convolution_forward::primitive_desc(e, dnnl::prop_kind::forward_training,
-                                                   dnnl::algorithm::convolution_direct, xd, wd, yd, strides,
-                                                   dil, pl, pr);
-}
+constexpr auto kDirect = dnnl::algorithm::convolution_direct;
 
-dnnl::memory::desc Plain(const dims &d) {
-  return dnnl::memory::desc(d, dt::f32, d.size() == 4 ? tag::nchw : tag::x);
+dnnl::convolution_forward::primitive_desc ForwardPd(const ConvDescs &d, bool bias) {
+  auto &e = Rt().engine;
+  const auto train = dnnl::prop_kind::forward_training;
+  if (bias)
+    return {e, train, kDirect, d.x, d.w, d.bias, d.y, d.strides, d.dilates, d.pad_l, d.pad_r};
+  return {e, train, kDirect, d.x, d.w, d.y, d.strides, d.dilates, d.pad_l, d.pad_r};
 }
 
 struct Fwd {
   dnnl::convolution_forward prim;
   Operand x, w, y;
-  bool bias;
 };
 struct BwdData {
   dnnl::convolution_backward_data prim;
@@ -313,75 +313,63 @@ struct BwdData {
 struct BwdWeights {
   dnnl::convolution_backward_weights prim;
   Operand x, dy, dw;
-  bool bias;
 };
 
+// Primitives are built once per (kind, shapes, settings) and kept for the life of the process.
 std::mutex cache_mutex;
-std::unordered_map<std::string, std::shared_ptr<Fwd>> fwd_cache;
-std::unordered_map<std::string, std::shared_ptr<BwdData>> bwd_data_cache;
-std::unordered_map<std::string, std::shared_ptr<BwdWeights>> bwd_weights_cache;
+
+template <typename T, typename Make>
+std::shared_ptr<T> Cached(const std::string &key, Make make) {
+  static std::unordered_map<std::string, std::shared_ptr<T>> cache;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto &slot = cache[key];
+  if (!slot) slot = make();
+  return slot;
+}
 
 std::shared_ptr<Fwd> GetFwd(const dims &x, const dims &w, const dims &y, const ConvSpec &c, bool bias) {
-  auto key = Key(bias ? "fwd_b" : "fwd", {&x, &w, &y}, c);
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = fwd_cache.find(key);
-  if (it != fwd_cache.end()) return it->second;
-  auto f = std::make_shared<Fwd>();
-  auto pd = ForwardPd(x, w, y, c, bias);
-  f->prim = dnnl::convolution_forward(pd);
-  f->x.Init(Plain(x), pd.src_desc(), true);
-  f->w.Init(dnnl::memory::desc(WeightDims(w, c.groups), dt::f32, WeightTag(c.groups)), pd.weights_desc(), true);
-  f->y.Init(Plain(y), pd.dst_desc(), false);
-  f->bias = bias;
-  fwd_cache[key] = f;
-  return f;
+  return Cached<Fwd>(Key(bias ? "fwd_b" : "fwd", {&x, &w, &y}, c), [&] {
+    auto f = std::make_shared<Fwd>();
+    ConvDescs d(x, w, y, c);
+    auto pd = ForwardPd(d, bias);
+    f->prim = dnnl::convolution_forward(pd);
+    f->x.Init(Plain(x), pd.src_desc(), true);
+    f->w.Init(d.user_w, pd.weights_desc(), true);
+    f->y.Init(Plain(y), pd.dst_desc(), false);
+    return f;
+  });
 }
 
 std::shared_ptr<BwdData> GetBwdData(const dims &x, const dims &w, const dims &y, const ConvSpec &c) {
-  auto key = Key("bwd_data", {&x, &w, &y}, c);
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = bwd_data_cache.find(key);
-  if (it != bwd_data_cache.end()) return it->second;
-  auto b = std::make_shared<BwdData>();
-  auto hint = ForwardPd(x, w, y, c, false);
-  ConvDescs d(x, w, y, c);
-  const auto &xd = d.x, &wd = d.w, &yd = d.y;
-  dnnl::convolution_backward_data::primitive_desc pd(
-      Rt().engine, dnnl::algorithm::convolution_direct, xd, wd, yd, {c.stride[0], c.stride[1]},
-      {c.dilation[0] - 1, c.dilation[1] - 1}, {c.pad_l[0], c.pad_l[1]}, {c.pad_r[0], c.pad_r[1]}, hint);
-  b->prim = dnnl::convolution_backward_data(pd);
-  b->dy.Init(Plain(y), pd.diff_dst_desc(), true);
-  b->w.Init(dnnl::memory::desc(WeightDims(w, c.groups), dt::f32, WeightTag(c.groups)), pd.weights_desc(), true);
-  b->dx.Init(Plain(x), pd.diff_src_desc(), false);
-  bwd_data_cache[key] = b;
-  return b;
+  return Cached<BwdData>(Key("bwd_data", {&x, &w, &y}, c), [&] {
+    auto b = std::make_shared<BwdData>();
+    ConvDescs d(x, w, y, c);
+    dnnl::convolution_backward_data::primitive_desc pd(Rt().engine, kDirect, d.x, d.w, d.y, d.strides, d.dilates,
+                                                       d.pad_l, d.pad_r, ForwardPd(d, false));
+    b->prim = dnnl::convolution_backward_data(pd);
+    b->dy.Init(Plain(y), pd.diff_dst_desc(), true);
+    b->w.Init(d.user_w, pd.weights_desc(), true);
+    b->dx.Init(Plain(x), pd.diff_src_desc(), false);
+    return b;
+  });
 }
 
 std::shared_ptr<BwdWeights> GetBwdWeights(const dims &x, const dims &w, const dims &y, const ConvSpec &c,
                                           bool bias) {
-  auto key = Key(bias ? "bwd_w_b" : "bwd_w", {&x, &w, &y}, c);
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  auto it = bwd_weights_cache.find(key);
-  if (it != bwd_weights_cache.end()) return it->second;
-  auto b = std::make_shared<BwdWeights>();
-  auto hint = ForwardPd(x, w, y, c, bias);
-  ConvDescs d(x, w, y, c);
-  const auto &xd = d.x, &wd = d.w, &yd = d.y;
-  dnnl::memory::desc bd({w[0]}, dt::f32, tag::x);
-  dims strides{c.stride[0], c.stride[1]}, dil{c.dilation[0] - 1, c.dilation[1] - 1},
-      pl{c.pad_l[0], c.pad_l[1]}, pr{c.pad_r[0], c.pad_r[1]};
-  auto pd = bias ? dnnl::convolution_backward_weights::primitive_desc(
-                       Rt().engine, dnnl::algorithm::convolution_direct, xd, wd, bd, yd, strides, dil, pl, pr, hint)
-                 : dnnl::convolution_backward_weights::primitive_desc(
-                       Rt().engine, dnnl::algorithm::convolution_direct, xd, wd, yd, strides, dil, pl, pr, hint);
-  b->prim = dnnl::convolution_backward_weights(pd);
-  b->x.Init(Plain(x), pd.src_desc(), true);
-  b->dy.Init(Plain(y), pd.diff_dst_desc(), true);
-  b->dw.Init(dnnl::memory::desc(WeightDims(w, c.groups), dt::f32, WeightTag(c.groups)), pd.diff_weights_desc(),
-             false);
-  b->bias = bias;
-  bwd_weights_cache[key] = b;
-  return b;
+  return Cached<BwdWeights>(Key(bias ? "bwd_w_b" : "bwd_w", {&x, &w, &y}, c), [&] {
+    auto b = std::make_shared<BwdWeights>();
+    ConvDescs d(x, w, y, c);
+    auto hint = ForwardPd(d, bias);
+    using Pd = dnnl::convolution_backward_weights::primitive_desc;
+    auto &e = Rt().engine;
+    Pd pd = bias ? Pd(e, kDirect, d.x, d.w, d.bias, d.y, d.strides, d.dilates, d.pad_l, d.pad_r, hint)
+                 : Pd(e, kDirect, d.x, d.w, d.y, d.strides, d.dilates, d.pad_l, d.pad_r, hint);
+    b->prim = dnnl::convolution_backward_weights(pd);
+    b->x.Init(Plain(x), pd.src_desc(), true);
+    b->dy.Init(Plain(y), pd.diff_dst_desc(), true);
+    b->dw.Init(d.user_w, pd.diff_weights_desc(), false);
+    return b;
+  });
 }
 
 bool AllF32(int nparam, const char **dtypes) {
