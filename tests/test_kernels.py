@@ -12,9 +12,11 @@ from mindspore import Tensor, nn, ops
 
 from ms_diffusion import kernels
 from ms_diffusion.kernels import build as kbuild
+from ms_diffusion.kernels.attention import LinearAttentionOp
 from ms_diffusion.kernels.conv import Conv2dOp
 from ms_diffusion.kernels.norm import GroupNormOp, RmsNormOp
 from ms_diffusion.nn.layers import Conv2d, conv2d
+from ms_diffusion.nn.attention import LinearAttention
 from ms_diffusion.nn.blocks import Block
 from ms_diffusion.nn.norms import GroupNorm, RMSNorm
 from ms_diffusion.training import TrainStep
@@ -191,6 +193,51 @@ def test_rms_norm_with_modulation_and_silu_matches_the_builtin_ops(mode):
     assert RMSNorm(8).use_kernel and Block(4, 8).use_kernel and not Block(4, 8).to_float(ms.float16).use_kernel
 
 
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_linear_attention_core_matches_the_builtin_ops(mode):
+    """Softmax over features for q, over positions for [memory | k], context = k v^T, out = context^T q,
+    written here in MindSpore ops; lucidrains' form (memory key/values) and the tutorial's (no memory,
+    v / positions), at the models' sizes and an odd one."""
+    rng = np.random.default_rng(0)
+    for b, heads, d, h, w, m, v_by_positions in [(4, 4, 32, 28, 28, 4, False), (2, 2, 16, 14, 14, 0, True),
+                                                 (3, 3, 8, 5, 9, 2, False)]:
+        n = h * w
+        qkv = Tensor((2 * rng.standard_normal((b, 3 * heads * d, h, w))).astype(np.float32))
+        mem = Tensor(rng.standard_normal((2, heads, d, m or 1)).astype(np.float32))   # unused when m = 0
+        up = Tensor(rng.standard_normal((b, heads * d, h, w)).astype(np.float32))
+        scale = d ** -0.5
+        op = LinearAttentionOp(heads, scale, v_by_positions, memory=m > 0)
+
+        def ours(qkv, mem):
+            y = op.prim(qkv, mem, op.spec) if m else op.prim(qkv, op.spec)
+            return (y * up).sum(), y
+
+        def builtin(qkv, mem):
+            q, k, v = (t.reshape(b, heads, d, n) for t in ops.split(qkv, heads * d, axis=1))
+            if m:
+                k = ops.cat((ops.broadcast_to(mem[0][None], (b, heads, d, m)), k), axis=-1)
+                v = ops.cat((ops.broadcast_to(mem[1][None], (b, heads, d, m)), v), axis=-1)
+            q = ops.softmax(q, axis=2) * scale
+            k = ops.softmax(k, axis=3)
+            if v_by_positions:
+                v = v / n
+            context = ops.matmul(k, v.swapaxes(2, 3))                     # (b, heads, d, e)
+            y = ops.matmul(context.swapaxes(2, 3), q).reshape(b, heads * d, h, w)
+            return (y * up).sum(), y
+
+        grads = [ms.value_and_grad(f, grad_position=(0, 1), has_aux=True) for f in (ours, builtin)]
+        if mode == "graph":
+            grads = [ms.jit(f) for f in grads]
+        ((_, y1), g1), ((_, y2), g2) = (f(qkv, mem) for f in grads)
+        case = (b, heads, d, h, w, m, v_by_positions)
+        assert y1.shape == y2.shape == (b, heads * d, h, w), case
+        assert _rel(y1.asnumpy(), y2.asnumpy()) < 1e-5, case
+        for name, a, r in zip(("dqkv", "dmem"), g1, g2 if m else g2[:1]):
+            assert _rel(a.asnumpy(), r.asnumpy()) < 1e-5, (case, name, _rel(a.asnumpy(), r.asnumpy()))
+    layer = LinearAttention(16, heads=2, dim_head=8)
+    assert layer.use_kernel and not LinearAttention(16).to_float(ms.float16).use_kernel
+
+
 def _tiny_unet_step(use_kernels: bool, block_type: str, steps: int = 3):
     """Loss and weights of a few SGD-momentum updates of a small lucidrains / tutorial (ConvNeXt) U-Net."""
     from ms_diffusion.models import Unet
@@ -204,8 +251,9 @@ def _tiny_unet_step(use_kernels: bool, block_type: str, steps: int = 3):
             os.environ.pop(kernels.ENV)
         else:
             os.environ[kernels.ENV] = env
-    layers = [c for _, c in net.cells_and_names() if isinstance(c, (Conv2d, GroupNorm))]
-    assert {type(c) for c in layers} == ({Conv2d, GroupNorm} if block_type == "convnext" else {Conv2d})
+    layers = [c for _, c in net.cells_and_names() if isinstance(c, (Conv2d, GroupNorm, LinearAttention))]
+    assert {type(c) for c in layers} == ({Conv2d, GroupNorm, LinearAttention} if block_type == "convnext"
+                                         else {Conv2d, LinearAttention})
     assert all(c.use_kernel == use_kernels for c in layers)
     rng = np.random.default_rng(1)
     x = Tensor(rng.standard_normal((4, 1, 16, 16)).astype(np.float32))

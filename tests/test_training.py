@@ -48,6 +48,33 @@ def test_overflow_skips_update_and_halves_scale():
     assert step.loss_scale == 512.0 and int(opt.global_step.asnumpy().reshape(-1)[0]) == 1
 
 
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_one_non_finite_gradient_element_skips_the_update(bad):
+    """The finiteness check goes through the global norm: one Inf or NaN element in one of several
+    gradients must be enough to skip the update."""
+    class Two(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.a = ms.Parameter(Tensor(np.ones(3, np.float32)), name="a")
+            self.b = ms.Parameter(Tensor(np.ones(4, np.float32)), name="b")
+
+        def construct(self, x, s):
+            return (self.a * x).sum() + (self.b * s).sum()
+
+    net = Two()
+    opt = nn.SGD(net.trainable_params(), learning_rate=0.1)
+    step = TrainStep(net, opt, clip_grad_norm=1.0, loss_scaler=DynamicLossScaler(8.0, 2, 1000))
+    x = Tensor(np.array([1.0, 2.0, 3.0], np.float32))
+    s = Tensor(np.array([0.5, bad, 0.25, 1.0], np.float32))   # d loss / d b = s
+    _, norm, finite = step(x, s)
+    assert not bool(finite.asnumpy()) and not np.isfinite(float(norm.asnumpy()))
+    np.testing.assert_array_equal(net.a.asnumpy(), np.ones(3, np.float32))
+    np.testing.assert_array_equal(net.b.asnumpy(), np.ones(4, np.float32))
+    assert step.loss_scale == 4.0
+    _, _, finite = step(x, Tensor(np.array([0.5, 2.0, 0.25, 1.0], np.float32)))
+    assert bool(finite.asnumpy()) and not np.array_equal(net.a.asnumpy(), np.ones(3, np.float32))
+
 def test_loss_scaling_does_not_change_the_update():
     x, y = _data()
     results = []

@@ -16,7 +16,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ms_diffusion.nn.layers import cast_like, conv2d, to_float32
+from ms_diffusion.kernels.attention import LinearAttentionOp
+from ms_diffusion.nn.layers import KernelSwitch, cast_like, conv2d, to_float32
 from ms_diffusion.nn.norms import ChannelLayerNorm, GroupNorm, RMSNorm
 
 __all__ = ["attention", "flash_attention_available", "split_heads", "set_attention_slicing", "Attention",
@@ -160,12 +161,15 @@ class Attention(nn.Cell):
         return self.to_out(out.reshape(b, self.heads * self.dim_head, h, w))
 
 
-class LinearAttention(nn.Cell):
+class LinearAttention(KernelSwitch, nn.Cell):
     """Linear attention (Shen et al.): softmax over features for q, over positions for k.
 
     (B, C, H, W) -> (B, C, H, W); the caller adds the residual. lucidrains form by default;
     the MindSpore tutorial's form is ``norm="group", num_mem_kv=0, out_norm="layer",
     scale_v_by_positions=True``.
+
+    On CPU the part between the two projections is one kernel of ours, forward and backward
+    (``ms_diffusion.kernels.attention``; see ``KernelSwitch``).
     """
 
     def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, num_mem_kv: int = 4,
@@ -183,10 +187,18 @@ class LinearAttention(nn.Cell):
         self.to_qkv = conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.SequentialCell([conv2d(hidden, dim, 1), make_channel_norm(out_norm, dim)])
         self.scale_v_by_positions = scale_v_by_positions
+        if self._init_kernel():
+            op = LinearAttentionOp(heads, self.scale, scale_v_by_positions, memory=num_mem_kv > 0)
+            self.kernel_op, self.kernel_spec = op.prim, op.spec
 
     def construct(self, x):
         b, _, h, w = x.shape
         n = h * w
+        if self.use_kernel and x.dtype == ms.float32:
+            qkv = self.to_qkv(self.norm(x))
+            if self.num_mem_kv > 0:
+                return self.to_out(self.kernel_op(qkv, self.mem_kv, self.kernel_spec))
+            return self.to_out(self.kernel_op(qkv, self.kernel_spec))
         mem = None
         if self.num_mem_kv > 0:
             mem = cast_like(self.mem_kv, x)                    # (2, heads, d, m)

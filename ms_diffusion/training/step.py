@@ -11,7 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import mindspore as ms
 from mindspore import Parameter, nn, ops
-from mindspore.amp import DynamicLossScaler, StaticLossScaler, all_finite
+from mindspore.amp import DynamicLossScaler, StaticLossScaler
 
 from ms_diffusion.runtime import maybe_jit
 
@@ -89,8 +89,10 @@ class TrainStep:
         if self.reducer is not None:
             grads = self.reducer(grads)
         grads = self.scaler.unscale(grads)
-        finite = all_finite(grads)
         norm = global_norm(grads)
+        # A NaN or Inf anywhere makes the norm non-finite: one check instead of one per gradient, which
+        # on CPU cost 70 ms of a 770 ms step. (A norm beyond float32's range, 1.8e19, also counts.)
+        finite = ops.isfinite(norm)
         if self.clip > 0:
             factor = ops.minimum(self.clip / (norm + 1e-6), 1.0)
             grads = self._hyper(ops.partial(ops.mul, factor), grads)

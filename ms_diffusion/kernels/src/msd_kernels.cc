@@ -27,6 +27,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -467,8 +468,8 @@ int Conv2dForward(int nparam, void **params, int64_t **shapes, bool bias) {
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm on NCHW, written by hand (oneDNN's group normalization is newer than the headers we
-// build against, and on plain NCHW it has no fast path). Sums in double, in a fixed order: results
-// do not depend on the thread count. Work is split over (n, group) pairs, or (n, channel) pairs.
+// build against, and on plain NCHW it has no fast path). Sums per channel in eight float lanes, across
+// channels and samples in double, always in the same order: results do not depend on the thread count. Work is split over (n, group) pairs, or (n, channel) pairs.
 void ParallelRange(int64_t total, const std::function<void(int64_t, int64_t)> &body) {
   auto &pool = Rt().pool;
   int n = pool.get_num_threads();
@@ -478,6 +479,26 @@ void ParallelRange(int64_t total, const std::function<void(int64_t, int64_t)> &b
   }
   if (n > total) n = static_cast<int>(total);
   pool.parallel_for(n, [&](int i, int k) { body(total * i / k, total * (i + 1) / k); });
+}
+
+// Reductions over a row in 8 interleaved lanes (vectorised; a fixed order, so results do not vary).
+inline float RowMax(const float *x, int64_t n, float init) {
+  float m[8] = {init, init, init, init, init, init, init, init};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+  for (; j < n; ++j) m[0] = x[j] > m[0] ? x[j] : m[0];
+  for (int l = 1; l < 8; ++l) m[0] = m[l] > m[0] ? m[l] : m[0];
+  return m[0];
+}
+inline float RowDot(const float *x, const float *y, int64_t n) {   // y == nullptr: the sum of x
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) s[l] += x[j + l] * (y ? y[j + l] : 1.0f);
+  float tail = 0.0f;
+  for (; j < n; ++j) tail += x[j] * (y ? y[j] : 1.0f);
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
 }
 
 struct GnShape {
@@ -493,12 +514,20 @@ void GnForward(const GnShape &s, const float *x, const float *gamma, const float
     for (int64_t ng = lo; ng < hi; ++ng) {
       const int64_t g = ng % s.groups, m = s.cpg * s.hw;
       const float *xs = x + ng * m;
-      double sum = 0.0, sq = 0.0;
-      for (int64_t i = 0; i < m; ++i) sum += xs[i];
+      double sum = 0.0, sq = 0.0;   // per channel in float lanes, across channels in double
+      for (int64_t cc = 0; cc < s.cpg; ++cc) sum += RowDot(xs + cc * s.hw, nullptr, s.hw);
       const double mean = sum / m;
-      for (int64_t i = 0; i < m; ++i) {
-        const double d = xs[i] - mean;
-        sq += d * d;
+      const float mean_f = static_cast<float>(mean);
+      for (int64_t cc = 0; cc < s.cpg; ++cc) {
+        const float *xc = xs + cc * s.hw;
+        float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= s.hw; i += 8)
+          for (int l = 0; l < 8; ++l) lanes[l] += (xc[i + l] - mean_f) * (xc[i + l] - mean_f);
+        double part = 0.0;
+        for (; i < s.hw; ++i) part += (xc[i] - mean_f) * (xc[i] - mean_f);
+        for (int l = 0; l < 8; ++l) part += lanes[l];
+        sq += part;
       }
       const double rstd = 1.0 / std::sqrt(sq / m + eps);
       const int64_t n = ng / s.groups;
@@ -526,13 +555,8 @@ void GnBackward(const GnShape &s, const float *dy, const float *x, const float *
   ParallelRange(s.n * s.c, [&](int64_t lo, int64_t hi) {
     for (int64_t nc = lo; nc < hi; ++nc) {
       const float *d = dy + nc * s.hw, *xs = x + nc * s.hw;
-      double a = 0.0, b = 0.0;
-      for (int64_t i = 0; i < s.hw; ++i) {
-        a += static_cast<double>(d[i]) * xs[i];
-        b += d[i];
-      }
-      ds[nc] = a;
-      db[nc] = b;
+      ds[nc] = RowDot(d, xs, s.hw);
+      db[nc] = RowDot(d, nullptr, s.hw);
     }
   });
   for (int64_t ch = 0; ch < s.c; ++ch) {
@@ -583,11 +607,14 @@ struct RmsShape {
 };
 constexpr int64_t kTile = 64;   // positions processed together (their channel sums side by side)
 
-// exp written so that loops over it vectorise (libm's expf is a scalar call per element): 2^n * e^r with
-// |r| <= ln2 / 2 and a degree-6 polynomial, within 2 ulp of expf over the float range used here.
+// exp written so that loops over it vectorise (libm's expf is a scalar call per element, and so is
+// nearbyint without -ffast-math): 2^n * e^r, n = round(x / ln2) by the 1.5 * 2^23 trick, |r| <= ln2 / 2,
+// a degree-6 polynomial; within 2 ulp of expf over the float range used here.
 inline float FastExp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  constexpr float kShift = 12582912.0f;   // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float shifted = x * 1.44269504088896341f + kShift;
+  const float n = shifted - kShift;
   const float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f;
   float p = 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -597,8 +624,8 @@ inline float FastExp(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   int32_t bits;
-  const float two_n_bias = n + 127.0f;
-  bits = static_cast<int32_t>(two_n_bias) << 23;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  bits = (bits - 0x4B400000 + 127) << 23;   // the integer n, as a float exponent
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -642,6 +669,31 @@ void RmsForward(const RmsShape &s, const float *x, const float *g, const float *
   });
 }
 
+// One channel of a tile of the backward (the products of one position do not depend on other positions,
+// so the loop vectorises): dz = dL/dz, t_* the per-position terms of dscale, dshift and dg, dot += du * u.
+template <bool kSilu>
+inline void RmsBackwardTile(int64_t m, const float *__restrict xc, const float *__restrict dyc,
+                            const float *__restrict iv, float k, float a, float b, float *__restrict dzc,
+                            float *__restrict dot, float *__restrict t_sc, float *__restrict t_sh,
+                            float *__restrict t_g) {
+  for (int64_t i = 0; i < m; ++i) {
+    const float u = xc[i] * iv[i];
+    const float v = u * a;
+    float d = dyc[i];
+    if (kSilu) {
+      const float z = v * k + b, sg = Sigmoid(z);
+      d *= sg * (1.0f + z * (1.0f - sg));
+    }
+    t_sh[i] = d;
+    t_sc[i] = d * v;
+    const float dv = d * k;
+    t_g[i] = dv * u;
+    const float du = dv * a;
+    dzc[i] = du;
+    dot[i] += du * u;
+  }
+}
+
 // Outputs dx (x's shape), dg (C), dscale and dshift (N, C; written when scale is given).
 void RmsBackward(const RmsShape &s, const float *dy, const float *x, const float *inv, const float *g,
                  const float *scale, const float *shift, bool silu, float *dx, float *dg, float *dscale,
@@ -668,28 +720,9 @@ void RmsBackward(const RmsShape &s, const float *dy, const float *x, const float
           const float *xc = xn + ch * s.hw + t0, *dyc = dyn + ch * s.hw + t0;
           float *dzc = dz.data() + ch * kTile;
           float t_sc[kTile], t_sh[kTile], t_g[kTile];
-          for (int64_t i = 0; i < m; ++i) {   // vectorises: no loop-carried sums
-            const float u = xc[i] * iv[i];
-            const float v = u * a;
-            float d = dyc[i];
-            if (silu) {
-              const float z = v * k + b, sg = Sigmoid(z);
-              d *= sg * (1.0f + z * (1.0f - sg));
-            }
-            t_sh[i] = d;
-            t_sc[i] = d * v;
-            const float dv = d * k;
-            t_g[i] = dv * u;
-            const float du = dv * a;
-            dzc[i] = du;
-            dot[i] += du * u;
-          }
-          double acc_sc = 0.0, acc_sh = 0.0, acc_g = 0.0;
-          for (int64_t i = 0; i < m; ++i) {
-            acc_sc += t_sc[i];
-            acc_sh += t_sh[i];
-            acc_g += t_g[i];
-          }
+          (silu ? RmsBackwardTile<true> : RmsBackwardTile<false>)(m, xc, dyc, iv, k, a, b, dzc, dot, t_sc, t_sh, t_g);
+          const double acc_sc = RowDot(t_sc, nullptr, m), acc_sh = RowDot(t_sh, nullptr, m),
+                       acc_g = RowDot(t_g, nullptr, m);
           dsc[ch] += acc_sc;
           dsh[ch] += acc_sh;
           dgn[ch] += acc_g * sc;
@@ -718,6 +751,148 @@ void RmsBackward(const RmsShape &s, const float *dy, const float *x, const float
     for (int64_t n = 0; n < s.n; ++n) acc += dg_part[n * s.c + ch];
     dg[ch] = static_cast<float>(acc);
   }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Linear attention (Shen et al.; lucidrains' LinearAttention and the MindSpore tutorial's), the part
+// between the qkv projection and the output projection, per (batch, head):
+//   p = softmax over features of q (D x N),  k' = softmax over positions of [mem_k | k] (D x T, T = M + N),
+//   v' = [mem_v | v] (E x T),  context = k' v'^T * v_scale (D x E),  out = context^T p * scale (E x N)
+// qkv (B, 3 H D, N) as the 1x1 projection writes it; mem (2, H, D, M) or none. v_scale is 1, or 1 / N
+// (the tutorial divides v by the positions). The products go to oneDNN's sgemm, one (batch, head) per task
+// (sequential inside): results do not depend on the thread count. The backward recomputes p, k' and the
+// context instead of keeping them.
+struct LinAttnShape {
+  int64_t b, heads, d, n, m;   // d: features per head (q, k and v alike)
+  int64_t T() const { return m + n; }
+  int64_t Channels() const { return heads * d; }
+};
+
+void Sgemm(char ta, char tb, int64_t M, int64_t N, int64_t K, float alpha, const float *A, int64_t lda,
+           const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+  if (dnnl_sgemm(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc) != dnnl_success)
+    throw std::runtime_error("oneDNN sgemm failed");
+}
+
+// p = softmax over rows (the D features) of q, for every column: vectorised along the columns.
+void SoftmaxColumns(const float *q, int64_t rows, int64_t cols, float *p, float *colmax, float *colsum) {
+  std::copy(q, q + cols, colmax);
+  for (int64_t r = 1; r < rows; ++r)
+    for (int64_t i = 0; i < cols; ++i) colmax[i] = std::max(colmax[i], q[r * cols + i]);
+  std::fill(colsum, colsum + cols, 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < cols; ++i) {
+      const float e = FastExp(q[r * cols + i] - colmax[i]);
+      p[r * cols + i] = e;
+      colsum[i] += e;
+    }
+  for (int64_t i = 0; i < cols; ++i) colsum[i] = 1.0f / colsum[i];
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < cols; ++i) p[r * cols + i] *= colsum[i];
+}
+
+// One row: y = softmax([a (na) | b (nb)]).
+void SoftmaxRow(const float *a, int64_t na, const float *b, int64_t nb, float *y) {
+  const float mx = RowMax(b, nb, RowMax(a, na, -INFINITY));
+  for (int64_t j = 0; j < na; ++j) y[j] = FastExp(a[j] - mx);
+  for (int64_t j = 0; j < nb; ++j) y[na + j] = FastExp(b[j] - mx);
+  const float inv = 1.0f / RowDot(y, nullptr, na + nb);
+  for (int64_t j = 0; j < na + nb; ++j) y[j] *= inv;
+}
+
+// Per-task buffers: p (D x N), k' (D x T), context (D x E), two D-or-N-long temporaries.
+struct LinAttnWork {
+  std::vector<float> p, ks, ctx, tmp1, tmp2;
+  explicit LinAttnWork(const LinAttnShape &s)
+      : p(s.d * s.n), ks(s.d * s.T()), ctx(s.d * s.d), tmp1(std::max(s.n, s.d)), tmp2(std::max(s.n, s.d)) {}
+};
+
+// p, k' and the context of one (batch, head); returns q, k, v of it inside qkv.
+void LinAttnPrepare(const LinAttnShape &s, const float *qkv, const float *mem, int64_t bh, float v_scale,
+                    LinAttnWork &w, const float **q, const float **k, const float **v) {
+  const int64_t b = bh / s.heads, h = bh % s.heads, hd = s.Channels();
+  *q = qkv + (b * 3 * hd + h * s.d) * s.n;
+  *k = *q + hd * s.n;
+  *v = *k + hd * s.n;
+  const float *mk = mem ? mem + h * s.d * s.m : nullptr, *mv = mem ? mem + (s.heads + h) * s.d * s.m : nullptr;
+  SoftmaxColumns(*q, s.d, s.n, w.p.data(), w.tmp1.data(), w.tmp2.data());
+  for (int64_t r = 0; r < s.d; ++r) SoftmaxRow(mk ? mk + r * s.m : nullptr, s.m, *k + r * s.n, s.n, w.ks.data() + r * s.T());
+  // context = k'[:, :M] mem_v^T + k'[:, M:] v^T
+  float beta = 0.0f;
+  if (s.m > 0) {
+    Sgemm('N', 'T', s.d, s.d, s.m, v_scale, w.ks.data(), s.T(), mv, s.m, 0.0f, w.ctx.data(), s.d);
+    beta = 1.0f;
+  }
+  Sgemm('N', 'T', s.d, s.d, s.n, v_scale, w.ks.data() + s.m, s.T(), *v, s.n, beta, w.ctx.data(), s.d);
+}
+
+void LinAttnForward(const LinAttnShape &s, const float *qkv, const float *mem, float scale, float v_scale,
+                    float *out) {
+  ParallelRange(s.b * s.heads, [&](int64_t lo, int64_t hi) {
+    LinAttnWork w(s);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const float *q, *k, *v;
+      LinAttnPrepare(s, qkv, mem, bh, v_scale, w, &q, &k, &v);
+      float *o = out + bh * s.d * s.n;   // (b, h) -> channels h*D .. of batch b: contiguous
+      Sgemm('T', 'N', s.d, s.n, s.d, scale, w.ctx.data(), s.d, w.p.data(), s.n, 0.0f, o, s.n);
+    }
+  });
+}
+
+// dqkv (B, 3 H D, N); dmem (2, H, D, M) summed over the batch in a fixed order.
+void LinAttnBackward(const LinAttnShape &s, const float *dout, const float *qkv, const float *mem, float scale,
+                     float v_scale, float *dqkv, float *dmem) {
+  const int64_t T = s.T(), hd = s.Channels();
+  std::vector<float> dmem_part(s.m > 0 ? s.b * s.heads * 2 * s.d * s.m : 0);
+  ParallelRange(s.b * s.heads, [&](int64_t lo, int64_t hi) {
+    LinAttnWork w(s);
+    std::vector<float> dctx(s.d * s.d), dp(s.d * s.n), dks(s.d * T);
+    for (int64_t bh = lo; bh < hi; ++bh) {
+      const int64_t b = bh / s.heads, h = bh % s.heads;
+      const float *q, *k, *v;
+      LinAttnPrepare(s, qkv, mem, bh, v_scale, w, &q, &k, &v);
+      const float *dy = dout + bh * s.d * s.n;
+      float *dq = dqkv + (b * 3 * hd + h * s.d) * s.n, *dk = dq + hd * s.n, *dv = dk + hd * s.n;
+      // out = ctx^T p * scale: d(ctx) = p dy^T * scale, dp = ctx dy * scale
+      Sgemm('N', 'T', s.d, s.d, s.n, scale, w.p.data(), s.n, dy, s.n, 0.0f, dctx.data(), s.d);
+      Sgemm('N', 'N', s.d, s.n, s.d, scale, w.ctx.data(), s.d, dy, s.n, 0.0f, dp.data(), s.n);
+      // softmax over the features: dq = p * (dp - sum_d p dp)
+      float *dot = w.tmp1.data();
+      std::fill(dot, dot + s.n, 0.0f);
+      for (int64_t r = 0; r < s.d; ++r)
+        for (int64_t i = 0; i < s.n; ++i) dot[i] += w.p[r * s.n + i] * dp[r * s.n + i];
+      for (int64_t r = 0; r < s.d; ++r)
+        for (int64_t i = 0; i < s.n; ++i) dq[r * s.n + i] = w.p[r * s.n + i] * (dp[r * s.n + i] - dot[i]);
+      // ctx = k' v'^T * v_scale: dk' = dctx v' * v_scale, dv' = dctx^T k' * v_scale
+      const float *mv = s.m > 0 ? mem + (s.heads + h) * s.d * s.m : nullptr;
+      float *dmk = s.m > 0 ? dmem_part.data() + bh * 2 * s.d * s.m : nullptr, *dmv = dmk ? dmk + s.d * s.m : nullptr;
+      if (s.m > 0) {
+        Sgemm('N', 'N', s.d, s.m, s.d, v_scale, dctx.data(), s.d, mv, s.m, 0.0f, dks.data(), T);
+        Sgemm('T', 'N', s.d, s.m, s.d, v_scale, dctx.data(), s.d, w.ks.data(), T, 0.0f, dmv, s.m);
+      }
+      Sgemm('N', 'N', s.d, s.n, s.d, v_scale, dctx.data(), s.d, v, s.n, 0.0f, dks.data() + s.m, T);
+      Sgemm('T', 'N', s.d, s.n, s.d, v_scale, dctx.data(), s.d, w.ks.data() + s.m, T, 0.0f, dv, s.n);
+      // softmax over the positions, row by row: dk = k' * (dk' - sum_j k' dk')
+      for (int64_t r = 0; r < s.d; ++r) {
+        const float *y = w.ks.data() + r * T, *g = dks.data() + r * T;
+        const float acc = RowDot(y, g, T);
+        for (int64_t j = 0; j < s.m; ++j) dmk[r * s.m + j] = y[j] * (g[j] - acc);
+        for (int64_t j = 0; j < s.n; ++j) dk[r * s.n + j] = y[s.m + j] * (g[s.m + j] - acc);
+      }
+    }
+  });
+  if (s.m == 0) return;
+  const int64_t per = s.d * s.m;
+  for (int64_t h = 0; h < s.heads; ++h)
+    for (int kv = 0; kv < 2; ++kv) {
+      float *o = dmem + (kv * s.heads + h) * per;
+      std::fill(o, o + per, 0.0f);
+      for (int64_t b = 0; b < s.b; ++b) {
+        const float *part = dmem_part.data() + (b * s.heads + h) * 2 * per + kv * per;
+        for (int64_t j = 0; j < per; ++j) o[j] += part[j];
+      }
+    }
 }
 
 }  // namespace
@@ -899,5 +1074,44 @@ int RmsNormModBackward(int nparam, void **params, int *ndims, int64_t **shapes, 
   current = &timer;
   return RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, true);
 }
+
+// Linear attention core. inputs: qkv (B, 3 H D, h, w), [mem (2, H, D, M)], spec float64 [heads, scale,
+// v by positions (0 / 1)]; output: out (B, H D, h, w). LinearAttentionMem takes the memory key/values.
+static int LinAttnEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool mem,
+                        bool backward) {
+  const int inputs = (mem ? 3 : 2) + (backward ? 1 : 0), outputs = backward ? (mem ? 2 : 1) : 1;
+  if (nparam != inputs + outputs || std::strcmp(dtypes[0], "float32") != 0) return 1;
+  return Guard([&] {
+    const int x = backward ? 1 : 0;   // the backward's first input is dout
+    const double *spec = static_cast<const double *>(params[inputs - 1]);
+    LinAttnShape s;
+    s.b = shapes[x][0];
+    s.heads = static_cast<int64_t>(spec[0]);
+    s.n = 1;
+    for (int i = 2; i < ndims[x]; ++i) s.n *= shapes[x][i];
+    s.d = shapes[x][1] / (3 * s.heads);
+    s.m = mem ? shapes[x + 1][3] : 0;
+    if (s.d * 3 * s.heads != shapes[x][1]) throw std::runtime_error("qkv channels are not 3 * heads * dim_head");
+    const float scale = static_cast<float>(spec[1]), v_scale = spec[2] != 0.0 ? 1.0f / s.n : 1.0f;
+    auto f = [&](int i) { return static_cast<const float *>(params[i]); };
+    const float *mem_p = mem ? f(x + 1) : nullptr;
+    if (backward)
+      LinAttnBackward(s, f(0), f(1), mem_p, scale, v_scale, static_cast<float *>(params[inputs]),
+                      mem ? static_cast<float *>(params[inputs + 1]) : nullptr);
+    else
+      LinAttnForward(s, f(0), mem_p, scale, v_scale, static_cast<float *>(params[inputs]));
+  });
+}
+
+#define MSD_ENTRY(name, ...)                                                                               \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) { \
+    Timer timer{#name, nparam, ndims, shapes};                                                             \
+    current = &timer;                                                                                      \
+    return __VA_ARGS__;                                                                                    \
+  }
+MSD_ENTRY(LinearAttention, LinAttnEntry(nparam, params, ndims, shapes, dtypes, false, false))
+MSD_ENTRY(LinearAttentionMem, LinAttnEntry(nparam, params, ndims, shapes, dtypes, true, false))
+MSD_ENTRY(LinearAttentionBackward, LinAttnEntry(nparam, params, ndims, shapes, dtypes, false, true))
+MSD_ENTRY(LinearAttentionMemBackward, LinAttnEntry(nparam, params, ndims, shapes, dtypes, true, true))
 
 }  // extern "C"
