@@ -58,6 +58,8 @@ class SampleConfig:
     guidance_scale: float = 1.0
     guidance_rescale: float = 0.0
     gif_frames: int = 40
+    prompts: Optional[List[str]] = None        # text-conditional models: grids and evaluations cycle these
+    negative_prompt: Optional[str] = None
 
     def generate_options(self, conditional: bool, **overrides: Any) -> Dict[str, Any]:
         """``pipeline.generate`` keywords (sampler, steps, eta, guidance_scale, guidance_rescale) of this

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from mindspore import nn
 
@@ -19,7 +19,7 @@ from ms_diffusion.experiment import data_geometry
 from ms_diffusion.metrics.features import fit_to_extractor, get_extractor
 from ms_diffusion.metrics.frechet import frechet_distance_from_features
 from ms_diffusion.metrics.reference import reference_features
-from ms_diffusion.pipeline import cycled_classes, generate
+from ms_diffusion.pipeline import cycled_classes, cycled_prompts, generate
 
 __all__ = ["SampleEvaluator", "build_evaluator"]
 
@@ -39,6 +39,7 @@ class SampleEvaluator:
     batch_size: int = 250
     seed: int = 0
     num_classes: Optional[int] = None
+    prompts: Optional[List[str]] = None     # text-conditional models: cycled over the samples
     sample_options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -50,19 +51,21 @@ class SampleEvaluator:
     def __call__(self, diffusion: nn.Cell) -> Dict[str, Any]:
         start = time.perf_counter()
         classes = cycled_classes(self.num, self.num_classes)
+        prompts = cycled_prompts(self.num, self.prompts) if self.prompts else None
         out = generate(diffusion, self.num, batch_size=min(self.batch_size, self.num), seed=self.seed,
-                       classes=classes, **self.sample_options)
+                       classes=classes, prompts=prompts, **self.sample_options)
         features = self.extractor(fit_to_extractor(out.images, self.extractor))
         fd = frechet_distance_from_features(features, self.reference.stats).value
         return {"fd": float(fd), "num": self.num, "features": self.extractor.key,
                 "reference": self.reference.describe(), "seconds": time.perf_counter() - start}
 
 
-def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None,
-                    log: Callable[[str], None] = print) -> Optional[SampleEvaluator]:
+def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None, log: Callable[[str], None] = print,
+                    prompts: Optional[List[str]] = None) -> Optional[SampleEvaluator]:
     """The evaluator an experiment config asks for (``train.eval_every > 0``), else None.
 
-    ``diffusion`` (the model to be trained) tells whether samples are class-conditional.
+    ``diffusion`` (the model to be trained) tells whether samples are class-conditional; a text-conditional
+    one samples ``prompts`` in turn.
 
     Features: ``train.eval_features: classifier`` (the shipped Fashion-MNIST classifier, or
     ``train.eval_weights``) or ``inception`` (FID; ``train.eval_weights`` = the converted
@@ -88,5 +91,8 @@ def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None,
                                    log=log)
     s = cfg.sample
     num_classes = getattr(diffusion, "num_classes", None)
+    conditional = bool(num_classes) or bool(prompts)
     return SampleEvaluator(extractor, reference, t.eval_num, batch_size=s.batch_size, seed=s.seed,
-                           num_classes=num_classes, sample_options=s.generate_options(bool(num_classes)))
+                           num_classes=num_classes, prompts=prompts, sample_options={
+                               **s.generate_options(conditional),
+                               **({"negative_prompt": s.negative_prompt} if prompts else {})})

@@ -21,7 +21,7 @@ from ms_diffusion.io.weights import read_weights, resolve_checkpoint
 from ms_diffusion.models import build_network
 
 __all__ = ["resolve_checkpoint", "read_weights", "load_diffusion", "load_autoencoder", "describe_degenerate",
-           "to_images", "generate", "Generated", "cycled_classes"]
+           "to_images", "generate", "Generated", "cycled_classes", "cycled_prompts"]
 
 
 def cycled_classes(num: int, num_classes: Optional[int]) -> Optional[List[int]]:
@@ -87,14 +87,25 @@ class Generated:
     frame_timesteps: List[int]
 
 
+def cycled_prompts(num: int, prompts: Sequence[str]) -> List[str]:
+    """``prompts`` in turn for ``num`` images."""
+    if not prompts:
+        raise ValueError("a text-conditional model needs at least one prompt")
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
 def generate(diffusion, num: int, *, batch_size: int = 64, seed: int = 0, sampler: Optional[str] = None,
              steps: Optional[int] = None, eta: Optional[float] = None, classes: Optional[Sequence[int]] = None,
              guidance_scale: float = 1.0, guidance_rescale: float = 0.0, gif_frames: int = 0,
-             progress: bool = False, **sampler_options) -> Generated:
+             progress: bool = False, prompts: Optional[Sequence[str]] = None, negative_prompt: Optional[str] = None,
+             **sampler_options) -> Generated:
     """Sample ``num`` images in batches from one seeded generator; optionally keep ~gif_frames trajectory frames.
 
-    ``sampler_options`` go to the sampler (e.g. ``order=2, karras=True`` for DPM-Solver++).
+    ``sampler_options`` go to the sampler (e.g. ``order=2, karras=True`` for DPM-Solver++). A text-conditional
+    latent diffusion takes ``prompts`` (one per image) and ``negative_prompt`` instead of ``classes``.
     """
+    if prompts is not None and len(prompts) != num:
+        raise ValueError(f"{len(prompts)} prompts for {num} images (cycled_prompts repeats a list)")
     if num < 1 or batch_size < 1:
         raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
     rng = np.random.default_rng(seed)
@@ -105,6 +116,9 @@ def generate(diffusion, num: int, *, batch_size: int = 64, seed: int = 0, sample
     while done < num:
         b = min(batch_size, num - done)
         cls = None if classes is None else list(classes[done:done + b])
+        if prompts is not None:
+            cls, sampler_options["uncond"] = diffusion.prompt_conditioning(
+                prompts[done:done + b], b, negative_prompt, guided=guidance_scale != 1.0)
         result = diffusion.sample_with_trajectory(b, seed=rng, sampler=sampler, steps=steps, eta=eta, classes=cls,
                                                   guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                                   log_every_t=every if done == 0 else 0, progress=progress,

@@ -146,11 +146,15 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if _is_pipeline_folder(args.ckpt) or (Path(args.ckpt).is_file() and (args.prompt or args.prompts_file)):
+    from ms_diffusion.io.weights import is_own_file
+
+    ckpt = Path(args.ckpt)
+    own = (ckpt.is_dir() and not _is_pipeline_folder(args.ckpt)) or (ckpt.is_file() and is_own_file(ckpt))
+    if not own and (_is_pipeline_folder(args.ckpt) or (ckpt.is_file() and (args.prompt or args.prompts_file))):
         return _run_text_to_image(args)
-    if args.prompt or args.prompts_file or args.init_image or args.mask:
-        raise UsageError("--prompt / --prompts-file / --init-image / --mask need a Stable Diffusion model as --ckpt "
-                         "(a diffusers pipeline folder or an original .ckpt / .safetensors); this is a run folder")
+    if args.init_image or args.mask:
+        raise UsageError("--init-image / --mask need a Stable Diffusion model as --ckpt (a diffusers pipeline folder "
+                         "or an original .ckpt / .safetensors); this is one of our runs")
     if args.sd_config or args.prediction_type:
         raise UsageError("--sd-config / --prediction-type are for original Stable Diffusion checkpoints (with "
                          "--prompt)")
@@ -186,7 +190,23 @@ def _run(args: argparse.Namespace) -> int:
     label = s.class_label if args.class_label is None else args.class_label
     num_classes = getattr(diffusion, "num_classes", None)
     classes = None
-    if label is not None:
+    prompts = _prompts(args) or list(s.prompts or [])
+    text = getattr(diffusion, "text_conditional", False)
+    if prompts and not text:
+        raise UsageError("--prompt / --prompts-file need a text-conditional model (trained with diffusion.text) or a "
+                         "Stable Diffusion model; this checkpoint's model takes no text")
+    if text:
+        if not prompts:
+            raise UsageError("this model is text-conditional: give --prompt (repeat for several) or --prompts-file")
+        if label is not None:
+            raise UsageError("--class is for class-conditional models; this one takes --prompt")
+        per_prompt = args.num or 1            # as for Stable Diffusion: --num images per prompt
+        prompts = [p for p in prompts for _ in range(per_prompt)]
+        num = len(prompts)
+        batch = args.batch_size or min(s.batch_size, num)
+    elif args.negative_prompt is not None:
+        raise UsageError("--negative-prompt needs a text-conditional model")
+    if not text and label is not None:
         if num_classes is None:
             raise UsageError("--class needs a class-conditional model (this checkpoint's model has no num_classes)")
         if not 0 <= label < num_classes:
@@ -194,10 +214,13 @@ def _run(args: argparse.Namespace) -> int:
         classes = [label] * num
     else:
         classes = cycled_classes(num, num_classes)  # one of each class in turn
-    sampling = s.generate_options(classes is not None, sampler=args.sampler, steps=args.steps, eta=args.eta,
+    sampling = s.generate_options(classes is not None or text, sampler=args.sampler, steps=args.steps, eta=args.eta,
                                   guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
-    if sampling["guidance_scale"] != 1.0 and classes is None:
-        raise UsageError("--guidance-scale needs a class-conditional model")
+    if sampling["guidance_scale"] != 1.0 and classes is None and not text:
+        raise UsageError("--guidance-scale needs a class- or text-conditional model")
+    if text:
+        sampling.update(prompts=prompts, negative_prompt=args.negative_prompt if args.negative_prompt is not None
+                        else s.negative_prompt)
     options = parse_key_values(args.options)
     frames = max(s.gif_frames, 2) if args.gif else 0
     start = time.perf_counter()
@@ -205,7 +228,7 @@ def _run(args: argparse.Namespace) -> int:
                    progress=not args.no_progress, **sampling, **options)
     elapsed = time.perf_counter() - start
     scale = max(1, 64 // out.images.shape[-1])
-    grid = save_grid(out.images, args.out, nrow=args.nrow, scale=scale)
+    grid = save_grid(out.images, args.out, nrow=args.nrow or (per_prompt if text else None), scale=scale)
     print(f"{num} images from {meta['path']} (step {meta.get('step')}, {args.weights} weights) in {elapsed:.1f} s "
           f"({elapsed / num * 1000:.0f} ms/image) -> {grid}")
     degenerate = describe_degenerate(out.images)
@@ -218,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         path = Path(args.npz)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, images=out.images, classes=np.asarray(classes if classes is not None else []),
-                            seed=seed)
+                            prompts=np.asarray(prompts if text else []), seed=seed)
         print(f"raw images -> {path}")
     return 0
 

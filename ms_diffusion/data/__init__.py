@@ -15,13 +15,14 @@ from typing import Any, Optional
 
 from ms_diffusion.data.cifar10 import Cifar10Source, locate_cifar10
 from ms_diffusion.data.fashion_mnist import FashionMnistSource, locate_fashion_mnist
+from ms_diffusion.data.fashion_mnist_captions import FashionMnistCaptionsSource
 from ms_diffusion.data.image_folder import ImageFolderSource, scan_image_folder
 from ms_diffusion.data.source import (BadDataError, DataError, DataNotFoundError, ImageSource, PathLike,
                                       resolve_workers)
 from ms_diffusion.registry import ConfigError, Registry
 
 __all__ = ["DATASETS", "build_source", "canonical_dataset_name", "DATASET_NAMES", "ImageSource", "FashionMnistSource",
-           "ImageFolderSource", "Cifar10Source", "DataError", "DataNotFoundError", "BadDataError",
+           "ImageFolderSource", "Cifar10Source", "FashionMnistCaptionsSource", "DataError", "DataNotFoundError", "BadDataError",
            "locate_fashion_mnist", "locate_cifar10", "scan_image_folder", "resolve_workers"]
 
 #: arguments of a dataset constructor that code fills in from the model and the run, never a config
@@ -31,6 +32,7 @@ DATASETS = Registry("data", key="name", build_only=CODE_FILLED)
 DATASETS.register("fashion_mnist", FashionMnistSource, aliases=("fashion-mnist", "fashionmnist"))
 DATASETS.register("image_folder", ImageFolderSource, aliases=("image-folder", "imagefolder", "folder"))
 DATASETS.register("cifar10", Cifar10Source, aliases=("cifar-10", "cifar_10"))
+DATASETS.register("fashion_mnist_captions", FashionMnistCaptionsSource, aliases=("fashion-mnist-captions",))
 
 #: Canonical dataset names accepted by ``build_source``.
 DATASET_NAMES = DATASETS.names

@@ -16,9 +16,20 @@ training starts, never mid-epoch (see ``transforms`` for why not MindSpore's C++
 Unusable files (undecodable, or smaller than ``image_size`` in either dimension) raise one
 ``BadDataError`` listing them, or with ``skip_bad=True`` are left out and counted. Every rank
 scans the whole folder, so all ranks agree on the file list.
+
+Captions (for text-to-image training), in either of HuggingFace's image-folder forms:
+
+* ``root/metadata.jsonl``, one JSON object per line with ``file_name`` (the image's path relative to
+  ``root``) and ``text`` (or ``caption``);
+* ``NAME.txt`` beside ``NAME.png`` (UTF-8, surrounding whitespace removed).
+
+An image without a caption gets the empty caption (trained as the unconditional prompt) and is
+counted in the dataset's description. A malformed ``metadata.jsonl`` line, or an entry naming an image
+that does not exist, is a ``BadDataError`` naming the line.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -35,11 +46,14 @@ import mindspore.dataset.vision as vision
 from ms_diffusion.data.source import BadDataError, DataNotFoundError, ImageSource, PathLike, resolve_workers
 from ms_diffusion.data.transforms import DecodeImage, Size, SizeLike, as_channels, as_size, resize_crop_ops
 
-__all__ = ["ImageFolderSource", "scan_image_folder", "FolderScan", "IMAGE_EXTENSIONS", "DEFAULT_FOLDER_IMAGE_SIZE"]
+__all__ = ["ImageFolderSource", "scan_image_folder", "read_folder_captions", "FolderScan", "IMAGE_EXTENSIONS",
+           "DEFAULT_FOLDER_IMAGE_SIZE", "METADATA_FILE"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+#: the captions file of HuggingFace's image-folder layout
+METADATA_FILE = "metadata.jsonl"
 #: ``image_size`` when the caller gives none.
 DEFAULT_FOLDER_IMAGE_SIZE = 64
 _LISTED = 10  # bad files named in an error message or warning
@@ -67,12 +81,14 @@ def _walk(root: Path) -> Tuple[List[Path], int]:
             continue
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        stems = {os.path.splitext(n)[0] for n in files if n.lower().endswith(IMAGE_EXTENSIONS)}
         for name in files:
             if name.startswith("."):
                 continue
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 candidates.append(Path(folder, name).relative_to(root))
-            else:
+            elif not (name == METADATA_FILE and real == os.path.realpath(root)
+                      or name.lower().endswith(".txt") and os.path.splitext(name)[0] in stems):   # captions
                 ignored += 1
     return sorted(candidates), ignored
 
@@ -141,6 +157,49 @@ def scan_image_folder(root: PathLike, image_size: SizeLike, *, channels: int = 3
                       class_names=class_names, skipped=skipped, ignored=ignored)
 
 
+def read_folder_captions(root: PathLike, files: Sequence[Path]) -> Tuple[Optional[List[str]], int]:
+    """The caption of each of ``files`` (absolute paths under ``root``) and how many have none ("").
+
+    ``root/metadata.jsonl`` when it exists, else ``NAME.txt`` files beside the images; (None, 0) when the
+    folder has neither (a folder without captions).
+    """
+    root = Path(root).expanduser()
+    meta = root / METADATA_FILE
+    if meta.is_file():
+        by_name, wanted = {}, {f.relative_to(root).as_posix(): f for f in files}
+        unknown = []
+        with open(meta, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    name = entry["file_name"]
+                    text = entry["text"] if "text" in entry else entry["caption"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise BadDataError(f"{meta} line {number}: expected a JSON object with \"file_name\" and "
+                                       f"\"text\" (or \"caption\") ({type(exc).__name__}: {exc}); fix or remove "
+                                       f"the line") from None
+                name = Path(str(name)).as_posix()
+                if name in wanted:
+                    by_name[name] = str(text).strip()
+                elif not (root / name).is_file():
+                    unknown.append(f"  line {number}: {name}")
+        if unknown:
+            more = f"  ... and {len(unknown) - _LISTED} more\n" if len(unknown) > _LISTED else ""
+            raise BadDataError(f"{meta} names {len(unknown)} image(s) that do not exist under {root}:\n"
+                               + "".join(u + "\n" for u in unknown[:_LISTED]) + more
+                               + "Fix the file_name entries (paths relative to the folder) or remove those lines.")
+        captions = [by_name.get(f.relative_to(root).as_posix()) for f in files]
+    else:
+        sidecars = [f.with_suffix(".txt") for f in files]
+        if not any(p.is_file() for p in sidecars):
+            return None, 0
+        captions = [p.read_text(encoding="utf-8").strip() if p.is_file() else None for p in sidecars]
+    missing = sum(c is None for c in captions)
+    return [c or "" for c in captions], missing
+
+
 class _EncodedFiles:
     """Random-access source for ``GeneratorDataset``: (file bytes uint8 (n,), label int32 ())."""
 
@@ -166,7 +225,8 @@ class ImageFolderSource(ImageSource):
     """Images from a folder (see the module docstring), decoded, converted, resized and cropped in the pipeline.
 
     Yields images float32 (B, C, H, W) in [0, 1] and labels int32 (B,) (class ids, or 0 without
-    class folders). ``image_size`` defaults to 64, ``channels`` to 3.
+    class folders), and the captions where the folder has them (``epoch(..., captions=True)``).
+    ``image_size`` defaults to 64, ``channels`` to 3.
     """
 
     title = "Image folder"
@@ -185,6 +245,10 @@ class ImageFolderSource(ImageSource):
             notes.append(f"skipped {len(self.scan.skipped)} unusable file(s) (skip_bad)")
         if self.scan.ignored:
             notes.append(f"ignored {self.scan.ignored} non-image file(s)")
+        self.captions, missing = read_folder_captions(self.scan.root, self.scan.files)
+        if self.captions is not None:
+            notes.append(f"captions for {len(self.captions) - missing:,} images"
+                         + (f" ({missing:,} without one: the empty caption)" if missing else ""))
         super().__init__(total_samples=len(self.scan.files), channels=channels, image_size=size,
                          num_classes=None if self.scan.class_names is None else len(self.scan.class_names),
                          class_names=self.scan.class_names, origin=str(self.scan.root), random_flip=random_flip,

@@ -73,7 +73,8 @@ class ImageSource(abc.ABC):
     """A dataset of images and class labels, iterated in deterministic, resumable, sharded epochs.
 
     ``epoch()`` yields ``(images, labels)``: images float32 (B, C, H, W) in [0, 1], labels int32 (B,)
-    (class ids, all 0 when the data has no classes). Attributes: ``num_samples`` (per shard, per
+    (class ids, all 0 when the data has no classes); ``epoch(..., captions=True)`` adds each image's
+    caption (a list of B str) for sources that have captions (``has_captions``). Attributes: ``num_samples`` (per shard, per
     epoch), ``num_classes`` (None without labels), ``class_names``, ``channels``, ``image_size``
     (H, W), ``total_samples`` (before sharding), ``origin`` (where the data came from).
     """
@@ -139,23 +140,56 @@ class ImageSource(abc.ABC):
                             f"{shard}; use a smaller batch size or more data")
         return n
 
-    def epoch(self, epoch: int, batch_size: int, start_batch: int = 0
-              ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    # --- captions (text-to-image training) ----------------------------------------------------
+
+    #: per-sample captions, by sample index over all shards; None when the source has none. Sources whose
+    #: captions follow from each batch (e.g. from its labels) override ``has_captions`` and ``batch_captions``.
+    captions: Optional[List[str]] = None
+
+    @property
+    def has_captions(self) -> bool:
+        return self.captions is not None
+
+    def require_captions(self) -> None:
+        """A DataError saying what to do when this source has no captions (a text-conditional model needs them)."""
+        if not self.has_captions:
+            raise DataError(f"{self.title} has no captions, but the model is text-conditional; train it on a "
+                            f"captioned dataset: an image folder with metadata.jsonl (file_name, text) or a NAME.txt "
+                            f"beside each image, or data.name fashion_mnist_captions")
+
+    def batch_captions(self, indices: np.ndarray, labels: np.ndarray) -> List[str]:
+        """The captions of the samples ``indices`` (int64 (B,)), whose labels are ``labels`` (int32 (B,))."""
+        return [self.captions[int(i)] for i in indices]
+
+    def _transform_batch(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Per-sample changes every reader sees (after the flips), in place; ``indices`` (B,) by sample index."""
+        return images
+
+    # --- iteration ----------------------------------------------------------------------------
+
+    def epoch(self, epoch: int, batch_size: int, start_batch: int = 0, captions: bool = False) -> Iterator[tuple]:
         """Batches ``start_batch, start_batch + 1, ...`` of ``epoch`` on this shard.
 
         Yields ``(images, labels)``: float32 (B, C, H, W) in [0, 1] and int32 (B,). Exactly the
-        same arrays as the corresponding batches of ``epoch(epoch, batch_size)``.
+        same arrays as the corresponding batches of ``epoch(epoch, batch_size)``. With ``captions``:
+        ``(images, labels, captions)``, captions a list of B str (a DataError if the source has none).
         """
+        if captions:
+            self.require_captions()
         n_batches = self.batches_per_epoch(batch_size)
         if not 0 <= start_batch <= n_batches:
             raise ValueError(f"start_batch must be in [0, {n_batches}] for batch size {batch_size}, "
                              f"got {start_batch}")
         order = self.epoch_indices(epoch)[start_batch * batch_size: n_batches * batch_size]
         flips = self.flip_mask(epoch)[order]
-        return self._iterate(order, flips, batch_size)
+        batches = self._iterate(order, flips, batch_size)
+        if captions:
+            return ((images, labels, self.batch_captions(indices, labels)) for images, labels, indices in batches)
+        return (batch[:2] for batch in batches)
 
     def _iterate(self, order: np.ndarray, flips: np.ndarray, batch_size: int
-                 ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+                 ) -> Iterator[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(images, labels, sample indices) of each batch of ``order``."""
         expected = len(order) // batch_size
         if expected == 0:
             return
@@ -168,9 +202,11 @@ class ImageSource(abc.ABC):
             for images, labels in iterator:
                 images = np.array(images, dtype=np.float32, copy=True)
                 labels = np.asarray(labels).astype(np.int32, copy=False)
-                flip_batch(images, flips[produced * batch_size:(produced + 1) * batch_size])
+                part = slice(produced * batch_size, (produced + 1) * batch_size)
+                flip_batch(images, flips[part])
+                self._transform_batch(images, order[part])
                 produced += 1
-                yield images, labels
+                yield images, labels, order[part]
         except RuntimeError as exc:  # MindSpore wraps errors of Python code in the pipeline: unwrap ours
             if self._failure is not None:
                 raise self._failure from exc
@@ -203,8 +239,8 @@ class ImageSource(abc.ABC):
             finally:
                 ds.config.set_prefetch_size(previous)
             if first is not None:
-                yield first
-                yield from batches
+                yield first[:2]
+                yield from (batch[:2] for batch in batches)
 
     def _report_failure(self, error: DataError) -> None:
         """Called by Python code inside the pipeline before it raises, so ``epoch()`` can re-raise ``error``."""

@@ -30,13 +30,19 @@ around ldm's ``UNetModel`` and an optional conditioning stage. How each conditio
 Class labels live in [0, N]; N is the null class used for label dropout (``cond_drop_prob``) and
 classifier-free guidance, exactly as for ``Unet(num_classes=N)``.
 
+Text: with a text encoder as ``cond_stage_model`` (``CLIPTextEmbedder``) and ``set_text_conditioning(tokenizer)``
+the model trains on captions and samples from prompts. ``training_inputs`` takes the batch's captions in
+place of labels, replaces each by the empty prompt with probability ``cond_drop_prob`` and tokenizes them;
+``sample(n, prompts=..., negative_prompt=..., guidance_scale=...)`` guides away from the negative (default:
+empty) prompt, ldm's and Stable Diffusion's unconditional branch.
+
 Parameter names match an ldm LatentDiffusion checkpoint: ``model.diffusion_model.*`` (the
 UNetModel), ``first_stage_model.*``, ``scale_factor``, ``logvar``; only the conditioning stage sits
 at ``model.cond_stage_model.*`` (ldm: ``cond_stage_model.*``).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import mindspore as ms
 import numpy as np
@@ -266,6 +272,42 @@ class LatentSpace:
         self.scale_factor = Parameter(Tensor(float(scale_factor), ms.float32), name="scale_factor",
                                       requires_grad=False)
         self._decode_fn = None
+        self.tokenizer = None
+        self.prompt_drop_prob = 0.0
+
+    # ------------------------------------------------------------------ text conditioning
+
+    def set_text_conditioning(self, tokenizer, prompt_drop_prob: float = 0.1) -> "LatentSpace":
+        """Train on captions and sample from prompts: ``tokenizer(texts) -> (B, L) int32`` ids for the
+        ``cond_stage_model`` (a text encoder); captions become the empty prompt with ``prompt_drop_prob``."""
+        if not (self.conditioning_key == "crossattn" and self.model.has_cond_stage and self.model.tensor_conditioning):
+            raise ValueError("text conditioning needs conditioning_key='crossattn' and a text encoder as "
+                             "cond_stage_model (e.g. CLIPTextEmbedder)")
+        if not 0.0 <= prompt_drop_prob <= 1.0:
+            raise ValueError(f"prompt_drop_prob must lie in [0, 1], got {prompt_drop_prob}")
+        self.tokenizer = tokenizer
+        self.prompt_drop_prob = float(prompt_drop_prob)
+        return self
+
+    @property
+    def text_conditional(self) -> bool:
+        return self.tokenizer is not None
+
+    def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts -> token ids (B, L) int32, the tokenizer's padding and truncation."""
+        if not self.text_conditional:
+            raise ValueError("this model is not text-conditional (no tokenizer): it takes no prompts")
+        return np.asarray(self.tokenizer(list(prompts)), np.int32)
+
+    def prompt_conditioning(self, prompts: Union[str, Sequence[str]], batch_size: int,
+                            negative_prompt: Optional[str] = None, guided: bool = False):
+        """(cond, uncond) token ids for ``batch_size`` images: one prompt for all or one per image; uncond is
+        the negative (default: empty) prompt when ``guided``, else None."""
+        prompts = [prompts] * batch_size if isinstance(prompts, str) else list(prompts)
+        if len(prompts) != batch_size:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {batch_size}; give one prompt or one per image")
+        uncond = self.tokenize([negative_prompt or ""] * batch_size) if guided or negative_prompt else None
+        return self.tokenize(prompts), uncond
 
     # ------------------------------------------------------------------ modes and images
 
@@ -359,11 +401,21 @@ class LatentSpace:
 
         Returns numpy ``times`` (B,), latent-shaped ``noise`` and ``posterior_noise``, the labels
         after dropout in ``classes`` (class-conditional models; None otherwise) and ``self_cond``
-        (always False). Pass them to ``training_loss``.
+        (always False). Pass them to ``training_loss``. A text-conditional model takes the captions (B
+        str) as ``classes`` and returns their token ids (B, L) int32 after prompt dropout.
         """
         shape = self.latent_shape(int(np.shape(images)[0]))
+        captions = None
+        if self.text_conditional:
+            if classes is None or isinstance(classes, np.ndarray) and classes.dtype != object:
+                raise ValueError("a text-conditional model trains on captions: pass the batch's captions (list of "
+                                 "str) as `classes`")
+            captions, classes = list(classes), None
         out = super().training_inputs(np.zeros(shape, np.float32), rng, classes)
         out["posterior_noise"] = rng.standard_normal(shape).astype(np.float32)
+        if captions is not None:
+            dropped = rng.random(len(captions)) < self.prompt_drop_prob
+            out["classes"] = self.tokenize(["" if d else c for d, c in zip(dropped, captions)])
         return out
 
     # ------------------------------------------------------------------ sampling
@@ -376,7 +428,8 @@ class LatentSpace:
         return self.unnormalize_images(ops.clamp(images, -1.0, 1.0))
 
     def sample(self, batch_size: int = 16, return_all_timesteps: bool = False, *, cond=None, uncond=None,
-               return_latents: bool = False, **kwargs) -> ms.Tensor:
+               return_latents: bool = False, prompts: Optional[Union[str, Sequence[str]]] = None,
+               negative_prompt: Optional[str] = None, **kwargs) -> ms.Tensor:
         """Generate ``batch_size`` images (B, C, H, W) in [0, 1] (or [-1, 1] without auto_normalize).
 
         Class-conditional models take ``classes`` (B,) (and ``guidance_scale``); other conditionings
@@ -384,8 +437,16 @@ class LatentSpace:
         ``guidance_scale``, ``uncond`` shaped alike (e.g. the empty prompt's ids or embeddings). Every
         option of the objective's ``sample`` applies (sampler, steps, eta, seed, x_T in latent
         space, ...). ``return_all_timesteps`` decodes every step: (B, S + 1, C, H, W).
-        ``return_latents`` returns the scaled latents (B, z, h, w) undecoded.
+        ``return_latents`` returns the scaled latents (B, z, h, w) undecoded. A text-conditional model takes
+        ``prompts`` (one str, or one per image) and ``negative_prompt`` instead of ``cond`` / ``uncond``.
         """
+        if prompts is not None:
+            if cond is not None or uncond is not None:
+                raise ValueError("pass either `prompts` or `cond` / `uncond`")
+            cond, uncond = self.prompt_conditioning(prompts, batch_size, negative_prompt,
+                                                    guided=kwargs.get("guidance_scale", 1.0) != 1.0)
+        elif negative_prompt is not None:
+            raise ValueError("`negative_prompt` goes with `prompts`")
         if cond is not None:
             if not self.model.tensor_conditioning:
                 raise ValueError("this model is unconditional or class-conditional: pass `classes`, not `cond`")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from ms_diffusion.diffusion.edm import EDMDiffusion
 from ms_diffusion.diffusion.flow import FlowMatching
@@ -15,8 +16,10 @@ from ms_diffusion.diffusion.latent import (LDM_DIFFUSION_DEFAULTS, ClassEmbedder
                                            LatentFlowMatching, LatentSpace)
 from ms_diffusion.models import AutoencoderKL, UNetModel
 from ms_diffusion.registry import ConfigError, Registry
+from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer, TokenizerFileError, default_bpe_file
 
-__all__ = ["DIFFUSIONS", "LATENT_TYPES", "build_latent_diffusion"]
+__all__ = ["DIFFUSIONS", "LATENT_TYPES", "build_latent_diffusion", "build_text_encoder", "build_tokenizer",
+           "TEXT_DEFAULTS"]
 
 DIFFUSIONS = Registry("diffusion", build_only=("model", "first_stage_model"))
 
@@ -28,7 +31,8 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
                            first_stage_model: Optional[AutoencoderKL] = None, conditioning_key: Optional[str] = None,
                            num_classes: Optional[int] = None, cond_drop_prob: float = 0.1, scale_factor: float = 1.0,
                            scale_by_std: bool = False, image_size: Optional[int] = None, auto_normalize: bool = True,
-                           latent_class: type = LatentDiffusion, **diffusion_kwargs) -> LatentSpace:
+                           text: Optional[Dict[str, Any]] = None, latent_class: type = LatentDiffusion,
+                           **diffusion_kwargs) -> LatentSpace:
     """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder
     (``latent_edm`` / ``latent_flow``: ``latent_class`` ``LatentEDM`` / ``LatentFlowMatching``, the same otherwise).
 
@@ -42,7 +46,17 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
     (a ``ClassEmbedder`` into the unet's ``context_dim``) or ``adm`` (the unet's ``num_classes`` is
     N + 1: N classes and the null class). Any ``GaussianDiffusion`` option (``timesteps``,
     ``sampling_timesteps``, ``learn_logvar``, ...) may follow; unset ones take ldm's defaults.
+
+    Text conditioning from the data's captions: ``conditioning_key: crossattn`` with a ``text:`` section
+    (``TEXT_DEFAULTS``; see ``build_text_encoder``): a CLIP tokenizer and a CLIP text transformer of
+    width ``model.context_dim`` trained with the UNet (ldm's text-to-image recipe from scratch);
+    ``cond_drop_prob`` is then the prompt dropout.
     """
+    if text is not None:
+        return _build_text_latent(model, first_stage, first_stage_model, conditioning_key, num_classes,
+                                  cond_drop_prob, text, dict(scale_factor=scale_factor, scale_by_std=scale_by_std,
+                                                             image_size=image_size, auto_normalize=auto_normalize),
+                                  latent_class, diffusion_kwargs)
     if conditioning_key not in _CLASS_CONDITIONINGS:
         raise ConfigError(f"diffusion.conditioning_key {conditioning_key!r}: a config trains on images and class "
                           f"labels, so choose one of {list(_CLASS_CONDITIONINGS)} (concat / hybrid conditionings "
@@ -62,6 +76,14 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
                               f"null class); got {model.num_classes} for num_classes={num_classes}")
     elif num_classes is not None:
         raise ConfigError("diffusion.num_classes is set but conditioning_key is not: choose crossattn or adm")
+    _check_first_stage(model, first_stage, first_stage_model)
+    ldm = latent_class(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
+                          cond_stage_model=cond_stage, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor,
+                          scale_by_std=scale_by_std, auto_normalize=auto_normalize, **diffusion_kwargs)
+    return ldm
+
+
+def _check_first_stage(model: UNetModel, first_stage: Optional[str], first_stage_model: Optional[AutoencoderKL]):
     if first_stage_model is None:
         if not first_stage:
             raise ConfigError("diffusion.first_stage: the latent diffusion needs its autoencoder: set it to the run "
@@ -73,10 +95,68 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
         raise ConfigError(f"model.in_channels / out_channels are {model.in_channels} / {model.out_channels} but the "
                           f"first stage's latents have {latent_channels} channels (its embed_dim); set both to "
                           f"{latent_channels}")
-    ldm = latent_class(first_stage_model, model, image_size=image_size, conditioning_key=conditioning_key,
-                          cond_stage_model=cond_stage, cond_drop_prob=cond_drop_prob, scale_factor=scale_factor,
-                          scale_by_std=scale_by_std, auto_normalize=auto_normalize, **diffusion_kwargs)
-    return ldm
+
+
+#: the ``diffusion.text`` section: tokenizer (a tokenizer/ folder with vocab.json + merges.txt, or OpenAI's
+#: bpe_simple_vocab_16e6.txt.gz; null: the one the open-clip-torch wheel ships), max_length (tokens incl.
+#: start and end), and the text transformer trained with the UNet (its width is model.context_dim).
+TEXT_DEFAULTS: Dict[str, Any] = {"tokenizer": None, "max_length": 77, "layers": 2, "heads": 4, "mlp_ratio": 4,
+                                 "act": "quick_gelu"}
+
+
+def build_tokenizer(spec: Optional[str], max_length: int) -> CLIPTokenizer:
+    """The CLIP tokenizer of ``diffusion.text.tokenizer`` (a folder, a .gz vocabulary, or None: open_clip's)."""
+    try:
+        if spec is None:
+            if default_bpe_file() is None:
+                raise ConfigError("diffusion.text.tokenizer: no tokenizer given and none found: install the CLIP "
+                                  "vocabulary (pip install --no-deps open-clip-torch) or set it to a tokenizer/ "
+                                  "folder (vocab.json + merges.txt) or bpe_simple_vocab_16e6.txt.gz")
+            return CLIPTokenizer.from_bpe_file(max_length=max_length)
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            return CLIPTokenizer.from_folder(path, max_length=max_length)
+        return CLIPTokenizer.from_bpe_file(path, max_length=max_length)
+    except (TokenizerFileError, OSError, ImportError) as err:
+        raise ConfigError(f"diffusion.text.tokenizer: {err}") from None
+
+
+def build_text_encoder(text: Dict[str, Any], width: int) -> Tuple[CLIPTokenizer, CLIPTextEmbedder]:
+    """The tokenizer and the trainable text encoder (ids (B, L) -> context (B, L, width)) of ``diffusion.text``."""
+    unknown = sorted(set(text) - set(TEXT_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"diffusion.text: unknown key(s) {unknown}; known: {sorted(TEXT_DEFAULTS)}")
+    opts = {**TEXT_DEFAULTS, **text}
+    max_length = int(opts["max_length"])
+    if max_length < 3:
+        raise ConfigError(f"diffusion.text.max_length must be >= 3 (start, a token, end), got {max_length}")
+    if width % int(opts["heads"]):
+        raise ConfigError(f"diffusion.text.heads ({opts['heads']}) must divide the width, model.context_dim ({width})")
+    tokenizer = build_tokenizer(opts["tokenizer"], max_length)
+    encoder = CLIPTextModel(vocab_size=tokenizer.vocab_size, hidden_size=width,
+                            intermediate_size=int(opts["mlp_ratio"]) * width, num_hidden_layers=int(opts["layers"]),
+                            num_attention_heads=int(opts["heads"]), max_position_embeddings=max_length,
+                            hidden_act=str(opts["act"]), eos_token_id=tokenizer.eos_id)
+    return tokenizer, CLIPTextEmbedder(encoder, frozen=False)
+
+
+def _build_text_latent(model, first_stage, first_stage_model, conditioning_key, num_classes, cond_drop_prob, text,
+                       options, latent_class, diffusion_kwargs) -> LatentSpace:
+    if conditioning_key != "crossattn":
+        raise ConfigError(f"diffusion.text needs conditioning_key: crossattn (got {conditioning_key!r})")
+    if num_classes is not None:
+        raise ConfigError("diffusion.num_classes and diffusion.text exclude each other: the model is conditioned on "
+                          "captions, not labels")
+    if model.context_dim is None:
+        raise ConfigError("model.context_dim: text conditioning needs use_spatial_transformer: true and context_dim "
+                          "(the text transformer's width) in the unet_ldm model")
+    if not isinstance(text, dict):
+        raise ConfigError(f"diffusion.text must be a mapping (e.g. {{max_length: 16}}), got {text!r}")
+    _check_first_stage(model, first_stage, first_stage_model)
+    tokenizer, encoder = build_text_encoder(text, model.context_dim)
+    ldm = latent_class(first_stage_model, model, conditioning_key="crossattn", cond_stage_model=encoder,
+                       cond_drop_prob=cond_drop_prob, **options, **diffusion_kwargs)
+    return ldm.set_text_conditioning(tokenizer, cond_drop_prob)
 
 
 def _with_diffusion_options(builder: Callable, objective: type, defaults: dict) -> Callable:

@@ -103,6 +103,21 @@ def _export_step(p: Path) -> int:
         return -1
 
 
+def is_own_file(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a file train.py wrote (an export with our metadata, or a step checkpoint) rather than
+    someone else's (a Stable Diffusion .safetensors / .ckpt), without reading its tensors."""
+    p = Path(path)
+    if p.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(p), framework="numpy") as f:
+                return META_KEY in (f.metadata() or {})
+        except Exception:
+            return False
+    return p.suffix.lower() == ".ckpt" and p.is_file() and _pytorch_kind(p) is None
+
+
 def _folder_candidates(folder: Path) -> List[Path]:
     """A run folder's weights, newest step first: its step checkpoints (``checkpoints/``, else the folder
     itself) and ``model.safetensors`` (after a checkpoint of the same step)."""

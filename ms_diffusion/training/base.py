@@ -68,6 +68,9 @@ class TrainerBase:
     Only ``rank == 0`` writes files.
     """
 
+    #: micro-batches carry captions instead of labels (a text-conditional model; set by the subclass)
+    captions: bool = False
+
     progress_desc = "train"   # the progress bar's description
 
     def __init__(self, source, config, out_dir, *, meta: Optional[Dict[str, Any]] = None, seed: int = 0,
@@ -353,9 +356,10 @@ class TrainerBase:
             raise ValueError(f"the dataset has {self.source.num_samples} images per device, fewer than one batch "
                              f"of {bs}; lower train.batch_size or add data")
         while True:
-            for images, labels in self.source.epoch(self.epoch, bs, start_batch=self.batch_in_epoch):
+            text = {"captions": True} if self.captions else {}
+            for batch in self.source.epoch(self.epoch, bs, start_batch=self.batch_in_epoch, **text):
                 self.batch_in_epoch += 1
-                yield images, labels
+                yield batch[0], batch[-1]   # (images, labels), or (images, captions) for a text-conditional model
             self.epoch += 1
             self.batch_in_epoch = 0
 

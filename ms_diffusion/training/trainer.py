@@ -126,6 +126,9 @@ class Trainer(TrainerBase):
         self.evaluate_fn = evaluate_fn
         self.best_eval: Optional[Dict[str, Any]] = None  # {"step", "fd", ...} of best.safetensors
         self.conditional = getattr(diffusion, "num_classes", None) is not None
+        self.captions = bool(getattr(diffusion, "text_conditional", False))   # batches carry captions, not labels
+        if self.captions:
+            source.require_captions()
 
         apply_amp(diffusion.model, self.cfg.amp, self.cfg.amp_dtype)
         diffusion.set_train(True)
@@ -193,7 +196,8 @@ class Trainer(TrainerBase):
     # ------------------------------------------------------------------ hooks of the loop (TrainerBase.fit)
 
     def _train_micro_batch(self, images: np.ndarray, labels: np.ndarray) -> MicroStep:
-        inputs = self.diffusion.training_inputs(images, self.rng, labels if self.conditional else None)
+        inputs = self.diffusion.training_inputs(images, self.rng,
+                                                labels if self.conditional or self.captions else None)
         classes = Tensor(inputs["classes"]) if inputs["classes"] is not None else None
         posterior = inputs.get("posterior_noise")
         loss, norm, finite = self.step_fn(Tensor(images), Tensor(inputs["times"]), Tensor(inputs["noise"]), classes,
