@@ -23,7 +23,7 @@ def _fashion_mnist_available() -> bool:
 
 
 def test_every_tutorial_is_collected():
-    assert {"ddpm_fashion_mnist.ipynb", "samplers.ipynb", "latent_diffusion.ipynb"} <= set(NOTEBOOKS)
+    assert {"ddpm_fashion_mnist.ipynb", "samplers.ipynb", "latent_diffusion.ipynb", "text_to_image.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.slow

@@ -85,6 +85,23 @@ def _is_pipeline_folder(path: str) -> bool:
     return (Path(path) / "model_index.json").is_file()
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output path is checked before a model is loaded, so a bad path never costs a whole run."""
+    check_output_file(args.out, "--out", "image")
+    if args.gif:
+        check_output_file(args.gif, "--gif", "gif")
+    if args.npz:
+        check_output_file(args.npz, "--npz", "npz")
+    check_distinct({"--out": args.out, "--gif": args.gif, "--npz": args.npz})
+
+
+def _save_npz(path: str, **arrays) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(p, **arrays)
+    print(f"raw images -> {p}")
+
+
 def _run_text_to_image(args: argparse.Namespace) -> int:
     """--ckpt is a Stable Diffusion model (pipeline folder or original checkpoint): prompts -> a grid (and --npz)."""
     from ms_diffusion import runtime
@@ -98,10 +115,7 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
         raise UsageError("--mask needs --init-image (the image to inpaint)")
     if args.gif:
         raise UsageError("--gif is for our own checkpoints; a Stable Diffusion run writes --out (and --npz)")
-    check_output_file(args.out, "--out", "image")
-    if args.npz:
-        check_output_file(args.npz, "--npz", "npz")
-    check_distinct({"--out": args.out, "--npz": args.npz})
+    _check_outputs(args)
     size = (args.height, args.width) if args.height and args.width else None
     image = load_image(args.init_image, "RGB", size) if args.init_image else None
     mask = load_image(args.mask, "L", image.shape[2:]) if args.mask else None
@@ -138,10 +152,7 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
     grid = save_grid(images, args.out, nrow=args.nrow or per_prompt)
     print(f"{len(images)} images from {args.ckpt} ({len(prompts)} prompts) in {elapsed:.1f} s -> {grid}")
     if args.npz:
-        path = Path(args.npz)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, images=images, prompts=np.asarray([p for p in prompts for _ in range(per_prompt)]))
-        print(f"raw images -> {path}")
+        _save_npz(args.npz, images=images, prompts=np.asarray([p for p in prompts for _ in range(per_prompt)]))
     return 0
 
 
@@ -169,13 +180,7 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    # every output is checked before the model is loaded, so a bad path never costs a whole run
-    check_output_file(args.out, "--out", "image")
-    if args.gif:
-        check_output_file(args.gif, "--gif", "gif")
-    if args.npz:
-        check_output_file(args.npz, "--npz", "npz")
-    check_distinct({"--out": args.out, "--gif": args.gif, "--npz": args.npz})
+    _check_outputs(args)
     runtime.setup(args.device or "auto", args.mode or "graph")
     cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights,
                                           log=lambda line: print(f"sample.py: {line}", file=sys.stderr))
@@ -238,11 +243,8 @@ def _run(args: argparse.Namespace) -> int:
         gif = save_gif(out.frames, args.gif, nrow=args.nrow, scale=scale)
         print(f"denoising animation ({len(out.frames)} frames) -> {gif}")
     if args.npz:
-        path = Path(args.npz)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, images=out.images, classes=np.asarray(classes if classes is not None else []),
-                            prompts=np.asarray(prompts if text else []), seed=seed)
-        print(f"raw images -> {path}")
+        _save_npz(args.npz, images=out.images, classes=np.asarray(classes if classes is not None else []),
+                  prompts=np.asarray(prompts if text else []), seed=seed)
     return 0
 
 
