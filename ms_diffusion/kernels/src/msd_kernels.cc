@@ -448,7 +448,7 @@ int Guard(F &&body) {
   return 1;
 }
 
-int Conv2dForward(int nparam, void **params, int64_t **shapes, bool bias) {
+void Conv2dForward(void **params, int64_t **shapes, bool bias) {
   // inputs: x (N,C,H,W), w (O,C/g,kh,kw), [b (O)], spec; output: y (N,O,Ho,Wo)
   int spec_i = bias ? 3 : 2, y_i = spec_i + 1;
   ConvSpec c(static_cast<const int64_t *>(params[spec_i]));
@@ -463,13 +463,13 @@ int Conv2dForward(int nparam, void **params, int64_t **shapes, bool bias) {
   f->prim.execute(rt.stream, args);
   OutFinish(f->y, ym, params[y_i]);
   rt.stream.wait();
-  return 0;
 }
 
 // ---------------------------------------------------------------------------------------------
 // GroupNorm on NCHW, written by hand (oneDNN's group normalization is newer than the headers we
 // build against, and on plain NCHW it has no fast path). Sums per channel in eight float lanes, across
-// channels and samples in double, always in the same order: results do not depend on the thread count. Work is split over (n, group) pairs, or (n, channel) pairs.
+// channels and samples in double, always in the same order: results do not depend on the thread count.
+// Work is split over (n, group) pairs, or (n, channel) pairs.
 void ParallelRange(int64_t total, const std::function<void(int64_t, int64_t)> &body) {
   auto &pool = Rt().pool;
   int n = pool.get_num_threads();
@@ -500,6 +500,17 @@ inline float RowDot(const float *x, const float *y, int64_t n) {   // y == nullp
   for (; j < n; ++j) tail += x[j] * (y ? y[j] : 1.0f);
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
 }
+// sum((x - mean)^2): eight float lanes, the tail and the lanes then summed in double.
+inline double RowSquaredDeviation(const float *x, int64_t n, float mean) {
+  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8)
+    for (int l = 0; l < 8; ++l) lanes[l] += (x[j + l] - mean) * (x[j + l] - mean);
+  double sum = 0.0;
+  for (; j < n; ++j) sum += (x[j] - mean) * (x[j] - mean);
+  for (int l = 0; l < 8; ++l) sum += lanes[l];
+  return sum;
+}
 
 struct GnShape {
   int64_t n, c, hw, groups, cpg;
@@ -518,17 +529,7 @@ void GnForward(const GnShape &s, const float *x, const float *gamma, const float
       for (int64_t cc = 0; cc < s.cpg; ++cc) sum += RowDot(xs + cc * s.hw, nullptr, s.hw);
       const double mean = sum / m;
       const float mean_f = static_cast<float>(mean);
-      for (int64_t cc = 0; cc < s.cpg; ++cc) {
-        const float *xc = xs + cc * s.hw;
-        float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t i = 0;
-        for (; i + 8 <= s.hw; i += 8)
-          for (int l = 0; l < 8; ++l) lanes[l] += (xc[i + l] - mean_f) * (xc[i + l] - mean_f);
-        double part = 0.0;
-        for (; i < s.hw; ++i) part += (xc[i] - mean_f) * (xc[i] - mean_f);
-        for (int l = 0; l < 8; ++l) part += lanes[l];
-        sq += part;
-      }
+      for (int64_t cc = 0; cc < s.cpg; ++cc) sq += RowSquaredDeviation(xs + cc * s.hw, s.hw, mean_f);
       const double rstd = 1.0 / std::sqrt(sq / m + eps);
       const int64_t n = ng / s.groups;
       for (int64_t cc = 0; cc < s.cpg; ++cc) {   // per channel (N, C): output shapes independent of groups
@@ -753,7 +754,6 @@ void RmsBackward(const RmsShape &s, const float *dy, const float *x, const float
   }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Linear attention (Shen et al.; lucidrains' LinearAttention and the MindSpore tutorial's), the part
 // between the qkv projection and the output projection, per (batch, head):
@@ -817,7 +817,8 @@ void LinAttnPrepare(const LinAttnShape &s, const float *qkv, const float *mem, i
   *v = *k + hd * s.n;
   const float *mk = mem ? mem + h * s.d * s.m : nullptr, *mv = mem ? mem + (s.heads + h) * s.d * s.m : nullptr;
   SoftmaxColumns(*q, s.d, s.n, w.p.data(), w.tmp1.data(), w.tmp2.data());
-  for (int64_t r = 0; r < s.d; ++r) SoftmaxRow(mk ? mk + r * s.m : nullptr, s.m, *k + r * s.n, s.n, w.ks.data() + r * s.T());
+  for (int64_t r = 0; r < s.d; ++r)
+    SoftmaxRow(mk ? mk + r * s.m : nullptr, s.m, *k + r * s.n, s.n, w.ks.data() + r * s.T());
   // context = k'[:, :M] mem_v^T + k'[:, M:] v^T
   float beta = 0.0f;
   if (s.m > 0) {
@@ -902,23 +903,22 @@ extern "C" {
 // The library's version of the interface: Python checks it matches what it was written for.
 int MsdKernelsAbi() { return 1; }
 
-// y = conv(x, w) + b
-int Conv2dBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-               void *extra) {
-  Timer timer{"Conv2dBias", nparam, ndims, shapes};
-  current = &timer;
-  if (nparam != 5 || !AllF32(nparam, dtypes)) return 1;
-  return Guard([&] { Conv2dForward(nparam, params, shapes, true); });
-}
+// An entry point with MindSpore's aot signature whose body is one expression: it is timed
+// (MS_DIFFUSION_KERNEL_PROFILE) and names itself in error messages.
+#define MSD_ENTRY(name, ...)                                                                               \
+  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) { \
+    Timer timer{#name, nparam, ndims, shapes};                                                             \
+    current = &timer;                                                                                      \
+    return __VA_ARGS__;                                                                                    \
+  }
 
-// y = conv(x, w)
-int Conv2d(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-           void *extra) {
-  Timer timer{"Conv2d", nparam, ndims, shapes};
-  current = &timer;
-  if (nparam != 4 || !AllF32(nparam, dtypes)) return 1;
-  return Guard([&] { Conv2dForward(nparam, params, shapes, false); });
+// y = conv(x, w) + b; y = conv(x, w)
+static int Conv2dForwardEntry(int nparam, void **params, int64_t **shapes, const char **dtypes, bool bias) {
+  if (nparam != (bias ? 5 : 4) || !AllF32(nparam, dtypes)) return 1;
+  return Guard([&] { Conv2dForward(params, shapes, bias); });
 }
+MSD_ENTRY(Conv2dBias, Conv2dForwardEntry(nparam, params, shapes, dtypes, true))
+MSD_ENTRY(Conv2d, Conv2dForwardEntry(nparam, params, shapes, dtypes, false))
 
 // MindSpore keeps one shape-inference function per Custom function name, but a forward convolution's
 // output shape depends on its settings: each distinct setting (stride, padding, ...) gets its own
@@ -938,10 +938,7 @@ MSD_CONV_ALIAS8(4) MSD_CONV_ALIAS8(5) MSD_CONV_ALIAS8(6) MSD_CONV_ALIAS8(7)
 int MsdConvAliases() { return 64; }
 
 // inputs: dy (N,O,Ho,Wo), w, x (shape only), spec; output: dx (N,C,H,W)
-int Conv2dBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                       void *stream, void *extra) {
-  Timer timer{"Conv2dBackwardData", nparam, ndims, shapes};
-  current = &timer;
+static int Conv2dBackwardDataEntry(int nparam, void **params, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !AllF32(nparam, dtypes)) return 1;
   return Guard([&] {
     ConvSpec c(static_cast<const int64_t *>(params[3]));
@@ -956,6 +953,8 @@ int Conv2dBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, 
     rt.stream.wait();
   });
 }
+
+MSD_ENTRY(Conv2dBackwardData, Conv2dBackwardDataEntry(nparam, params, shapes, dtypes))
 
 // inputs: x, dy, w (shape only), spec; outputs: dw (O, C/g, kh, kw) [, db (O)]
 static int Conv2dBackwardWeightsEntry(int nparam, void **params, int64_t **shapes, bool bias) {
@@ -977,26 +976,12 @@ static int Conv2dBackwardWeightsEntry(int nparam, void **params, int64_t **shape
   });
 }
 
-int Conv2dBackwardWeightsBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                              void *stream, void *extra) {
-  Timer timer{"Conv2dBackwardWeightsBias", nparam, ndims, shapes};
-  current = &timer;
-  return Conv2dBackwardWeightsEntry(nparam, params, shapes, true);
-}
-
-int Conv2dBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                          void *stream, void *extra) {
-  Timer timer{"Conv2dBackwardWeights", nparam, ndims, shapes};
-  current = &timer;
-  return Conv2dBackwardWeightsEntry(nparam, params, shapes, false);
-}
+MSD_ENTRY(Conv2dBackwardWeightsBias, Conv2dBackwardWeightsEntry(nparam, params, shapes, true))
+MSD_ENTRY(Conv2dBackwardWeights, Conv2dBackwardWeightsEntry(nparam, params, shapes, false))
 
 // GroupNorm forward. inputs: x (N, C, *), gamma (C), beta (C), spec float64 [groups, eps];
 // outputs: y (x's shape), mean (N, C), rstd (N, C) (each group's statistics repeated over its channels)
-int GroupNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *stream,
-              void *extra) {
-  Timer timer{"GroupNorm", nparam, ndims, shapes};
-  current = &timer;
+static int GroupNormEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 7 || std::strcmp(dtypes[0], "float32") != 0) return 1;
   return Guard([&] {
     const double *spec = static_cast<const double *>(params[3]);
@@ -1008,11 +993,10 @@ int GroupNorm(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   });
 }
 
+MSD_ENTRY(GroupNorm, GroupNormEntry(nparam, params, ndims, shapes, dtypes))
+
 // GroupNorm backward. inputs: dy, x, mean, rstd, gamma, spec; outputs: dx, dgamma, dbeta
-int GroupNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                      void *stream, void *extra) {
-  Timer timer{"GroupNormBackward", nparam, ndims, shapes};
-  current = &timer;
+static int GroupNormBackwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 9 || std::strcmp(dtypes[0], "float32") != 0) return 1;
   return Guard([&] {
     const double *spec = static_cast<const double *>(params[5]);
@@ -1023,6 +1007,8 @@ int GroupNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, c
                       static_cast<float *>(params[7]), static_cast<float *>(params[8]));
   });
 }
+
+MSD_ENTRY(GroupNormBackward, GroupNormBackwardEntry(nparam, params, ndims, shapes, dtypes))
 
 // RMSNorm (+ SiLU). inputs: x (N, C, *), g (C), spec int64 [silu]; outputs: y (x's shape), inv (N, positions).
 // RmsNormMod adds the modulation: inputs x, g, scale (N, C), shift (N, C), spec. (Separate entry points:
@@ -1053,27 +1039,10 @@ static int RmsBackwardEntry(int nparam, void **params, int64_t **shapes, int *nd
   });
 }
 
-int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  Timer timer{"RmsNorm", nparam, ndims, shapes};
-  current = &timer;
-  return RmsForwardEntry(nparam, params, shapes, ndims, dtypes, false);
-}
-int RmsNormMod(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  Timer timer{"RmsNormMod", nparam, ndims, shapes};
-  current = &timer;
-  return RmsForwardEntry(nparam, params, shapes, ndims, dtypes, true);
-}
-int RmsNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  Timer timer{"RmsNormBackward", nparam, ndims, shapes};
-  current = &timer;
-  return RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, false);
-}
-int RmsNormModBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                       void *) {
-  Timer timer{"RmsNormModBackward", nparam, ndims, shapes};
-  current = &timer;
-  return RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, true);
-}
+MSD_ENTRY(RmsNorm, RmsForwardEntry(nparam, params, shapes, ndims, dtypes, false))
+MSD_ENTRY(RmsNormMod, RmsForwardEntry(nparam, params, shapes, ndims, dtypes, true))
+MSD_ENTRY(RmsNormBackward, RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, false))
+MSD_ENTRY(RmsNormModBackward, RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, true))
 
 // Linear attention core. inputs: qkv (B, 3 H D, h, w), [mem (2, H, D, M)], spec float64 [heads, scale,
 // v by positions (0 / 1)]; output: out (B, H D, h, w). LinearAttentionMem takes the memory key/values.
@@ -1103,12 +1072,6 @@ static int LinAttnEntry(int nparam, void **params, int *ndims, int64_t **shapes,
   });
 }
 
-#define MSD_ENTRY(name, ...)                                                                               \
-  int name(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) { \
-    Timer timer{#name, nparam, ndims, shapes};                                                             \
-    current = &timer;                                                                                      \
-    return __VA_ARGS__;                                                                                    \
-  }
 MSD_ENTRY(LinearAttention, LinAttnEntry(nparam, params, ndims, shapes, dtypes, false, false))
 MSD_ENTRY(LinearAttentionMem, LinAttnEntry(nparam, params, ndims, shapes, dtypes, true, false))
 MSD_ENTRY(LinearAttentionBackward, LinAttnEntry(nparam, params, ndims, shapes, dtypes, false, true))
