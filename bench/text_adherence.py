@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Prompt adherence of a text-conditional model trained on captioned Fashion-MNIST (configs/ldm_fashion_mnist_text.yaml).
+"""Prompt adherence of a text-conditional model trained on captioned Fashion-MNIST
+(configs/ldm_fashion_mnist_text.yaml).
 
     python bench/text_adherence.py --ckpt runs/ldm_fashion_mnist_text --per-prompt 10 --guidance 1,3
 
@@ -9,7 +10,7 @@ share of images whose class (the shipped classifier, with the prompt's attribute
 border) and orientation (which way up the classifier is more confident) match the prompt, and all three
 at once (``ms_diffusion.metrics.captions``). The same checks on real captioned test images give the
 ceiling the checks allow; chance is 10 % for the class, 50 % for each attribute, 2.5 % for all three.
-``--grid`` writes one column per prompt group. ``--json`` keeps the numbers.
+``--grid`` writes the first image of each prompt, a row per class. ``--json`` keeps the numbers.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--real", type=int, default=2000, help="real test images for the checks' ceiling (0: skip)")
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--grid", default=None, help="write a grid (first guidance scale > 1): 8 rows of prompts")
+    p.add_argument("--grid", default=None, help="write a grid (first guidance scale != 1): a row per class")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -85,8 +86,7 @@ def main() -> None:
         print(f"guidance {w:g}: class {total['class']:.1%}, colour {total['colour']:.1%}, orientation "
               f"{total['orientation']:.1%}, all three {total['all']:.1%} ({len(wanted)} images, {seconds:.0f} s)")
         if args.grid and w != 1.0 and not Path(args.grid).exists():
-            pick = [prompts.index(q) * per for q in prompts]            # the first image of each prompt
-            save_grid(out.images[pick], args.grid, nrow=4, scale=2)
+            save_grid(out.images[::per], args.grid, nrow=4, scale=2)     # the first image of each prompt
             print(f"grid (rows: classes; columns: white on black upright, upside down, black on white upright, "
                   f"upside down) -> {args.grid}")
     print(f"\n{'prompt':48s}" + "".join(f"{'all @ w=' + format(w, 'g'):>12s}" for w in tables))

@@ -61,13 +61,16 @@ class SampleConfig:
     prompts: Optional[List[str]] = None        # text-conditional models: grids and evaluations cycle these
     negative_prompt: Optional[str] = None
 
-    def generate_options(self, conditional: bool, **overrides: Any) -> Dict[str, Any]:
-        """``pipeline.generate`` keywords (sampler, steps, eta, guidance_scale, guidance_rescale) of this
-        section, with the non-None ``overrides`` (command-line flags) taking precedence; guidance is off
-        (scale 1, rescale 0) for an unconditional model unless an override asks for it."""
+    def generate_options(self, conditional: bool, text: bool = False, **overrides: Any) -> Dict[str, Any]:
+        """``pipeline.generate`` keywords (sampler, steps, eta, guidance_scale, guidance_rescale, and for a
+        ``text``-conditional model negative_prompt) of this section, with the non-None ``overrides``
+        (command-line flags) taking precedence; guidance is off (scale 1, rescale 0) for an unconditional
+        model unless an override asks for it."""
         options = {"sampler": self.sampler, "steps": self.steps, "eta": self.eta,
-                   "guidance_scale": self.guidance_scale if conditional else 1.0,
-                   "guidance_rescale": self.guidance_rescale if conditional else 0.0}
+                   "guidance_scale": self.guidance_scale if conditional or text else 1.0,
+                   "guidance_rescale": self.guidance_rescale if conditional or text else 0.0}
+        if text:
+            options["negative_prompt"] = self.negative_prompt
         unknown = set(overrides) - set(options)
         if unknown:
             raise TypeError(f"unknown sampling option(s) {sorted(unknown)}")

@@ -91,8 +91,6 @@ def build_evaluator(cfg, diffusion: Optional[nn.Cell] = None, log: Callable[[str
                                    log=log)
     s = cfg.sample
     num_classes = getattr(diffusion, "num_classes", None)
-    conditional = bool(num_classes) or bool(prompts)
     return SampleEvaluator(extractor, reference, t.eval_num, batch_size=s.batch_size, seed=s.seed,
-                           num_classes=num_classes, prompts=prompts, sample_options={
-                               **s.generate_options(conditional),
-                               **({"negative_prompt": s.negative_prompt} if prompts else {})})
+                           num_classes=num_classes, prompts=prompts,
+                           sample_options=s.generate_options(bool(num_classes), text=bool(prompts)))

@@ -219,13 +219,14 @@ def _run(args: argparse.Namespace) -> int:
         classes = [label] * num
     else:
         classes = cycled_classes(num, num_classes)  # one of each class in turn
-    sampling = s.generate_options(classes is not None or text, sampler=args.sampler, steps=args.steps, eta=args.eta,
-                                  guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale)
+    text_options = {"negative_prompt": args.negative_prompt} if text else {}
+    sampling = s.generate_options(classes is not None, text=text, sampler=args.sampler, steps=args.steps,
+                                  eta=args.eta, guidance_scale=args.guidance_scale,
+                                  guidance_rescale=args.guidance_rescale, **text_options)
     if sampling["guidance_scale"] != 1.0 and classes is None and not text:
         raise UsageError("--guidance-scale needs a class- or text-conditional model")
     if text:
-        sampling.update(prompts=prompts, negative_prompt=args.negative_prompt if args.negative_prompt is not None
-                        else s.negative_prompt)
+        sampling["prompts"] = prompts
     options = parse_key_values(args.options)
     frames = max(s.gif_frames, 2) if args.gif else 0
     start = time.perf_counter()

@@ -137,21 +137,6 @@ def _measure_latent_scale(cfg, diffusion, source) -> float:
     return diffusion.measure_scale_factor(images, Tensor(noise.astype(np.float32)))
 
 
-def _grid_prompts(cfg, source, num: int) -> List[str]:
-    """The prompts a text-conditional run's grids and evaluations use: ``sample.prompts``, else the distinct
-    captions of the first training images (up to ``num``; the whole list for a captioned Fashion-MNIST)."""
-    if cfg.sample.prompts:
-        return list(cfg.sample.prompts)
-    if hasattr(source, "attributes"):   # captioned Fashion-MNIST: every class x attribute combination
-        from ms_diffusion.data.fashion_mnist_captions import all_prompts
-        return all_prompts(source.attributes)
-    seen: List[str] = []
-    for _, _, captions in source.epoch(0, min(num, source.num_samples), captions=True):
-        seen.extend(c for c in captions if c and c not in seen)
-        break
-    return seen[:num] or [""]
-
-
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
     from ms_diffusion.config import load_config
@@ -184,18 +169,18 @@ def _run(args: argparse.Namespace) -> int:
     from ms_diffusion.training import Trainer
 
     num_classes = getattr(diffusion, "num_classes", None)
-    prompts = _grid_prompts(cfg, source, cfg.train.num_samples) if getattr(diffusion, "text_conditional", False) \
-        else None
+    prompts = None
+    if getattr(diffusion, "text_conditional", False):
+        prompts = list(cfg.sample.prompts or source.example_prompts(cfg.train.num_samples))
     if prompts:
         notes.append(f"text-conditional: grids and evaluations cycle {len(prompts)} prompt(s), e.g. {prompts[0]!r}")
 
     def sample_fn(ema, n):
         """Training-time grid: classes (or prompts) in turn, guided by sample.guidance_scale, for conditional
         models."""
-        extra = {"prompts": cycled_prompts(n, prompts), "negative_prompt": cfg.sample.negative_prompt} if prompts \
-            else {"classes": cycled_classes(n, num_classes)}
+        extra = {"prompts": cycled_prompts(n, prompts)} if prompts else {"classes": cycled_classes(n, num_classes)}
         return generate(ema, n, batch_size=n, seed=cfg.sample.seed, **extra,
-                        **cfg.sample.generate_options(bool(num_classes) or bool(prompts))).images
+                        **cfg.sample.generate_options(bool(num_classes), text=bool(prompts))).images
 
     evaluator = build_evaluator(cfg, diffusion, log=print, prompts=prompts) if dist.rank == 0 else None
     trainer = Trainer(diffusion, ema_diffusion, source, cfg.train, out_dir, meta=meta,

@@ -22,8 +22,8 @@ from ms_diffusion.data.source import (BadDataError, DataError, DataNotFoundError
 from ms_diffusion.registry import ConfigError, Registry
 
 __all__ = ["DATASETS", "build_source", "canonical_dataset_name", "DATASET_NAMES", "ImageSource", "FashionMnistSource",
-           "ImageFolderSource", "Cifar10Source", "FashionMnistCaptionsSource", "DataError", "DataNotFoundError", "BadDataError",
-           "locate_fashion_mnist", "locate_cifar10", "scan_image_folder", "resolve_workers"]
+           "ImageFolderSource", "Cifar10Source", "FashionMnistCaptionsSource", "DataError", "DataNotFoundError",
+           "BadDataError", "locate_fashion_mnist", "locate_cifar10", "scan_image_folder", "resolve_workers"]
 
 #: arguments of a dataset constructor that code fills in from the model and the run, never a config
 CODE_FILLED = ("image_size", "channels", "seed", "num_shards", "shard_id")

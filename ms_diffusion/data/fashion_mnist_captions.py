@@ -112,5 +112,9 @@ class FashionMnistCaptionsSource(FashionMnistSource):
     def batch_captions(self, indices: np.ndarray, labels: np.ndarray) -> List[str]:
         return [caption(int(c), self.sample_flags[int(i)], self.attributes) for i, c in zip(indices, labels)]
 
+    def example_prompts(self, num: int) -> List[str]:
+        """Every class x attribute combination (40 with both attributes), whatever ``num``."""
+        return all_prompts(self.attributes)
+
     def _transform_batch(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return apply_attributes(images, self.sample_flags[np.asarray(indices, np.int64)], self.attributes)

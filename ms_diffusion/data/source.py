@@ -74,8 +74,8 @@ class ImageSource(abc.ABC):
 
     ``epoch()`` yields ``(images, labels)``: images float32 (B, C, H, W) in [0, 1], labels int32 (B,)
     (class ids, all 0 when the data has no classes); ``epoch(..., captions=True)`` adds each image's
-    caption (a list of B str) for sources that have captions (``has_captions``). Attributes: ``num_samples`` (per shard, per
-    epoch), ``num_classes`` (None without labels), ``class_names``, ``channels``, ``image_size``
+    caption (a list of B str) for sources that have captions (``has_captions``). Attributes:
+    ``num_samples`` (per shard, per epoch), ``num_classes`` (None without labels), ``class_names``, ``channels``, ``image_size``
     (H, W), ``total_samples`` (before sharding), ``origin`` (where the data came from).
     """
 
@@ -160,6 +160,13 @@ class ImageSource(abc.ABC):
     def batch_captions(self, indices: np.ndarray, labels: np.ndarray) -> List[str]:
         """The captions of the samples ``indices`` (int64 (B,)), whose labels are ``labels`` (int32 (B,))."""
         return [self.captions[int(i)] for i in indices]
+
+    def example_prompts(self, num: int) -> List[str]:
+        """Prompts for a text-conditional run's grids and evaluations: the distinct non-empty captions of the
+        first training images, at most ``num`` (a source with a known prompt set returns that instead)."""
+        self.require_captions()
+        _, _, captions = next(iter(self.epoch(0, max(1, min(num, self.num_samples)), captions=True)))
+        return list(dict.fromkeys(c for c in captions if c)) or [""]
 
     def _transform_batch(self, images: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Per-sample changes every reader sees (after the flips), in place; ``indices`` (B,) by sample index."""
