@@ -8,7 +8,7 @@ and given to the diffusion).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from mindspore import nn
@@ -26,7 +26,8 @@ from ms_diffusion.models import MODELS, AutoencoderKL, build_network
 from ms_diffusion.registry import ConfigError
 
 __all__ = ["build_network", "build_model", "build_diffusion", "build_ema_copy", "build_autoencoder_loss",
-           "build_data_source",
+           "build_data_source", "run_prompts", "TOKENIZER_DIR",
+           "run_tokenizer_folder", "use_run_tokenizer", "save_run_tokenizer", "check_tokenizer",
            "data_geometry", "load_autoencoder", "load_weights_into"]
 
 
@@ -99,6 +100,65 @@ def build_data_source(cfg: ExperimentConfig, built: nn.Cell, shard_id: int = 0, 
     size, channels = data_geometry(built)
     return DATASETS.build(cfg.data, image_size=size, channels=channels, seed=cfg.seed, num_shards=num_shards,
                           shard_id=shard_id)
+
+
+def run_prompts(cfg: ExperimentConfig, source: ImageSource) -> List[str]:
+    """The prompts a text-conditional run's grids and evaluations cycle: ``sample.prompts``, else the data's
+    example prompts (captioned Fashion-MNIST: all 40 class x attribute prompts)."""
+    return list(cfg.sample.prompts or source.example_prompts(cfg.train.num_samples))
+
+
+#: where a text-conditional run keeps the tokenizer it was trained with (a diffusers-style tokenizer/ folder)
+TOKENIZER_DIR = "tokenizer"
+
+
+def run_tokenizer_folder(run_dir: Union[str, Path]) -> Optional[Path]:
+    """The run folder's copy of its tokenizer, if it has one."""
+    folder = Path(run_dir) / TOKENIZER_DIR
+    return folder if (folder / "vocab.json").is_file() else None
+
+
+def use_run_tokenizer(cfg: ExperimentConfig, run_dir: Union[str, Path]) -> Optional[Path]:
+    """Point a text config's ``diffusion.text.tokenizer`` at the run folder's copy (what the run was trained
+    with, whatever has become of the file the config named); returns that copy, or None (no text / no copy)."""
+    text = (cfg.diffusion or {}).get("text")
+    folder = run_tokenizer_folder(run_dir)
+    if not isinstance(text, dict) or folder is None:
+        return None
+    cfg.diffusion["text"] = dict(text, tokenizer=str(folder))
+    return folder
+
+
+def save_run_tokenizer(tokenizer, run_dir: Union[str, Path]) -> Path:
+    """Write ``tokenizer`` (a ``text.CLIPTokenizer``) to ``run_dir/tokenizer/``, each file replaced atomically
+    (a torn copy would not match the checkpoints' fingerprint and is refused, never used)."""
+    import os
+    import shutil
+    import tempfile
+
+    folder = Path(run_dir) / TOKENIZER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=run_dir))
+    try:
+        tokenizer.save(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def check_tokenizer(diffusion: nn.Cell, meta: Mapping[str, Any], where: Union[str, Path]) -> None:
+    """A text model's tokenizer must be the one its checkpoint was trained with (``meta["tokenizer_sha256"]``)."""
+    expected = meta.get("tokenizer_sha256")
+    tokenizer = getattr(diffusion, "tokenizer", None)
+    if expected is None or tokenizer is None or tokenizer.fingerprint() == expected:
+        return
+    raise CheckpointError(f"{where}: this text model was trained with another tokenizer (sha256 {expected[:12]}) than "
+                          f"the one its config now gives ({tokenizer.vocab_size} tokens, sha256 "
+                          f"{tokenizer.fingerprint()[:12]}): the same prompts would become other token ids. Keep "
+                          f"the model in its run folder (whose {TOKENIZER_DIR}/ holds the one it was trained with), "
+                          f"or point diffusion.text.tokenizer at that tokenizer")
 
 
 def load_weights_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], p: Path) -> None:

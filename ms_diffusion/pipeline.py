@@ -1,7 +1,9 @@
 """Load a trained model from its checkpoint alone, and generate images with it.
 
 A latent-diffusion checkpoint holds its first stage's weights (``first_stage_model.*``) and its
-architecture (metadata ``first_stage``), so it loads without the autoencoder run it was trained on.
+architecture (metadata ``first_stage``), so it loads without the autoencoder run it was trained on. A
+text-conditional one takes its tokenizer from its run folder's ``tokenizer/`` copy (else from its config), and
+only if that tokenizer's fingerprint is the one recorded at training (metadata ``tokenizer_sha256``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import numpy as np
 from ms_diffusion.config import ExperimentConfig, config_from_dict
 from ms_diffusion.diffusion.latent import LatentSpace
 from ms_diffusion.diffusion.registry import LATENT_TYPES
-from ms_diffusion.experiment import build_diffusion, load_autoencoder, load_weights_into
+from ms_diffusion.experiment import (build_diffusion, check_tokenizer, load_autoencoder, load_weights_into,
+                                    use_run_tokenizer)
 from ms_diffusion.io.checkpoint import CheckpointError
 from ms_diffusion.io.weights import read_weights, resolve_checkpoint
 from ms_diffusion.models import build_network
@@ -65,7 +68,9 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
     if cfg.diffusion["type"] in LATENT_TYPES and meta.get("first_stage"):
         # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
         build_args["first_stage_model"] = build_network(meta["first_stage"]["model"])
+    use_run_tokenizer(cfg, p.parent.parent if p.parent.name == "checkpoints" else p.parent)
     diffusion = build_diffusion(cfg, **build_args)
+    check_tokenizer(diffusion, meta, p)
     load_weights_into(diffusion, selected, p)
     diffusion.set_train(False)
     meta = dict(meta)

@@ -18,7 +18,8 @@ sample) is noised to the grid's step ``steps - int(steps * strength)`` and denoi
 Inpainting (diffusers' ``StableDiffusionInpaintPipeline``): an inpainting UNet (9 input channels) sees the
 latents, the mask at latent resolution and the latents of the image with the masked region blanked
 (``conditioning_key="hybrid"``: they are its concat conditioning); an ordinary model repaints the masked
-region while the rest is blended back in after every step.
+region while the rest is blended back in after every step. Below ``strength`` 1 both start, as image-to-image
+does, from the image's latents noised part-way along the grid.
 
 Files: ``from_diffusers`` / ``save_diffusers`` (pipeline folders), ``from_single_file`` / ``save_single_file``
 (original SD 1.x / 2.x checkpoints with their ldm YAML; see ``interop.sd_formats``).
@@ -26,6 +27,7 @@ Files: ``from_diffusers`` / ``save_diffusers`` (pipeline folders), ``from_single
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,9 +51,8 @@ from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write
 from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
 from ms_diffusion.models import AutoencoderKL, UNetModel
 from ms_diffusion.nn.attention import set_attention_slicing
-from ms_diffusion.samplers import resolve_sampler, sampler_options
+from ms_diffusion.samplers import resolve_sampler, sampler_grid, sampler_options
 from ms_diffusion.samplers.base import make_rng
-from ms_diffusion.schedules import sampling_timesteps
 from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer
 from ms_diffusion.text.tokenizer import EOS
 
@@ -329,32 +330,30 @@ class StableDiffusion:
             raise ValueError(f"height and width must be multiples of {step}, got {h}x{w}")
         return h, w
 
-    def _grid(self, steps: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(timesteps, prev_timesteps) of ``steps`` on the scheduler's grid."""
-        return sampling_timesteps(self.ldm.num_timesteps, steps, self.sampler_defaults.get("spacing", "leading"),
-                                  self.sampler_defaults.get("steps_offset", 0))
-
     def _run(self, b: int, cond, uncond, guidance_scale: float, *, size: Tuple[int, int], sampler: Optional[str],
-             steps: Optional[int], eta: float, seed, x_T, grid_start: int = 0, return_latents: bool = False,
-             progress: bool = False, **options_) -> Tensor:
-        """Sample from ``x_T`` (or noise) on the sampler's grid of ``steps``, from its entry ``grid_start`` on."""
+             steps: Optional[int], eta: float, seed, x_T, grid_start: int = 0, image_latents: Optional[Tensor] = None,
+             return_latents: bool = False, progress: bool = False, **options_) -> Tensor:
+        """Sample from ``x_T`` (or noise) on the sampler's grid of ``steps``. From its entry ``grid_start`` on
+        (image-to-image): ``image_latents`` noised with ``x_T`` to that entry's timestep is the start."""
         name = resolve_sampler(sampler or self.default_sampler)
         steps = steps or self.default_steps
         taken = sampler_options(name)
         options = {k: v for k, v in self.sampler_defaults.items() if k in taken}
         if name == "ddim":
             options["eta"] = eta
-        if grid_start:
-            if "timesteps" not in taken:
-                raise ValueError(f"sampler {name!r} cannot start part-way along its grid (image-to-image)")
-            ts, prev = self._grid(steps)
-            options["timesteps"] = ts[grid_start:]
-            if "prev_timesteps" in taken:
-                options["prev_timesteps"] = prev[grid_start:]
-            steps = len(ts) - grid_start
         options.update(options_)
         if x_T is not None and not isinstance(x_T, Tensor):
             x_T = Tensor(np.asarray(x_T, np.float32))
+        if grid_start:
+            if "timesteps" not in taken:
+                raise ValueError(f"sampler {name!r} cannot start part-way along its grid (image-to-image)")
+            ts, prev = sampler_grid(name, self.ldm.schedule, steps, **options)
+            options["timesteps"] = ts[grid_start:]
+            if prev is not None:
+                options["prev_timesteps"] = prev[grid_start:]
+            steps = len(ts) - grid_start
+            ac = float(self.ldm.schedule.alphas_cumprod[int(ts[grid_start])])
+            x_T = math.sqrt(ac) * image_latents + math.sqrt(1.0 - ac) * x_T
         f = self.vae_scale_factor
         return self.ldm.sample(b, cond=cond, uncond=uncond, guidance_scale=guidance_scale if uncond is not None else 1.0,
                                sampler=name, steps=steps, seed=seed, x_T=x_T, size=(size[0] // f, size[1] // f),
@@ -408,42 +407,44 @@ class StableDiffusion:
         """
         if self.is_inpainting:
             raise ValueError("this is an inpainting model: call inpaint(prompt, image, mask)")
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        steps = steps or self.default_steps
+        start = self._strength_start(strength, steps)
         cond, uncond, b = self._contexts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
         img_shape = tuple(image.shape)
         size = self._size(img_shape[2] if len(img_shape) == 4 else None, img_shape[3] if len(img_shape) == 4 else None)
-        steps = steps or self.default_steps
-        run = min(int(steps * strength), steps)
-        if run < 1:
-            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
         rng = make_rng(seed)
-        f = self.vae_scale_factor
-        shape = (b, self.ldm.channels, size[0] // f, size[1] // f)
+        shape = self._latent_shape(b, size)
         posterior_noise = _normal(posterior_noise, rng, shape, "posterior_noise")
         noise = _normal(noise, rng, shape, "noise")
         z0 = self._image_latents(image, b, posterior_noise, "image")
-        ac = float(self.ldm.schedule.alphas_cumprod[int(self._grid(steps)[0][steps - run])])
-        x = np.sqrt(ac) * z0 + np.sqrt(1.0 - ac) * noise
         return self._run(b, cond, uncond, guidance_scale, size=size, sampler=sampler, steps=steps, eta=eta, seed=rng,
-                         x_T=x, grid_start=steps - run, return_latents=return_latents, progress=progress,
-                         **sampler_options_)
+                         x_T=noise, grid_start=start, image_latents=z0, return_latents=return_latents,
+                         progress=progress, **sampler_options_)
 
-    def inpaint(self, prompt: Union[str, Sequence[str]], image, mask, *,
+    def inpaint(self, prompt: Union[str, Sequence[str]], image, mask, *, strength: float = 1.0,
                 negative_prompt: Union[None, str, Sequence[str]] = None, num_images_per_prompt: int = 1,
                 guidance_scale: float = 7.5, sampler: Optional[str] = None, steps: Optional[int] = None,
-                eta: float = 0.0, seed=None, latents: Optional[Tensor] = None, image_noise=None,
-                return_latents: bool = False, progress: bool = False, **sampler_options_) -> Tensor:
+                eta: float = 0.0, seed=None, latents: Optional[Tensor] = None, posterior_noise=None,
+                masked_image_noise=None, return_latents: bool = False, progress: bool = False,
+                **sampler_options_) -> Tensor:
         """Images (B, 3, H, W) in [0, 1] that repaint ``image`` where ``mask`` is 1, as diffusers'
-        ``StableDiffusionInpaintPipeline`` (full strength).
+        ``StableDiffusionInpaintPipeline``.
 
         ``image`` (B or 1, 3, H, W) in [0, 1]; ``mask`` (B or 1, 1, H, W) in [0, 1], binarised at 0.5 as
-        diffusers does; ``latents``: the initial noise (B, 4, H / f, W / f); ``image_noise``: the standard
-        normals of the VAE posterior sample (default: drawn from ``seed``). With an inpainting UNet (9 input
-        channels) the UNet sees the mask and the masked image's latents. With an ordinary model the kept
-        region is blended in after every step: the image's latents noised with ``latents`` to the level the
-        step reached (then the clean latents after the last step), the repainted region left to the model.
+        diffusers does. ``strength`` in (0, 1]: 1 starts from pure noise; below 1 the start is the image's
+        latents noised to the grid's step ``steps - int(steps * strength)`` and ``steps * strength`` steps
+        run, as in ``img2img`` (the repainted region then keeps some of the image). ``latents`` (B, 4, H / f,
+        W / f): the initial noise (below strength 1 the noise added to the image's latents, where diffusers
+        would ignore the image); ``posterior_noise`` / ``masked_image_noise``: the standard normals of the VAE
+        posterior samples of the image and of the masked image (default: drawn from ``seed``).
+
+        With an inpainting UNet (9 input channels) the UNet sees the mask and the masked image's latents.
+        With an ordinary model the kept region is blended in after every step: the image's latents noised
+        with ``latents`` to the level the step reached (then the clean latents after the last step), the
+        repainted region left to the model.
         """
+        steps = steps or self.default_steps
+        start = self._strength_start(strength, steps)
         cond, uncond, b = self._contexts(prompt, negative_prompt, num_images_per_prompt, guidance_scale)
         img = np.asarray(image.asnumpy() if isinstance(image, Tensor) else image, np.float32)
         m = np.asarray(mask.asnumpy() if isinstance(mask, Tensor) else mask, np.float32)
@@ -455,23 +456,41 @@ class StableDiffusion:
         size = self._size(img.shape[2], img.shape[3])
         m = (m >= 0.5).astype(np.float32)
         rng = make_rng(seed)
+        shape = self._latent_shape(b, size)
         f = self.vae_scale_factor
-        shape = (b, self.ldm.channels, size[0] // f, size[1] // f)
-        latents = _normal(latents, rng, shape, "latents")
         small = Tensor(np.broadcast_to(m[:, :, ::f, ::f], (b, 1) + shape[2:]).astype(np.float32))  # nearest
-        run = dict(sampler=sampler, steps=steps, eta=eta, seed=rng, x_T=latents, progress=progress)
+        # the draws in diffusers' order: the image's posterior (when used), the noise, the masked image's posterior
+        z0 = None
+        if start or not self.is_inpainting:
+            z0 = self._image_latents(img, b, _normal(posterior_noise, rng, shape, "posterior_noise"), "image")
+        latents = _normal(latents, rng, shape, "latents")
+        run = dict(sampler=sampler, steps=steps, eta=eta, seed=rng, x_T=latents, grid_start=start, image_latents=z0,
+                   progress=progress)
         if self.is_inpainting:
             masked = img * (1.0 - m) + 0.5 * m            # the masked region at 0 in [-1, 1], as diffusers blanks it
-            masked_latents = self._image_latents(masked, b, _normal(image_noise, rng, shape, "image_noise"), "image")
+            masked_latents = self._image_latents(masked, b, _normal(masked_image_noise, rng, shape,
+                                                                    "masked_image_noise"), "image")
             c_concat = ms.ops.cat((small, masked_latents), axis=1)
             return self._run(b, (c_concat, cond), None if uncond is None else (c_concat, uncond), guidance_scale,
                              size=size, return_latents=return_latents, **run, **sampler_options_)
-        z0 = self._image_latents(img, b, _normal(image_noise, rng, shape, "image_noise"), "image")
         keep = 1.0 - small
         out = self._run(b, cond, uncond, guidance_scale, size=size, return_latents=True, mask=keep, x0=z0,
                         mask_noise=latents, mask_from_step=1, **run, **sampler_options_)
         out = z0 * keep + out * small
         return out if return_latents else self.ldm.decode_to_images(out)
+
+    def _strength_start(self, strength: float, steps: int) -> int:
+        """The grid entry image-to-image starts from: ``steps - int(steps * strength)`` (0 at strength 1)."""
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must lie in (0, 1], got {strength}")
+        run = min(int(steps * strength), steps)
+        if run < 1:
+            raise ValueError(f"strength {strength} with {steps} steps runs no step; raise either")
+        return steps - run
+
+    def _latent_shape(self, batch_size: int, size: Tuple[int, int]) -> Tuple[int, int, int, int]:
+        f = self.vae_scale_factor
+        return batch_size, self.ldm.channels, size[0] // f, size[1] // f
 
 
 def _normal(value, rng: np.random.Generator, shape: Tuple[int, ...], what: str) -> Tensor:

@@ -91,6 +91,22 @@ def test_bpe_file_ids_equal_open_clip(simple_tokenizer):
         assert ours.encode(p) == simple_tokenizer.encode(p)
 
 
+def test_a_saved_bpe_tokenizer_keeps_its_clean_up_and_fingerprint(tmp_path):
+    """A run folder's tokenizer/ copy of open_clip's tokenizer: same ids on every prompt (ftfy clean-up, special
+    tokens read as text) and the same fingerprint; a change of what decides the ids changes the fingerprint."""
+    ours = CLIPTokenizer.from_bpe_file(max_length=20)
+    back = CLIPTokenizer.from_folder(ours.save(tmp_path / "tok"), max_length=20)
+    assert back.clean == "clip" and back.fingerprint() == ours.fingerprint()
+    np.testing.assert_array_equal(back(PROMPTS), ours(PROMPTS))
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    del config["ms_diffusion_clean"]                       # as a transformers folder: its clean-up
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(config))
+    other = CLIPTokenizer.from_folder(tmp_path / "tok", max_length=20)
+    assert other.clean == "transformers" and other.fingerprint() != ours.fingerprint()
+    assert not np.array_equal(other(PROMPTS), ours(PROMPTS))
+    assert CLIPTokenizer.from_bpe_file(max_length=21).fingerprint() != ours.fingerprint()
+
+
 @pytest.mark.parametrize("pad", ["!", "<|endoftext|>"])
 def test_folder_ids_equal_transformers(tokenizer_folder, tmp_path, pad):
     folder = tokenizer_folder

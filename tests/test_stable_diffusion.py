@@ -1,7 +1,8 @@
 """Stable Diffusion end to end against diffusers: tiny random StableDiffusion pipelines (SD 1.x-like:
 quick-GELU CLIP, epsilon; SD 2.x-like: GELU CLIP padding with "!", v-prediction, linear projections;
 an inpainting UNet) with the real CLIP tokenizer, saved by diffusers and loaded by us; from the same
-prompts, initial latents, posterior noise and DDIM grid, the decoded images must agree (fp32, 1e-4)."""
+prompts, initial latents, posterior noise and DDIM grid (image-to-image also Euler and DPM-Solver++), the
+decoded images must agree (fp32, 1e-4)."""
 import numpy as np
 import pytest
 
@@ -117,10 +118,25 @@ def test_txt2img_equals_diffusers(pipelines, kind):
     _close(sd(PROMPTS[:1], steps=3, guidance_scale=1.0, latents=ms.Tensor(latents[:1].numpy())), ref_plain)
 
 
-def test_img2img_equals_diffusers(pipelines):
+SCHEDULERS = {"ddim": None, "euler": "EulerDiscreteScheduler", "dpmpp": "DPMSolverMultistepScheduler"}
+
+
+def _with_scheduler(pipe, cls, sampler):
+    """A diffusers pipeline of class ``cls`` on ``pipe``'s components with the scheduler of ``sampler``, on the
+    saved scheduler's grid (leading spacing, offset 1: Euler's and DPM-Solver's own default is linspace)."""
+    components = dict(pipe.components)
+    if SCHEDULERS[sampler]:
+        components["scheduler"] = getattr(diffusers, SCHEDULERS[sampler]).from_config(
+            pipe.scheduler.config, timestep_spacing="leading")
+    out = cls(**components)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+@pytest.mark.parametrize("sampler", list(SCHEDULERS))
+def test_img2img_equals_diffusers(pipelines, sampler):
     folder, pipe = pipelines["sd1"]
-    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
-    img2img.set_progress_bar_config(disable=True)
+    img2img = _with_scheduler(pipe, diffusers.StableDiffusionImg2ImgPipeline, sampler)
     sd = StableDiffusion.from_diffusers(folder)
     image = _images(5)
     with torch.no_grad():
@@ -131,18 +147,23 @@ def test_img2img_equals_diffusers(pipelines):
     posterior_noise = torch.randn(2, 4, LATENT, LATENT, generator=g).numpy()
     noise = torch.randn(2, 4, LATENT, LATENT, generator=g).numpy()
     ours = sd.img2img(PROMPTS, image.numpy(), strength=0.6, steps=5, guidance_scale=4.0, negative_prompt=NEGATIVE,
-                      posterior_noise=posterior_noise, noise=noise)
+                      posterior_noise=posterior_noise, noise=noise, sampler=sampler)
     _close(ours, ref)
+
+
+def _inpainting_inputs(seed):
+    image = _images(seed)
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[0, :, 4:12, 2:10] = 1.0
+    mask[1, :, 8:, :] = 0.7                     # binarised at 0.5
+    return image, mask
 
 
 def test_inpaint_equals_diffusers(pipelines):
     folder, pipe = pipelines["inpaint"]
     sd = StableDiffusion.from_diffusers(folder)
     assert sd.is_inpainting and sd.ldm.conditioning_key == "hybrid"
-    image = _images(9)
-    mask = torch.zeros(2, 1, SIZE, SIZE)
-    mask[0, :, 4:12, 2:10] = 1.0
-    mask[1, :, 8:, :] = 0.7                     # binarised at 0.5
+    image, mask = _inpainting_inputs(9)
     latents = _latents(11)
     with torch.no_grad():
         ref = pipe(PROMPTS, image=image, mask_image=mask, height=SIZE, width=SIZE, num_inference_steps=4,
@@ -150,37 +171,32 @@ def test_inpaint_equals_diffusers(pipelines):
                    output_type="np").images
     masked_image_noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(13)).numpy()
     ours = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), steps=4, guidance_scale=3.0,
-                      latents=ms.Tensor(latents.numpy()), image_noise=masked_image_noise)
+                      latents=ms.Tensor(latents.numpy()), masked_image_noise=masked_image_noise)
     _close(ours, ref)
 
 
-def test_inpaint_with_an_ordinary_model_equals_diffusers(pipelines):
-    """A 4-channel model in diffusers' inpainting pipeline: the kept region is the image's latents, noised with
-    the initial noise to each step's level, blended in after every step (clean after the last)."""
-    folder, pipe = pipelines["sd1"]
-    inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
-    inpaint.set_progress_bar_config(disable=True)
+@pytest.mark.parametrize("kind", ["inpaint", "sd1"])
+def test_inpaint_below_full_strength_equals_diffusers(pipelines, kind):
+    """strength 0.6 of 5 steps: the start is the image's latents noised to the grid's third step, three steps
+    run; with the inpainting UNet and with an ordinary one (blended)."""
+    folder, pipe = pipelines[kind]
+    inpaint = _with_scheduler(pipe, diffusers.StableDiffusionInpaintPipeline, "ddim")
     sd = StableDiffusion.from_diffusers(folder)
-    assert not sd.is_inpainting
-    image = _images(15)
-    mask = torch.zeros(2, 1, SIZE, SIZE)
-    mask[0, :, 2:10, 4:14] = 1.0
-    mask[1, :, :, :6] = 1.0
-    latents = _latents(17)
+    image, mask = _inpainting_inputs(33)
+    kwargs = dict(strength=0.6, guidance_scale=4.0, negative_prompt=NEGATIVE)
     with torch.no_grad():
         ref = inpaint(PROMPTS, image=image, mask_image=mask, height=SIZE, width=SIZE, num_inference_steps=5,
-                      guidance_scale=4.0, negative_prompt=NEGATIVE, latents=latents.clone(),
-                      generator=torch.Generator().manual_seed(19), output_type="latent").images.numpy()
-    image_noise = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(19)).numpy()
-    kwargs = dict(steps=5, guidance_scale=4.0, negative_prompt=NEGATIVE, latents=ms.Tensor(latents.numpy()),
-                  image_noise=image_noise)
-    ours = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), return_latents=True, **kwargs).asnumpy()
-    print(f"max |ours - diffusers| latents = {np.abs(ours - ref).max():.2g}")
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
-    with torch.no_grad():
-        ref_images = inpaint.vae.decode(torch.tensor(ref) / inpaint.vae.config.scaling_factor).sample
-    ref_images = ((ref_images / 2 + 0.5).clamp(0, 1)).numpy().transpose(0, 2, 3, 1)
-    _close(sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), **kwargs), ref_images)
+                      generator=torch.Generator().manual_seed(35), output_type="np", **kwargs).images
+    # diffusers' draws below strength 1: the image's posterior, the noise, the masked image's posterior
+    g = torch.Generator().manual_seed(35)
+    posterior_noise, noise, masked_image_noise = (torch.randn(2, 4, LATENT, LATENT, generator=g).numpy()
+                                                  for _ in range(3))
+    ours = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), steps=5, latents=noise, posterior_noise=posterior_noise,
+                      masked_image_noise=masked_image_noise, **kwargs)
+    _close(ours, ref)
+    full = sd.inpaint(PROMPTS, image.numpy(), mask.numpy(), steps=5, latents=noise, posterior_noise=posterior_noise,
+                      masked_image_noise=masked_image_noise, **dict(kwargs, strength=1.0))
+    assert np.abs(full.asnumpy() - ours.asnumpy()).max() > 0.05      # strength acts
 
 
 def test_attention_slicing_and_vae_tiling(pipelines):

@@ -155,10 +155,13 @@ def text_runs(tmp_path_factory):
         json.dumps({"file_name": n, "text": f"{'dark' if i < 4 else 'light'} square"}) + "\n"
         for i, n in enumerate(names)))
     data = {"name": "image_folder", "data_dir": str(root / "images"), "num_workers": 1}
+    from ms_diffusion.text import CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_bpe_file().save(root / "clip_tokenizer")    # open_clip's, as a folder
     assert train_main(["--config", str(_write(root / "ae.yaml", dict(AE_CONFIG, data=data))),
                        "--out-dir", str(root / "ae")]) == 0
     cfg = dict(TEXT_CONFIG, data=data)
-    cfg["diffusion"] = dict(cfg["diffusion"], first_stage=str(root / "ae"))
+    cfg["diffusion"] = dict(cfg["diffusion"], first_stage=str(root / "ae"),
+                            text=dict(cfg["diffusion"]["text"], tokenizer=str(tokenizer)))
     config = _write(root / "text.yaml", cfg)
     assert train_main(["--config", str(config), "--out-dir", str(root / "run")]) == 0
     return root, config
@@ -202,10 +205,79 @@ def test_sample_py_takes_prompts_for_a_text_run(text_runs, capsys):
     direct = generate(ldm, 4, batch_size=4, seed=0, sampler="ddim", steps=3, guidance_scale=2.0,
                       prompts=["dark square"] * 2 + ["light square"] * 2, negative_prompt="blurry").images
     np.testing.assert_allclose(saved["images"], direct, atol=1e-6)
-    # errors: no prompt for a text model; a prompt for a class model is covered in test_cli_errors
+    # errors: no prompt for a text model (a prompt for a class model: test_train_cli)
     capsys.readouterr()
     assert sample_main(["--ckpt", str(root / "run"), "--out", str(root / "x.png"), "--no-progress"]) != 0
     assert "text-conditional: give --prompt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_text_run_keeps_its_tokenizer(text_runs, tmp_path):
+    """The run folder holds the tokenizer the model was trained with, and the checkpoints its fingerprint: a
+    run loads with its copy even when the tokenizer its config names is gone; another tokenizer is refused."""
+    from ms_diffusion.io.checkpoint import CheckpointError
+    from ms_diffusion.io.weights import read_weights
+    from ms_diffusion.pipeline import load_diffusion
+    from ms_diffusion.registry import ConfigError
+    from ms_diffusion.text import CLIPTokenizer
+
+    root, _ = text_runs
+    _, ldm, meta = load_diffusion(root / "run")
+    copy = CLIPTokenizer.from_folder(root / "run" / "tokenizer", max_length=8)
+    assert copy.clean == "clip"          # the config's tokenizer: open_clip's vocabulary and clean-up
+    assert meta["tokenizer_sha256"] == copy.fingerprint() == ldm.tokenizer.fingerprint()
+    assert read_weights(root / "run" / "model.safetensors", "ema")[2]["tokenizer_sha256"] == copy.fingerprint()
+    moved = tmp_path / "moved"
+    shutil.copytree(root / "run", moved)
+    named, hidden = root / "clip_tokenizer", root / "clip_tokenizer.hidden"
+    named.rename(hidden)                 # the tokenizer the config names is gone
+    try:
+        for f in [moved, moved / "model.safetensors", sorted((moved / "checkpoints").glob("step_*.ckpt"))[-1]]:
+            _, text_ldm, _ = load_diffusion(f)
+            np.testing.assert_array_equal(text_ldm.tokenize(["dark square"]), ldm.tokenize(["dark square"]))
+        # a copy that tokenizes otherwise (transformers' clean-up instead of open_clip's) is refused
+        tok_config = json.loads((moved / "tokenizer" / "tokenizer_config.json").read_text())
+        del tok_config["ms_diffusion_clean"]
+        (moved / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+        with pytest.raises(CheckpointError, match="trained with another tokenizer"):
+            load_diffusion(moved)
+        shutil.rmtree(moved / "tokenizer")   # no copy and no named tokenizer: the config's error
+        with pytest.raises(ConfigError, match="clip_tokenizer does not exist"):
+            load_diffusion(moved)
+    finally:
+        hidden.rename(named)
+
+
+@pytest.mark.slow
+def test_evaluate_py_samples_a_text_run_from_prompts(text_runs, capsys):
+    """evaluate.py --ckpt on a text run: --prompt cycled (the pipeline's images), or the run's own example
+    prompts; the reference is the run's training data unless --dataset says otherwise."""
+    from ms_diffusion.cli.evaluate import main as evaluate_main
+    from ms_diffusion.pipeline import generate, load_diffusion
+
+    root, _ = text_runs
+    base = ["--ckpt", str(root / "run"), "--num", "4", "--batch-size", "4", "--metric", "pr", "--no-cache"]
+    capsys.readouterr()
+    assert evaluate_main(base + ["--prompt", "dark square", "--prompt", "light square", "--negative-prompt", "blurry",
+                                 "--save-npz", str(root / "eval.npz")]) == 0
+    out = capsys.readouterr().out
+    assert "2 prompt(s) in turn" in out and "image_folder train (8 images)" in out
+    saved = np.load(root / "eval.npz")
+    prompts = ["dark square", "light square"] * 2
+    assert list(saved["prompts"]) == prompts
+    _, ldm, _ = load_diffusion(root / "run")
+    direct = generate(ldm, 4, batch_size=4, seed=0, sampler="ddim", steps=3, guidance_scale=2.0, prompts=prompts,
+                      negative_prompt="blurry").images
+    np.testing.assert_allclose(saved["images"], direct, atol=1e-6)
+    # no --prompt: the captions of the run's first training images (train.num_samples of them)
+    assert evaluate_main(base + ["--save-npz", str(root / "eval2.npz")]) == 0
+    assert set(np.load(root / "eval2.npz")["prompts"]) <= {"dark square", "light square"}
+    assert "prompt(s) in turn" in capsys.readouterr().out
+    # --prompt without --ckpt is a one-line error
+    np.savez(root / "s.npz", images=direct)
+    assert evaluate_main(["--samples", str(root / "s.npz"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "evaluate.py: error: --prompt / --prompts-file / --negative-prompt are for generating with --ckpt")
 
 
 @pytest.mark.slow

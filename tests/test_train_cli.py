@@ -234,12 +234,18 @@ def test_user_errors_are_one_line(user_error_runs, args, rc, message):
 
 
 @pytest.mark.slow
-def test_resume_into_a_different_model_and_bad_class_are_clear_errors(workdir, uninterrupted):
+def test_resume_into_a_different_model_bad_class_and_prompts_are_clear_errors(workdir, uninterrupted):
     uninterrupted = uninterrupted()
     resume = _Started([ROOT / "train.py", "--config", workdir / "tiny.yaml", "--out-dir", uninterrupted, "--resume",
                        "--set", "model.dim=16"], workdir)
     sample = _Started([ROOT / "sample.py", "--ckpt", uninterrupted, "--class", 7], workdir)
+    prompted = {script: _Started([ROOT / script, "--ckpt", uninterrupted, "--prompt", "a cat"], workdir)
+                for script in ("sample.py", "evaluate.py")}
     proc = resume.wait(check=False)
     assert proc.returncode == 2 and "does not match this model/config" in proc.stderr.strip().splitlines()[-1]
     proc = sample.wait(check=False)
     assert proc.returncode == 2 and "--class must lie in [0, 1]" in proc.stderr
+    for script, run in prompted.items():     # a class-conditional model takes no text
+        proc = run.wait(check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"{script}: error: --prompt")
+        assert "this checkpoint's model takes no text" in proc.stderr, proc.stderr

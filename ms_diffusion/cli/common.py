@@ -7,7 +7,7 @@ import sys
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-__all__ = ["run_command", "add_runtime_args", "parse_key_values", "UsageError"]
+__all__ = ["run_command", "add_runtime_args", "add_prompt_args", "read_prompts", "parse_key_values", "UsageError"]
 
 
 class UsageError(ValueError):
@@ -25,6 +25,26 @@ def parse_key_values(items: List[str], what: str = "--option") -> Dict[str, Any]
         key, value = item.split("=", 1)
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
+
+
+def add_prompt_args(group) -> None:
+    """--prompt (repeatable), --prompts-file and --negative-prompt on a parser or argument group."""
+    group.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
+    group.add_argument("--prompts-file", default=None, help="a text file of prompts, one per line")
+    group.add_argument("--negative-prompt", default=None, help="what guidance steers away from (default: nothing)")
+
+
+def read_prompts(args: argparse.Namespace) -> List[str]:
+    """The prompts of --prompt and then --prompts-file (its non-blank lines), in order."""
+    from pathlib import Path
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise UsageError(f"--prompts-file {path} does not exist")
+        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,9 @@
 """``python evaluate.py --samples DIR|FILE.npz --dataset fashion-mnist [--metric fd,kid,pr,memorization] [--num N]``.
 
-Or ``--ckpt RUN`` to generate ``--num`` samples with ``--sampler``/``--steps`` first. Prints one
-table: metric, value, sample count, reference. See docs/evaluation.md.
+Or ``--ckpt RUN`` to generate ``--num`` samples with ``--sampler``/``--steps`` first (a text-conditional
+run cycles ``--prompt``s, else its ``sample.prompts``, else its training data's example prompts), scored
+against that run's training data unless ``--dataset`` says otherwise. Prints one table: metric, value,
+sample count, reference. See docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, run_command
+from ms_diffusion.cli.common import (UsageError, add_prompt_args, add_runtime_args, make_parser, read_prompts,
+                                     run_command)
 from ms_diffusion.cli.outputs import check_distinct, check_output_file
 
 __all__ = ["main", "build_parser"]
@@ -25,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--samples", help="a folder of image files or an .npz with 'images' (N, C, H, W) in [0, 1] "
                                        "(sample.py --npz)")
     src.add_argument("--ckpt", help="a run folder or checkpoint: generate --num samples from it, then evaluate")
-    p.add_argument("--dataset", default="fashion-mnist", help="the real data to compare with (default fashion-mnist)")
-    p.add_argument("--data-dir", default=None, help="the dataset's folder (default: found like train.py finds it)")
+    p.add_argument("--dataset", default=None,
+                   help="the real data to compare with (default: with --ckpt the run's training data, else "
+                        "fashion-mnist)")
+    p.add_argument("--data-dir", default=None, help="the dataset's folder (default: the run's with --ckpt, else found "
+                                                    "like train.py finds it)")
     p.add_argument("--metric", default="fd,kid,pr,memorization",
                    help="comma-separated: fd, kid, pr, memorization, or all (default all)")
     p.add_argument("--num", type=int, default=None,
@@ -59,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="network evaluations (default: the config's)")
     g.add_argument("--eta", type=float, default=None)
     g.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance weight for a class-conditional model (default: the config's "
-                        "sample.guidance_scale; 1 = off); the classes are generated in turn")
+                   help="classifier-free guidance weight for a class- or text-conditional model (default: the "
+                        "config's sample.guidance_scale; 1 = off); the classes (or prompts) are generated in turn")
     g.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi, 0 = off")
+    add_prompt_args(g)
     g.add_argument("--batch-size", type=int, default=100, help="images per network batch")
     g.add_argument("--save-npz", default=None, help="also write the generated images to this .npz")
     add_runtime_args(p)
@@ -89,39 +96,53 @@ def _run(args: argparse.Namespace) -> int:
                          "scripts/convert_fid_inception.py; see docs/evaluation.md)")
     weights = args.inception_weights if args.features == "inception" else args.classifier_weights
     runtime.setup(args.device or "auto", args.mode or "graph", seed=args.seed)
-    source = args.samples
+    source, dataset, data_dir = args.samples, args.dataset or "fashion-mnist", args.data_dir
+    prompts = read_prompts(args)
+    if not args.ckpt and (prompts or args.negative_prompt is not None):
+        raise UsageError("--prompt / --prompts-file / --negative-prompt are for generating with --ckpt")
     if args.ckpt:
         import numpy as np
 
-        from ms_diffusion.pipeline import cycled_classes, generate, load_diffusion
+        from ms_diffusion.pipeline import cycled_classes, cycled_prompts, generate, load_diffusion
 
         num = args.num or 1000
         cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights)
-        classes = cycled_classes(num, getattr(diffusion, "num_classes", None))
-        sampling = cfg.sample.generate_options(classes is not None, sampler=args.sampler, steps=args.steps,
+        if args.dataset is None:
+            dataset, data_dir = cfg.data["name"], args.data_dir or cfg.data.get("data_dir")
+        text = getattr(diffusion, "text_conditional", False)
+        if (prompts or args.negative_prompt is not None) and not text:
+            raise UsageError("--prompt / --prompts-file / --negative-prompt need a text-conditional model (trained "
+                             "with diffusion.text); this checkpoint's model takes no text")
+        if text and not prompts:
+            prompts = _run_prompts(cfg, diffusion)
+        classes = None if text else cycled_classes(num, getattr(diffusion, "num_classes", None))
+        sampling = cfg.sample.generate_options(classes is not None, text=text, sampler=args.sampler, steps=args.steps,
                                                eta=args.eta, guidance_scale=args.guidance_scale,
-                                               guidance_rescale=args.guidance_rescale)
-        if sampling["guidance_scale"] != 1.0 and classes is None:
-            raise UsageError("--guidance-scale needs a class-conditional model")
+                                               guidance_rescale=args.guidance_rescale,
+                                               **({"negative_prompt": args.negative_prompt} if text else {}))
+        if sampling["guidance_scale"] != 1.0 and classes is None and not text:
+            raise UsageError("--guidance-scale needs a class- or text-conditional model")
         start = time.perf_counter()
         out = generate(diffusion, num, batch_size=min(args.batch_size, num), seed=args.seed, classes=classes,
-                       progress=True, **sampling)
+                       prompts=cycled_prompts(num, prompts) if text else None, progress=True, **sampling)
         elapsed = time.perf_counter() - start
         images = out.images
-        guided = f", guidance {sampling['guidance_scale']:g}" if classes is not None else ""
+        guided = (f", guidance {sampling['guidance_scale']:g}" if classes is not None or text else "") + (
+            f", {len(prompts)} prompt(s) in turn" if text else "")
         print(f"generated {num} images from {meta['path']} (step {meta.get('step')}, {args.weights} weights, "
               f"sampler {sampling['sampler'] or 'default'}, steps {sampling['steps'] or 'default'}{guided}) in "
               f"{elapsed:.1f} s ({elapsed / num * 1000:.0f} ms/image)")
         if args.save_npz:
             Path(args.save_npz).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(Path(args.save_npz).expanduser(), images=images, seed=args.seed)
+            extra = {"prompts": np.asarray(cycled_prompts(num, prompts))} if text else {}
+            np.savez_compressed(Path(args.save_npz).expanduser(), images=images, seed=args.seed, **extra)
         source = meta["path"]
     else:
         images = open_samples(args.samples, limit=args.num)   # read in chunks while evaluating
         if args.num is not None and len(images) < args.num:
             print(f"note: {args.samples} holds only {len(images)} images (asked for {args.num})")
-    result = evaluate_samples(images, args.dataset, metrics=metrics, features=args.features, weights=weights,
-                              data_dir=args.data_dir, max_reference=args.max_reference, bootstrap=args.bootstrap,
+    result = evaluate_samples(images, dataset, metrics=metrics, features=args.features, weights=weights,
+                              data_dir=data_dir, max_reference=args.max_reference, bootstrap=args.bootstrap,
                               kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
                               memorization_threshold=args.memo_threshold, seed=args.seed,
                               use_cache=not args.no_cache, log=print)
@@ -132,6 +153,21 @@ def _run(args: argparse.Namespace) -> int:
         with open(Path(args.json).expanduser(), "w") as f:
             json.dump(dict(result, samples=str(source)), f, indent=2)
     return 0
+
+
+def _run_prompts(cfg, diffusion) -> List[str]:
+    """A text-conditional run's own prompts: its sample.prompts, else its training data's example prompts."""
+    from ms_diffusion.data import DataError
+    from ms_diffusion.experiment import build_data_source, run_prompts
+
+    if cfg.sample.prompts:
+        return list(cfg.sample.prompts)
+    try:
+        return run_prompts(cfg, build_data_source(cfg, diffusion))
+    except DataError as err:
+        raise UsageError(f"this model is text-conditional and its config has no sample.prompts; its training data "
+                         f"would give example prompts but cannot be read ({err}). Give --prompt (repeat for "
+                         f"several) or --prompts-file") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

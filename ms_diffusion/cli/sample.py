@@ -14,7 +14,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ms_diffusion.cli.common import UsageError, add_runtime_args, make_parser, parse_key_values, run_command
+from ms_diffusion.cli.common import (UsageError, add_prompt_args, add_runtime_args, make_parser, parse_key_values,
+                                     read_prompts, run_command)
 from ms_diffusion.cli.outputs import check_distinct, check_output_file
 
 __all__ = ["main", "build_parser"]
@@ -41,14 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class id for a class-conditional model (default: unconditional / all classes in turn)")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance weight (1 = off)")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi (Lin et al.), 0 = off")
-    text = p.add_argument_group("text-to-image (a Stable Diffusion model as --ckpt)")
-    text.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
-    text.add_argument("--prompts-file", default=None, help="a text file of prompts, one per line")
-    text.add_argument("--negative-prompt", default=None, help="what guidance steers away from (default: nothing)")
+    text = p.add_argument_group("text-to-image (a Stable Diffusion model, or one of our text-conditional runs)")
+    add_prompt_args(text)
     text.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
     text.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     text.add_argument("--init-image", default=None, help="image-to-image / inpainting: the starting image")
-    text.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much to change (0, 1]")
+    text.add_argument("--strength", type=float, default=None,
+                      help="image-to-image / inpainting: how much to change, in (0, 1] (default 0.8 for "
+                           "image-to-image, 1 for inpainting: the masked region from pure noise)")
     text.add_argument("--mask", default=None, help="inpainting: white where the image is repainted")
     text.add_argument("--clip-skip", type=int, default=0, help="condition on a text-encoder layer this many before "
                                                                 "the last")
@@ -69,16 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_runtime_args(p)
     return p
-
-
-def _prompts(args: argparse.Namespace) -> List[str]:
-    prompts = list(args.prompt)
-    if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise UsageError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return prompts
 
 
 def _is_pipeline_folder(path: str) -> bool:
@@ -108,7 +99,7 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
     from ms_diffusion.imageio import load_image, save_grid
     from ms_diffusion.stable_diffusion import StableDiffusion
 
-    prompts = _prompts(args)
+    prompts = read_prompts(args)
     if not prompts:
         raise UsageError("a Stable Diffusion pipeline needs --prompt (or --prompts-file)")
     if args.mask and not args.init_image:
@@ -142,9 +133,9 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
                   **parse_key_values(args.options))
     start = time.perf_counter()
     if mask is not None:
-        images = sd.inpaint(prompts, image, mask, **common)
+        images = sd.inpaint(prompts, image, mask, strength=1.0 if args.strength is None else args.strength, **common)
     elif image is not None:
-        images = sd.img2img(prompts, image, strength=args.strength, **common)
+        images = sd.img2img(prompts, image, strength=0.8 if args.strength is None else args.strength, **common)
     else:
         images = sd(prompts, height=args.height, width=args.width, **common)
     images = images.asnumpy()
@@ -159,6 +150,8 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion.io.weights import is_own_file
 
+    if args.strength is not None and not args.init_image:
+        raise UsageError("--strength needs --init-image (image-to-image, or inpainting with --mask)")
     ckpt = Path(args.ckpt)
     own = (ckpt.is_dir() and not _is_pipeline_folder(args.ckpt)) or (ckpt.is_file() and is_own_file(ckpt))
     if not own and (_is_pipeline_folder(args.ckpt) or (ckpt.is_file() and (args.prompt or args.prompts_file))):
@@ -195,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     label = s.class_label if args.class_label is None else args.class_label
     num_classes = getattr(diffusion, "num_classes", None)
     classes = None
-    prompts = _prompts(args) or list(s.prompts or [])
+    prompts = read_prompts(args) or list(s.prompts or [])
     text = getattr(diffusion, "text_conditional", False)
     if prompts and not text:
         raise UsageError("--prompt / --prompts-file need a text-conditional model (trained with diffusion.text) or a "

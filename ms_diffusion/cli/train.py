@@ -57,8 +57,9 @@ def _kernel_status(device: str) -> str:
 
 
 def _fit_in_run_folder(trainer, cfg, args: argparse.Namespace, folder, *, n_params: int, source, info, dist,
-                       notes: Sequence[str] = ()) -> Dict[str, Any]:
-    """Claim the run folder (rank 0), resume, write config.yaml, print what is trained, fit, release.
+                       notes: Sequence[str] = (), tokenizer=None) -> Dict[str, Any]:
+    """Claim the run folder (rank 0), resume, write config.yaml (and a text model's tokenizer/, unless a resumed
+    run has it), print what is trained, fit, release.
 
     Everything that can be checked without the folder has been by now; the resumed checkpoint is checked
     against the model before config.yaml is written. A run that fails before its first update leaves the
@@ -71,6 +72,11 @@ def _fit_in_run_folder(trainer, cfg, args: argparse.Namespace, folder, *, n_para
         start_step = trainer.step
         if folder is not None:
             folder.write_config(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if tokenizer is not None:
+                from ms_diffusion.experiment import run_tokenizer_folder, save_run_tokenizer
+
+                if not (args.resume and run_tokenizer_folder(cfg.run_dir)):
+                    save_run_tokenizer(tokenizer, cfg.run_dir)
             print(f"{cfg.name}: {n_params / 1e6:.2f}M parameters on {info.device} ({info.mode} mode"
                   f"{', oneDNN ISA ' + info.onednn_isa if info.onednn_isa else ''}{_kernel_status(info.device)}), "
                   f"{dist.world_size} worker(s)")
@@ -140,7 +146,8 @@ def _measure_latent_scale(cfg, diffusion, source) -> float:
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
     from ms_diffusion.config import load_config
-    from ms_diffusion.experiment import build_data_source, build_diffusion, build_ema_copy
+    from ms_diffusion.experiment import (build_data_source, build_diffusion, build_ema_copy, run_prompts,
+                                        use_run_tokenizer)
     from ms_diffusion.training.distributed import init_data_parallel
 
     if args.overwrite and args.resume:
@@ -152,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
     folder = _run_folder(cfg, args, dist)
     if cfg.is_autoencoder:
         return _train_autoencoder(cfg, args, info, dist, folder)
+    if args.resume:
+        use_run_tokenizer(cfg, cfg.run_dir)   # a text run goes on with the tokenizer it was trained with
     diffusion = build_diffusion(cfg)
     ema_diffusion = build_ema_copy(cfg, diffusion)
     source = build_data_source(cfg, diffusion, shard_id=dist.rank, num_shards=dist.world_size)
@@ -159,6 +168,9 @@ def _run(args: argparse.Namespace) -> int:
     meta = {"config": cfg.to_dict()}
     if getattr(diffusion, "first_stage_info", None):   # latent diffusion: what rebuilds its first stage
         meta["first_stage"] = diffusion.first_stage_info
+    tokenizer = getattr(diffusion, "tokenizer", None)
+    if tokenizer is not None:                          # text: what the prompts' ids depend on
+        meta["tokenizer_sha256"] = tokenizer.fingerprint()
     notes = []
     if getattr(diffusion, "scale_by_std", False):
         scale = _measure_latent_scale(cfg, diffusion, source)
@@ -171,7 +183,7 @@ def _run(args: argparse.Namespace) -> int:
     num_classes = getattr(diffusion, "num_classes", None)
     prompts = None
     if getattr(diffusion, "text_conditional", False):
-        prompts = list(cfg.sample.prompts or source.example_prompts(cfg.train.num_samples))
+        prompts = run_prompts(cfg, source)
     if prompts:
         notes.append(f"text-conditional: grids and evaluations cycle {len(prompts)} prompt(s), e.g. {prompts[0]!r}")
 
@@ -188,7 +200,7 @@ def _run(args: argparse.Namespace) -> int:
                           diffusion.trainable_params()), sample_fn=sample_fn, evaluate_fn=evaluator)
     n_params = sum(int(p.size) for p in diffusion.trainable_params())
     summary = _fit_in_run_folder(trainer, cfg, args, folder, n_params=n_params, source=source, info=info, dist=dist,
-                                 notes=notes)
+                                 notes=notes, tokenizer=tokenizer)
     if dist.rank == 0:
         print(f"done: step {summary['step']}, loss {summary['loss']:.4f}, {summary['img_per_s']:.1f} img/s, "
               f"{summary['overflows']} skipped overflow step(s), peak RSS {peak_rss_gb():.1f} GB; "

@@ -114,6 +114,10 @@ def build_tokenizer(spec: Optional[str], max_length: int) -> CLIPTokenizer:
                                   "folder (vocab.json + merges.txt) or bpe_simple_vocab_16e6.txt.gz")
             return CLIPTokenizer.from_bpe_file(max_length=max_length)
         path = Path(spec).expanduser()
+        if not path.exists():
+            raise ConfigError(f"diffusion.text.tokenizer: {path} does not exist (give a tokenizer/ folder with "
+                              f"vocab.json + merges.txt, OpenAI's bpe_simple_vocab_16e6.txt.gz, or null for the one "
+                              f"open-clip-torch ships)")
         if path.is_dir():
             return CLIPTokenizer.from_folder(path, max_length=max_length)
         return CLIPTokenizer.from_bpe_file(path, max_length=max_length)
@@ -154,9 +158,9 @@ def _build_text_latent(model, first_stage, first_stage_model, conditioning_key, 
         raise ConfigError(f"diffusion.text must be a mapping (e.g. {{max_length: 16}}), got {text!r}")
     _check_first_stage(model, first_stage, first_stage_model)
     tokenizer, encoder = build_text_encoder(text, model.context_dim)
-    ldm = latent_class(first_stage_model, model, conditioning_key="crossattn", cond_stage_model=encoder,
-                       cond_drop_prob=cond_drop_prob, **options, **diffusion_kwargs)
-    return ldm.set_text_conditioning(tokenizer, cond_drop_prob)
+    ldm = latent_class(first_stage_model, model, conditioning_key="crossattn", cond_stage_model=encoder, **options,
+                       **diffusion_kwargs)
+    return ldm.set_text_conditioning(tokenizer, cond_drop_prob)      # the prompt dropout (host side)
 
 
 def _with_diffusion_options(builder: Callable, objective: type, defaults: dict) -> Callable:

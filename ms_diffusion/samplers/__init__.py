@@ -36,16 +36,16 @@ euler     (FlowMatchEulerDiscreteScheduler)
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import mindspore as ms
 import numpy as np
 
 from ms_diffusion.samplers.base import Denoise, SampleResult, Trajectory, gaussian, make_rng
-from ms_diffusion.samplers.ddim import ddim_sample
-from ms_diffusion.samplers.ddpm import ddpm_sample
-from ms_diffusion.samplers.dpm_solver import dpmpp_sample, dpmpp_sde_sample
-from ms_diffusion.samplers.euler import euler_ancestral_sample, euler_sample
+from ms_diffusion.samplers.ddim import ddim_grid, ddim_sample
+from ms_diffusion.samplers.ddpm import ddpm_sample, ddpm_timesteps
+from ms_diffusion.samplers.dpm_solver import dpmpp_grid, dpmpp_sample, dpmpp_sde_sample
+from ms_diffusion.samplers.euler import euler_ancestral_sample, euler_sample, sigma_grid
 from ms_diffusion.samplers.flow import flow_euler_sample
 from ms_diffusion.samplers.heun import heun_sample
 from ms_diffusion.samplers.inversion import ddim_invert
@@ -56,7 +56,7 @@ from ms_diffusion.samplers.thresholding import CLIP_MODES, clip_x0, resolve_clip
 from ms_diffusion.samplers.unipc import unipc_sample
 from ms_diffusion.schedules import NoiseSchedule
 
-__all__ = ["SAMPLER_NAMES", "SAMPLER_ALIASES", "run_sampler", "sampler_options", "resolve_sampler",
+__all__ = ["SAMPLER_NAMES", "SAMPLER_ALIASES", "run_sampler", "sampler_options", "sampler_grid", "resolve_sampler",
            "ddpm_sample", "ddim_sample", "plms_sample", "dpmpp_sample", "dpmpp_sde_sample", "euler_sample",
            "euler_ancestral_sample", "heun_sample", "unipc_sample", "flow_euler_sample", "ddim_invert",
            "SampleResult", "Trajectory", "NoiseLevel", "make_rng", "gaussian", "CLIP_MODES", "clip_x0", "resolve_clip"]
@@ -97,6 +97,29 @@ def sampler_options(name: str) -> tuple:
     own = [p.name for p in inspect.signature(fn).parameters.values()
            if p.kind == inspect.Parameter.KEYWORD_ONLY]
     return tuple(own) + LOOP_OPTIONS
+
+
+def sampler_grid(name: str, schedule: NoiseSchedule, steps: int, **options: Any
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(timesteps (S,) int64, prev_timesteps (S,) or None): the grid sampler ``name`` visits with ``steps`` steps
+    and its grid options among ``options`` (``spacing``, ``steps_offset``, ``karras``; the sampler's defaults for
+    the rest, other options ignored). Image-to-image enters it part-way through the ``timesteps`` (and
+    ``prev_timesteps``) options. Fractional grids (Euler / Heun with ``linspace`` spacing or Karras sigmas)
+    round to the timesteps the network sees."""
+    key = resolve_sampler(name)
+    defaults = {p.name: p.default for p in inspect.signature(_SAMPLERS[key]).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    o = {**defaults, **options}
+    T = schedule.num_timesteps
+    if key in ("ddim", "plms"):
+        return ddim_grid(T, steps, o["spacing"], o["steps_offset"], sampler=key)
+    if key == "ddpm":
+        return ddpm_timesteps(T, steps, o["spacing"], o["steps_offset"]), None
+    if key in ("dpmpp", "dpmpp_sde", "unipc"):
+        return dpmpp_grid(schedule, steps, o["spacing"], o["steps_offset"], o["karras"])[0], None
+    if key in ("euler", "euler_a", "heun"):
+        return sigma_grid(schedule, steps, o["spacing"], o["steps_offset"], o["karras"], name=key)[0], None
+    raise ValueError(f"sampler {key!r} takes no explicit timesteps, so it cannot start part-way along its grid")
 
 
 def run_sampler(name: str, denoise: Denoise, schedule: NoiseSchedule, x: ms.Tensor, rng: np.random.Generator,

@@ -24,6 +24,7 @@ suffix. ``tokenizer(texts)`` gives ``(B, max_length)`` int32 ids: ``<|startoftex
 from __future__ import annotations
 
 import gzip
+import hashlib
 import html
 import importlib.util
 import json
@@ -109,6 +110,10 @@ def _read_tokenizer_json(path: Path) -> Tuple[dict, List[Tuple[str, str]]]:
     return model.get("vocab") or {}, _parse_merges(lines, str(path))
 
 
+#: tokenizer_config.json key recording a clean-up other than transformers' (``save`` / ``from_folder``)
+_CLEAN_KEY = "ms_diffusion_clean"
+
+
 class CLIPTokenizer:
     """Text -> CLIP token ids (see the module docstring).
 
@@ -179,7 +184,7 @@ class CLIPTokenizer:
         if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
             raise TokenizerFileError(f"{folder}: the vocabulary is not a JSON object of token -> integer id")
         special: Dict[str, Optional[str]] = {"bos_token": BOS, "eos_token": EOS, "pad_token": None}
-        length = 77
+        length, clean = 77, "transformers"
         for name in ("tokenizer_config.json", "special_tokens_map.json"):   # the second wins, as transformers
             path = folder / name
             if not path.is_file():
@@ -191,7 +196,8 @@ class CLIPTokenizer:
                     special[key] = value
             if isinstance(config.get("model_max_length"), int) and config["model_max_length"] <= 4096:
                 length = config["model_max_length"]
-        return cls(vocab, merges, max_length=max_length or length, **special)
+            clean = config.get(_CLEAN_KEY, clean)      # written by save() for open_clip's clean-up
+        return cls(vocab, merges, max_length=max_length or length, clean=clean, **special)
 
     @classmethod
     def from_bpe_file(cls, path: Optional[PathLike] = None, *, max_length: int = 77, pad_token: str = "!",
@@ -230,8 +236,17 @@ class CLIPTokenizer:
                    "unk_token": self.eos_token}
         (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
         config = dict(special, model_max_length=self.max_length, tokenizer_class="CLIPTokenizer")
+        if self.clean != "transformers":
+            config[_CLEAN_KEY] = self.clean
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         return folder
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of everything that decides the ids: vocabulary, merges, special tokens, length, clean-up.
+        Equal fingerprints tokenize every prompt alike."""
+        state = [sorted(self.vocab.items(), key=lambda kv: (kv[1], kv[0])), [list(m) for m in self.merges],
+                 self.bos_token, self.eos_token, self.pad_token, self.max_length, self.clean]
+        return hashlib.sha256(json.dumps(state, ensure_ascii=False).encode("utf-8")).hexdigest()
 
     # ------------------------------------------------------------------ use
 

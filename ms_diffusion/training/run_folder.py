@@ -53,6 +53,7 @@ RUN_OUTPUTS: Dict[str, Tuple[str, ...]] = {
     "checkpoints": ("step_*.ckpt", ".step_*.tmp-*"),
     "samples": ("step_*.png",),
     "reconstructions": ("step_*.png",),
+    "tokenizer": ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"),
 }
 _WAIT_FOR_OWNER_S = 2.0   # a holder writes its details right after locking: how long to wait for them
 #: Folders this process holds: POSIX locks do not exclude their own process (and closing any descriptor of the
