@@ -17,6 +17,19 @@ ms.set_device("CPU")
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
+#: The files that take longest on 2 cores (README's command: two workers, whole files each), longest first.
+#: They are collected first, so the run does not end with one worker on a long file while the other idles.
+_LONG_FILES = ("test_tutorials.py", "test_distributed.py", "test_amp.py", "test_text_training.py",
+               "test_objectives_training.py", "test_latent_diffusion.py", "test_stable_diffusion.py",
+               "test_periodic_eval.py", "test_interrupts.py", "test_train_cli.py", "test_sd_formats.py",
+               "test_latent_training.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: each file's own order stays
+
+
 def pytest_report_header(config):
     return "CI: a skipped test counts as a failure" if IN_CI else None
 

@@ -186,29 +186,48 @@ def test_text_run_trains_on_captions_and_resumes_exactly(text_runs, capsys):
 
 
 @pytest.mark.slow
-def test_sample_py_takes_prompts_for_a_text_run(text_runs, capsys):
+def test_sample_py_and_evaluate_py_take_prompts_for_a_text_run(text_runs, capsys):
+    from ms_diffusion.cli.evaluate import _run_prompts
+    from ms_diffusion.cli.evaluate import main as evaluate_main
     from ms_diffusion.cli.sample import main as sample_main
-    from ms_diffusion.pipeline import load_diffusion
+    from ms_diffusion.pipeline import generate, load_diffusion
 
     root, _ = text_runs
     npz = root / "out.npz"
+    prompts = ["dark square"] * 2 + ["light square"] * 2
     capsys.readouterr()
     assert sample_main(["--ckpt", str(root / "run"), "--prompt", "dark square", "--prompt", "light square",
                         "--num", "2", "--negative-prompt", "blurry", "--out", str(root / "grid.png"),
                         "--npz", str(npz), "--no-progress"]) == 0
     saved = np.load(npz)
     assert saved["images"].shape == (4, 1, 16, 16)
-    assert list(saved["prompts"]) == ["dark square"] * 2 + ["light square"] * 2
-    # the CLI's images are the pipeline's: prompts, guidance away from the negative prompt, one seeded generator
-    _, ldm, _ = load_diffusion(root / "run")
-    from ms_diffusion.pipeline import generate
-    direct = generate(ldm, 4, batch_size=4, seed=0, sampler="ddim", steps=3, guidance_scale=2.0,
-                      prompts=["dark square"] * 2 + ["light square"] * 2, negative_prompt="blurry").images
+    assert list(saved["prompts"]) == prompts
+    # evaluate.py cycles its prompts over --num (here the same four) and scores against the run's own data
+    assert evaluate_main(["--ckpt", str(root / "run"), "--num", "4", "--batch-size", "4", "--metric", "pr",
+                          "--no-cache", "--negative-prompt", "blurry", "--save-npz", str(root / "eval.npz")]
+                         + [a for p in prompts for a in ("--prompt", p)]) == 0
+    out = capsys.readouterr().out
+    assert "4 prompt(s) in turn" in out and "image_folder train (8 images)" in out
+    evaluated = np.load(root / "eval.npz")
+    assert list(evaluated["prompts"]) == prompts
+    # both CLIs' images are the pipeline's: prompts, guidance away from the negative prompt, one seeded generator
+    cfg, ldm, _ = load_diffusion(root / "run")
+    direct = generate(ldm, 4, batch_size=4, seed=0, sampler="ddim", steps=3, guidance_scale=2.0, prompts=prompts,
+                      negative_prompt="blurry").images
     np.testing.assert_allclose(saved["images"], direct, atol=1e-6)
-    # errors: no prompt for a text model (a prompt for a class model: test_train_cli)
+    np.testing.assert_allclose(evaluated["images"], direct, atol=1e-6)
+    # without --prompt: the run's sample.prompts, else its training data's (here its first images' captions)
+    assert set(_run_prompts(cfg, ldm)) <= {"dark square", "light square"}
+    cfg.sample.prompts = ["a given prompt"]
+    assert _run_prompts(cfg, ldm) == ["a given prompt"]
+    # errors: no prompt for a text model; --prompt without --ckpt (a prompt for a class model: test_train_cli)
     capsys.readouterr()
     assert sample_main(["--ckpt", str(root / "run"), "--out", str(root / "x.png"), "--no-progress"]) != 0
     assert "text-conditional: give --prompt" in capsys.readouterr().err
+    np.savez(root / "s.npz", images=direct)
+    assert evaluate_main(["--samples", str(root / "s.npz"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "evaluate.py: error: --prompt / --prompts-file / --negative-prompt are for generating with --ckpt")
 
 
 @pytest.mark.slow
@@ -246,38 +265,6 @@ def test_a_text_run_keeps_its_tokenizer(text_runs, tmp_path):
             load_diffusion(moved)
     finally:
         hidden.rename(named)
-
-
-@pytest.mark.slow
-def test_evaluate_py_samples_a_text_run_from_prompts(text_runs, capsys):
-    """evaluate.py --ckpt on a text run: --prompt cycled (the pipeline's images), or the run's own example
-    prompts; the reference is the run's training data unless --dataset says otherwise."""
-    from ms_diffusion.cli.evaluate import main as evaluate_main
-    from ms_diffusion.pipeline import generate, load_diffusion
-
-    root, _ = text_runs
-    base = ["--ckpt", str(root / "run"), "--num", "4", "--batch-size", "4", "--metric", "pr", "--no-cache"]
-    capsys.readouterr()
-    assert evaluate_main(base + ["--prompt", "dark square", "--prompt", "light square", "--negative-prompt", "blurry",
-                                 "--save-npz", str(root / "eval.npz")]) == 0
-    out = capsys.readouterr().out
-    assert "2 prompt(s) in turn" in out and "image_folder train (8 images)" in out
-    saved = np.load(root / "eval.npz")
-    prompts = ["dark square", "light square"] * 2
-    assert list(saved["prompts"]) == prompts
-    _, ldm, _ = load_diffusion(root / "run")
-    direct = generate(ldm, 4, batch_size=4, seed=0, sampler="ddim", steps=3, guidance_scale=2.0, prompts=prompts,
-                      negative_prompt="blurry").images
-    np.testing.assert_allclose(saved["images"], direct, atol=1e-6)
-    # no --prompt: the captions of the run's first training images (train.num_samples of them)
-    assert evaluate_main(base + ["--save-npz", str(root / "eval2.npz")]) == 0
-    assert set(np.load(root / "eval2.npz")["prompts"]) <= {"dark square", "light square"}
-    assert "prompt(s) in turn" in capsys.readouterr().out
-    # --prompt without --ckpt is a one-line error
-    np.savez(root / "s.npz", images=direct)
-    assert evaluate_main(["--samples", str(root / "s.npz"), "--prompt", "x"]) == 2
-    assert capsys.readouterr().err.strip() == (
-        "evaluate.py: error: --prompt / --prompts-file / --negative-prompt are for generating with --ckpt")
 
 
 @pytest.mark.slow
