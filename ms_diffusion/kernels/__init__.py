@@ -2,7 +2,7 @@
 
 MindSpore's CPU convolutions ask oneDNN for plain NCHW and get its slow GEMM kernels; ours ask for
 the layouts oneDNN prefers (blocked, as PyTorch's CPU convolutions do) and reorder at the edges.
-``bench/kernels.py`` times them against the built-in ops and PyTorch.
+``bench/cpu_kernels.py`` times them against the built-in ops and PyTorch.
 
 When they are used: on CPU, x86-64, fp32, when the library builds (once per machine and version; see
 ``build.py``). Anything else -- Ascend / GPU, ``MS_DIFFUSION_CPU_KERNELS=0``, no compiler, no oneDNN

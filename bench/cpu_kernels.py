@@ -3,8 +3,8 @@
 sampling step and a whole DDIM-20 sample against PyTorch (lucidrains) for the bench configuration and
 the default config's network, and optionally the test suite's wall time with the kernels on and off.
 
-    python bench/kernels.py                 # ~10 minutes on 2 cores
-    python bench/kernels.py --suite         # + README's test command twice (kernels on / off): ~30 min more
+    python bench/cpu_kernels.py                 # ~10 minutes on 2 cores
+    python bench/cpu_kernels.py --suite         # + README's test command twice (kernels on / off): ~30 min more
 
 It runs ``bench/ops.py`` and ``bench/train_step.py`` (see their docstrings for what each row means)
 and prints their tables as they come.
