@@ -149,14 +149,15 @@ class StableDiffusion:
         if problems:
             raise ConversionError("this diffusers UNet does not map onto ldm's UNetModel: " + "; ".join(problems))
         unet = build_uninitialised(UNetModel, **kwargs)
-        load_arrays_into(unet, diffusers_unet_plan(unet).to_ms(state))
+        arrays, state = diffusers_unet_plan(unet).to_ms(state), None      # the converted dict alone holds them
+        load_arrays_into(unet, arrays, consume=True)
         config, state = read_diffusers_folder(root, "vae")
         section, problems = autoencoder_config_from_diffusers(config)
         if problems:
             raise ConversionError("this diffusers AutoencoderKL does not map onto ldm's: " + "; ".join(problems))
         vae = build_uninitialised(AutoencoderKL, **section)
-        load_arrays_into(vae, diffusers_vae_plan(vae).to_ms(state))
-        del state
+        arrays, state = diffusers_vae_plan(vae).to_ms(state), None
+        load_arrays_into(vae, arrays, consume=True)
         scaling = config.get("scaling_factor") or 0.18215
         scheduler = _read_json(root / "scheduler" / "scheduler_config.json")
         return cls._assemble(tokenizer, text_encoder, unet, vae, float(scaling), scheduler)

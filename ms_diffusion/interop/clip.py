@@ -116,6 +116,7 @@ def text_encoder_from_transformers(folder: PathLike, subfolder: Optional[str] = 
     if problems:
         raise ConversionError("this CLIP text encoder does not map onto ours: " + "; ".join(problems))
     model = build_uninitialised(CLIPTextModel, **{**kwargs, **overrides})
-    load_arrays_into(model, text_encoder_plan(model).to_ms(state))
+    arrays, state = text_encoder_plan(model).to_ms(state), None
+    load_arrays_into(model, arrays, consume=True)
     model.set_train(False)
     return model

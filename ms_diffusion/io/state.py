@@ -80,11 +80,13 @@ def build_uninitialised(factory: Callable[..., nn.Cell], *args, **kwargs) -> nn.
 
 
 def load_arrays_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], rules: Sequence[Rule] = (),
-                     ignore: Iterable[str] = ()) -> None:
+                     ignore: Iterable[str] = (), consume: bool = False) -> None:
     """Copy ``arrays`` (source names, renamed by ``rules``) into ``cell``'s parameters.
 
     Raises ConversionError listing missing, unexpected and shape-mismatched names unless every
     parameter is matched exactly once (source names in ``ignore`` are skipped on purpose).
+    ``consume``: remove each array from ``arrays`` (a dict) once it is copied, so that a state dict the
+    caller holds nowhere else is freed while it loads instead of after (SD 1.5's UNet: 3.4 GB).
     """
     ignore = set(ignore)
     renamed = {}
@@ -102,6 +104,9 @@ def load_arrays_into(cell: nn.Cell, arrays: Mapping[str, np.ndarray], rules: Seq
                         for dst, (src, v) in renamed.items() if dst in params and tuple(v.shape) != tuple(params[dst].shape))
     if missing or unexpected or mismatched:
         raise ConversionError("weights do not match the model; " + problem_report(missing, unexpected, mismatched))
-    for dst, (_, value) in renamed.items():
+    for dst in list(renamed):
+        src, value = renamed.pop(dst)
         p = params[dst]
         p.set_data(ms.Tensor(value.astype(numpy_dtype(p), copy=False), dtype=p.dtype))
+        if consume:
+            del arrays[src], value
