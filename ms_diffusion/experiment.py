@@ -152,11 +152,14 @@ def check_tokenizer(diffusion: nn.Cell, meta: Mapping[str, Any], where: Union[st
     """A text model's tokenizer must be the one its checkpoint was trained with (``meta["tokenizer_sha256"]``)."""
     expected = meta.get("tokenizer_sha256")
     tokenizer = getattr(diffusion, "tokenizer", None)
-    if expected is None or tokenizer is None or tokenizer.fingerprint() == expected:
+    if expected is None or tokenizer is None:
+        return
+    found = tokenizer.fingerprint()
+    if found == expected:
         return
     raise CheckpointError(f"{where}: this text model was trained with another tokenizer (sha256 {expected[:12]}) than "
                           f"the one its config now gives ({tokenizer.vocab_size} tokens, sha256 "
-                          f"{tokenizer.fingerprint()[:12]}): the same prompts would become other token ids. Keep "
+                          f"{found[:12]}): the same prompts would become other token ids. Keep "
                           f"the model in its run folder (whose {TOKENIZER_DIR}/ holds the one it was trained with), "
                           f"or point diffusion.text.tokenizer at that tokenizer")
 

@@ -115,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
                              "with diffusion.text); this checkpoint's model takes no text")
         if text and not prompts:
             prompts = _run_prompts(cfg, diffusion)
+        per_image = cycled_prompts(num, prompts) if text else None
         classes = None if text else cycled_classes(num, getattr(diffusion, "num_classes", None))
         sampling = cfg.sample.generate_options(classes is not None, text=text, sampler=args.sampler, steps=args.steps,
                                                eta=args.eta, guidance_scale=args.guidance_scale,
@@ -124,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             raise UsageError("--guidance-scale needs a class- or text-conditional model")
         start = time.perf_counter()
         out = generate(diffusion, num, batch_size=min(args.batch_size, num), seed=args.seed, classes=classes,
-                       prompts=cycled_prompts(num, prompts) if text else None, progress=True, **sampling)
+                       prompts=per_image, progress=True, **sampling)
         elapsed = time.perf_counter() - start
         images = out.images
         guided = (f", guidance {sampling['guidance_scale']:g}" if classes is not None or text else "") + (
@@ -134,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
               f"{elapsed:.1f} s ({elapsed / num * 1000:.0f} ms/image)")
         if args.save_npz:
             Path(args.save_npz).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            extra = {"prompts": np.asarray(cycled_prompts(num, prompts))} if text else {}
+            extra = {"prompts": np.asarray(per_image)} if text else {}
             np.savez_compressed(Path(args.save_npz).expanduser(), images=images, seed=args.seed, **extra)
         source = meta["path"]
     else:
