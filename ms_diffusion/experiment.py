@@ -3,7 +3,7 @@
 ``config`` parses; the registries beside each family (``models.MODELS``, ``diffusion.DIFFUSIONS``,
 ``losses.LOSSES``, ``data.DATASETS``) construct; this module assembles the parts an experiment needs and
 hands built parts down (a latent diffusion's autoencoder is loaded here, from ``diffusion.first_stage``,
-and given to the diffusion).
+and given to the diffusion, as is a pretrained text encoder from ``diffusion.text.encoder``).
 """
 from __future__ import annotations
 
@@ -17,18 +17,19 @@ from ms_diffusion.config import ExperimentConfig, config_from_dict
 from ms_diffusion.data import DATASETS, ImageSource
 from ms_diffusion.diffusion.latent import LatentSpace
 from ms_diffusion.diffusion.registry import DIFFUSIONS, LATENT_TYPES
-from ms_diffusion.io.checkpoint import CheckpointError
+from ms_diffusion.io.checkpoint import CheckpointError, load_safetensors
 from ms_diffusion.io.hashing import file_sha256
 from ms_diffusion.io.state import ConversionError, load_arrays_into
 from ms_diffusion.io.weights import read_weights
 from ms_diffusion.losses import LOSSES, LPIPSWithDiscriminator
 from ms_diffusion.models import MODELS, AutoencoderKL, build_network
 from ms_diffusion.registry import ConfigError
+from ms_diffusion.text import CLIPTextModel
 
 __all__ = ["build_network", "build_model", "build_diffusion", "build_ema_copy", "build_autoencoder_loss",
            "build_data_source", "run_prompts", "TOKENIZER_DIR",
            "run_tokenizer_folder", "use_run_tokenizer", "save_run_tokenizer", "check_tokenizer",
-           "data_geometry", "load_autoencoder", "load_weights_into"]
+           "data_geometry", "load_autoencoder", "load_text_encoder", "load_weights_into"]
 
 
 def build_model(cfg: ExperimentConfig) -> nn.Cell:
@@ -37,12 +38,15 @@ def build_model(cfg: ExperimentConfig) -> nn.Cell:
 
 
 def build_diffusion(cfg: ExperimentConfig, model: Optional[nn.Cell] = None,
-                    first_stage_model: Optional[AutoencoderKL] = None) -> nn.Cell:
+                    first_stage_model: Optional[AutoencoderKL] = None,
+                    text_encoder: Optional[CLIPTextModel] = None) -> nn.Cell:
     """The diffusion of ``cfg.diffusion`` around ``model`` (default: built from ``cfg.model``).
 
     A ``latent`` diffusion gets ``first_stage_model`` when given (e.g. rebuilt from a checkpoint's
     metadata), else the autoencoder its ``first_stage`` names, loaded and frozen; the loaded one's
     provenance is kept as ``first_stage_info`` (path, sha256, step, model section) for the checkpoints.
+    Likewise a text diffusion whose ``text.encoder`` names a pretrained CLIP text encoder gets
+    ``text_encoder`` when given, else that file loaded, with ``text_encoder_info`` (path, sha256, network).
     """
     if cfg.diffusion is None:
         raise ConfigError(f"model.type {cfg.model['type']!r} is an autoencoder, not a diffusion model; train it "
@@ -56,8 +60,17 @@ def build_diffusion(cfg: ExperimentConfig, model: Optional[nn.Cell] = None,
             first_stage_model, info = load_autoencoder(cfg.diffusion["first_stage"])
         except CheckpointError as err:
             raise ConfigError(f"diffusion.first_stage: {err}") from None
-    diffusion = DIFFUSIONS.build(cfg.diffusion, model=model, first_stage_model=first_stage_model)
+    text_info = None
+    text = cfg.diffusion.get("text")
+    if text_encoder is None and isinstance(text, dict) and text.get("encoder"):
+        try:
+            text_encoder, text_info = load_text_encoder(text["encoder"])
+        except CheckpointError as err:
+            raise ConfigError(f"diffusion.text.encoder: {err}") from None
+    diffusion = DIFFUSIONS.build(cfg.diffusion, model=model, first_stage_model=first_stage_model,
+                                 text_encoder=text_encoder)
     diffusion.first_stage_info = info
+    diffusion.text_encoder_info = text_info
     return diffusion
 
 
@@ -72,7 +85,13 @@ def build_ema_copy(cfg: ExperimentConfig, diffusion: nn.Cell) -> nn.Cell:
     for param in first_stage.get_parameters():
         param.requires_grad = False
     first_stage.set_train(False)
-    return build_diffusion(cfg, first_stage_model=first_stage)
+    text_encoder = None
+    if getattr(diffusion, "text_encoder_info", None):
+        pretrained = diffusion.model.cond_stage_model.transformer
+        text_encoder = CLIPTextModel(**pretrained.config)
+        load_arrays_into(text_encoder, {name: p.asnumpy() for name, p in pretrained.parameters_and_names()})
+        text_encoder.set_train(False)
+    return build_diffusion(cfg, first_stage_model=first_stage, text_encoder=text_encoder)
 
 
 def build_autoencoder_loss(cfg: ExperimentConfig) -> LPIPSWithDiscriminator:
@@ -193,3 +212,29 @@ def load_autoencoder(path: Union[str, Path]) -> Tuple[AutoencoderKL, Dict[str, A
     return autoencoder, info
 
 
+
+
+def load_text_encoder(path: Union[str, Path]) -> Tuple[CLIPTextModel, Dict[str, Any]]:
+    """A pretrained CLIP text encoder's network file (``clip_text``, as ``convert_checkpoint.py from-diffusers
+    --subfolder text_encoder`` writes it) -> (``CLIPTextModel`` in eval mode, info), info = {"path", "sha256",
+    "network": its model section}: what a text diffusion records so that its checkpoints rebuild the encoder
+    without this file."""
+    p = Path(path).expanduser()
+    if p.suffix != ".safetensors":
+        raise CheckpointError(f"{str(p)!r} is not a text encoder's network file (.safetensors); convert a CLIP text "
+                              f"encoder with: python scripts/convert_checkpoint.py from-diffusers PIPELINE_FOLDER "
+                              f"{p.with_suffix('.safetensors').name} --subfolder text_encoder")
+    arrays, meta = load_safetensors(p)
+    network = meta.get("network") or {}
+    if network.get("type") != "clip_text":
+        what = f"a {network['type']!r} network" if network.get("type") else "no network section (a model's export?)"
+        raise CheckpointError(f"{str(p)!r} holds {what}, not a CLIP text encoder; convert one with: python "
+                              f"scripts/convert_checkpoint.py from-diffusers PIPELINE_FOLDER OUT.safetensors "
+                              f"--subfolder text_encoder")
+    try:
+        encoder = build_network(network)
+    except ConfigError as err:
+        raise CheckpointError(f"{str(p)!r}: its recorded network section does not build: {err}") from None
+    load_weights_into(encoder, arrays, p)
+    encoder.set_train(False)
+    return encoder, {"path": str(p), "sha256": file_sha256(p), "network": dict(network)}

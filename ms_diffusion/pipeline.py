@@ -1,8 +1,8 @@
 """Load a trained model from its checkpoint alone, and generate images with it.
 
 A latent-diffusion checkpoint holds its first stage's weights (``first_stage_model.*``) and its
-architecture (metadata ``first_stage``), so it loads without the autoencoder run it was trained on. A
-text-conditional one takes its tokenizer from its run folder's ``tokenizer/`` copy (else from its config), and
+architecture (metadata ``first_stage``), so it loads without the autoencoder run it was trained on; a
+pretrained text encoder likewise (metadata ``text_encoder``). A text-conditional one takes its tokenizer from its run folder's ``tokenizer/`` copy (else from its config), and
 only if that tokenizer's fingerprint is the one recorded at training (metadata ``tokenizer_sha256``).
 """
 from __future__ import annotations
@@ -68,6 +68,8 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
     if cfg.diffusion["type"] in LATENT_TYPES and meta.get("first_stage"):
         # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
         build_args["first_stage_model"] = build_network(meta["first_stage"]["model"])
+    if meta.get("text_encoder"):      # a pretrained text encoder: its weights are here too
+        build_args["text_encoder"] = build_network(meta["text_encoder"]["network"])
     use_run_tokenizer(cfg, p.parent.parent if p.parent.name == "checkpoints" else p.parent)
     diffusion = build_diffusion(cfg, **build_args)
     check_tokenizer(diffusion, meta, p)

@@ -15,6 +15,8 @@ From PyTorch (the output .ckpt / .safetensors is an ms_diffusion checkpoint: ``p
 
   # diffusers model folders (AutoencoderKL, UNet2DConditionModel, UNet2DModel):
   python scripts/convert_checkpoint.py from-diffusers stable-diffusion-v1-5 vae.ckpt --subfolder vae
+  # a pipeline's CLIP text encoder (a transformers folder), for diffusion.text.encoder of a text config:
+  python scripts/convert_checkpoint.py from-diffusers stable-diffusion-v1-5 clip_text.safetensors --subfolder text_encoder
 
 Stable Diffusion 1.x / 2.x whole (UNet + VAE + text encoder + tokenizer + scheduler), between an original
 single-file checkpoint (+ its ldm YAML beside it) and a diffusers pipeline folder (``sample.py --ckpt`` reads
@@ -74,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="from-ldm: the whole LatentDiffusion (default) or one network of it")
     p.add_argument("--no-ema", action="store_true", help="from-ldm --component unet: take the raw, not the EMA, "
                                                           "unet weights")
-    p.add_argument("--subfolder", default=None, help="from-diffusers: the model inside a pipeline folder (unet, vae)")
+    p.add_argument("--subfolder", default=None, help="from-diffusers: the model inside a pipeline folder (unet, vae, "
+                   "text_encoder)")
     p.add_argument("--weights", default=None, choices=("both", "ema", "online"),
                    help="which weights to write: to-*: both (default for to-lucidrains .pt / to-ldm), ema or "
                         "online; from-*: the set a .safetensors output holds (default ema)")

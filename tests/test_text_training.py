@@ -268,6 +268,84 @@ def test_a_text_run_keeps_its_tokenizer(text_runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_config_trains_with_a_frozen_pretrained_clip_text_encoder(text_runs, tmp_path):
+    """``diffusion.text.encoder``: a transformers CLIPTextModel, converted by convert_checkpoint.py, conditions a
+    config-trained latent diffusion frozen (ldm's FrozenCLIPEmbedder): its weights are unchanged in every
+    checkpoint, the run loads without the file, and its context equals transformers' last hidden state."""
+    import mindspore as ms
+    import torch
+    import transformers
+
+    from ms_diffusion.cli.train import main as train_main
+    from ms_diffusion.config import config_from_dict
+    from ms_diffusion.experiment import build_diffusion
+    from ms_diffusion.io.checkpoint import load_safetensors
+    from ms_diffusion.io.hashing import file_sha256
+    from ms_diffusion.io.weights import read_weights
+    from ms_diffusion.pipeline import load_diffusion
+    from ms_diffusion.registry import ConfigError
+    from tests.test_interop import _cli
+
+    root, config = text_runs
+    torch.manual_seed(0)
+    hf = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=8, hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=1)).eval()
+    hf.save_pretrained(str(tmp_path / "pipe" / "text_encoder"))
+    encoder_file = tmp_path / "clip_text.safetensors"
+    rc, _, err = _cli("from-diffusers", tmp_path / "pipe", encoder_file, "--subfolder", "text_encoder")
+    assert rc == 0, err
+    pretrained, file_meta = load_safetensors(encoder_file)
+    assert file_meta["network"] == {"type": "clip_text", "vocab_size": 49408, "hidden_size": 16,
+                                    "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                    "max_position_embeddings": 8, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                                    "eos_token_id": 49407}
+
+    cfg = yaml.safe_load(config.read_text())
+    text = {"tokenizer": cfg["diffusion"]["text"]["tokenizer"], "max_length": 8, "encoder": str(encoder_file)}
+    cfg["diffusion"]["text"] = text
+    cfg["train"].update(num_steps=2, save_every=1, sample_every=0)
+    built = build_diffusion(config_from_dict(cfg))
+    assert built.model.cond_stage_model.frozen and built.text_encoder_info["sha256"] == file_sha256(encoder_file)
+    assert not [p.name for p in built.trainable_params() if "cond_stage_model" in p.name]
+    assert [p.name for p in built.trainable_params() if "model.diffusion_model" in p.name]
+
+    def refused(text_section, match, **model):
+        bad = dict(cfg, diffusion=dict(cfg["diffusion"], text=text_section), model=dict(cfg["model"], **model))
+        with pytest.raises(ConfigError, match=match):
+            build_diffusion(config_from_dict(bad))
+
+    refused(dict(text, layers=1), r"\['layers'\] describe a new text transformer.*remove them")
+    refused(text, "model.context_dim is 32 but the text encoder .* is 16 wide; set model.context_dim: 16",
+            context_dim=32)
+    refused(dict(text, max_length=16), "max_length 16 exceeds the text encoder's 8 positions")
+    refused(dict(text, encoder=str(root / "ae" / "model.safetensors")), "holds no network section.*--subfolder "
+            "text_encoder")
+    refused({"max_length": 8, "frozen": True}, "set diffusion.text.encoder to its network file")
+
+    assert train_main(["--config", str(_write(tmp_path / "frozen.yaml", cfg)), "--out-dir", str(tmp_path / "run")]) == 0
+    checkpoints = sorted((tmp_path / "run" / "checkpoints").glob("step_*.ckpt"))
+    assert len(checkpoints) == 2
+    prefix = "model.cond_stage_model.transformer."
+    for ckpt in checkpoints:
+        for group in ("online", "ema"):
+            _, arrays, meta = read_weights(ckpt, group)
+            assert meta["text_encoder"]["sha256"] == file_sha256(encoder_file)
+            assert {k[len(prefix):] for k in arrays if k.startswith(prefix)} == set(pretrained)
+            for name, value in pretrained.items():
+                np.testing.assert_array_equal(arrays[prefix + name], value)
+
+    encoder_file.unlink()                        # the run rebuilds the encoder from its own checkpoint
+    _, ldm, _ = load_diffusion(tmp_path / "run")
+    ids = ldm.tokenize(["dark square", "a light square, upside down", ""])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids.astype(np.int64))).last_hidden_state.numpy()
+    context = ldm.model.cond_stage_model(ms.Tensor(ids)).asnumpy()
+    np.testing.assert_allclose(context, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.slow
 def test_prompt_dropout_tokens_and_guidance_use_the_empty_prompt(text_runs):
     from ms_diffusion.diffusion import GaussianDiffusion
     from ms_diffusion.pipeline import load_diffusion

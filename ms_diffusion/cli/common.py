@@ -47,6 +47,30 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     return prompts
 
 
+def refuse_text_args(prompts: List[str], negative_prompt: Optional[str], text: bool, others: str = "") -> None:
+    """Prompts (or a negative prompt) for a model that takes no text are a usage error; ``others``: what else
+    of this command takes them (e.g. " or a Stable Diffusion model")."""
+    if (prompts or negative_prompt is not None) and not text:
+        raise UsageError(f"--prompt / --prompts-file / --negative-prompt need a text-conditional model (trained with "
+                         f"diffusion.text){others}; this checkpoint's model takes no text")
+
+
+def generation_options(args: argparse.Namespace, sample: Any, classes: Optional[List[int]], text: bool,
+                       prompts: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``pipeline.generate``'s options for a run: its ``sample:`` section overridden by --sampler / --steps / --eta /
+    --guidance-scale / --guidance-rescale (and --negative-prompt and ``prompts``, one per image, for a ``text``
+    model); guidance needs ``classes`` (one per image) or text."""
+    sampling = sample.generate_options(classes is not None, text=text, sampler=args.sampler, steps=args.steps,
+                                       eta=args.eta, guidance_scale=args.guidance_scale,
+                                       guidance_rescale=args.guidance_rescale,
+                                       **({"negative_prompt": args.negative_prompt} if text else {}))
+    if sampling["guidance_scale"] != 1.0 and classes is None and not text:
+        raise UsageError("--guidance-scale needs a class- or text-conditional model")
+    if text:
+        sampling["prompts"] = list(prompts or [])
+    return sampling
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="auto (default), CPU, GPU or Ascend")
     parser.add_argument("--mode", default=None, choices=("graph", "pynative"),

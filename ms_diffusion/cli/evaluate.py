@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ms_diffusion.cli.common import (UsageError, add_prompt_args, add_runtime_args, make_parser, read_prompts,
-                                     run_command)
+from ms_diffusion.cli.common import (UsageError, add_prompt_args, add_runtime_args, generation_options, make_parser,
+                                     read_prompts, refuse_text_args, run_command)
 from ms_diffusion.cli.outputs import check_distinct, check_output_file
 
 __all__ = ["main", "build_parser"]
@@ -110,22 +110,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.dataset is None:
             dataset, data_dir = cfg.data["name"], args.data_dir or cfg.data.get("data_dir")
         text = getattr(diffusion, "text_conditional", False)
-        if (prompts or args.negative_prompt is not None) and not text:
-            raise UsageError("--prompt / --prompts-file / --negative-prompt need a text-conditional model (trained "
-                             "with diffusion.text); this checkpoint's model takes no text")
+        refuse_text_args(prompts, args.negative_prompt, text)
         if text and not prompts:
             prompts = _run_prompts(cfg, diffusion)
         per_image = cycled_prompts(num, prompts) if text else None
         classes = None if text else cycled_classes(num, getattr(diffusion, "num_classes", None))
-        sampling = cfg.sample.generate_options(classes is not None, text=text, sampler=args.sampler, steps=args.steps,
-                                               eta=args.eta, guidance_scale=args.guidance_scale,
-                                               guidance_rescale=args.guidance_rescale,
-                                               **({"negative_prompt": args.negative_prompt} if text else {}))
-        if sampling["guidance_scale"] != 1.0 and classes is None and not text:
-            raise UsageError("--guidance-scale needs a class- or text-conditional model")
+        sampling = generation_options(args, cfg.sample, classes, text, per_image)
         start = time.perf_counter()
         out = generate(diffusion, num, batch_size=min(args.batch_size, num), seed=args.seed, classes=classes,
-                       prompts=per_image, progress=True, **sampling)
+                       progress=True, **sampling)
         elapsed = time.perf_counter() - start
         images = out.images
         guided = (f", guidance {sampling['guidance_scale']:g}" if classes is not None or text else "") + (

@@ -14,8 +14,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from ms_diffusion.cli.common import (UsageError, add_prompt_args, add_runtime_args, make_parser, parse_key_values,
-                                     read_prompts, run_command)
+from ms_diffusion.cli.common import (UsageError, add_prompt_args, add_runtime_args, generation_options, make_parser,
+                                     parse_key_values, read_prompts, refuse_text_args, run_command)
 from ms_diffusion.cli.outputs import check_distinct, check_output_file
 
 __all__ = ["main", "build_parser"]
@@ -190,9 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     classes = None
     prompts = read_prompts(args) or list(s.prompts or [])
     text = getattr(diffusion, "text_conditional", False)
-    if prompts and not text:
-        raise UsageError("--prompt / --prompts-file need a text-conditional model (trained with diffusion.text) or a "
-                         "Stable Diffusion model; this checkpoint's model takes no text")
+    refuse_text_args(prompts, args.negative_prompt, text, " or a Stable Diffusion model")
     if text:
         if not prompts:
             raise UsageError("this model is text-conditional: give --prompt (repeat for several) or --prompts-file")
@@ -202,8 +200,6 @@ def _run(args: argparse.Namespace) -> int:
         prompts = [p for p in prompts for _ in range(per_prompt)]
         num = len(prompts)
         batch = args.batch_size or min(s.batch_size, num)
-    elif args.negative_prompt is not None:
-        raise UsageError("--negative-prompt needs a text-conditional model")
     if not text and label is not None:
         if num_classes is None:
             raise UsageError("--class needs a class-conditional model (this checkpoint's model has no num_classes)")
@@ -212,14 +208,7 @@ def _run(args: argparse.Namespace) -> int:
         classes = [label] * num
     else:
         classes = cycled_classes(num, num_classes)  # one of each class in turn
-    text_options = {"negative_prompt": args.negative_prompt} if text else {}
-    sampling = s.generate_options(classes is not None, text=text, sampler=args.sampler, steps=args.steps,
-                                  eta=args.eta, guidance_scale=args.guidance_scale,
-                                  guidance_rescale=args.guidance_rescale, **text_options)
-    if sampling["guidance_scale"] != 1.0 and classes is None and not text:
-        raise UsageError("--guidance-scale needs a class- or text-conditional model")
-    if text:
-        sampling["prompts"] = prompts
+    sampling = generation_options(args, s, classes, text, prompts)
     options = parse_key_values(args.options)
     frames = max(s.gif_frames, 2) if args.gif else 0
     start = time.perf_counter()

@@ -168,6 +168,8 @@ def _run(args: argparse.Namespace) -> int:
     meta = {"config": cfg.to_dict()}
     if getattr(diffusion, "first_stage_info", None):   # latent diffusion: what rebuilds its first stage
         meta["first_stage"] = diffusion.first_stage_info
+    if getattr(diffusion, "text_encoder_info", None):  # pretrained text encoder: what rebuilds it
+        meta["text_encoder"] = diffusion.text_encoder_info
     tokenizer = getattr(diffusion, "tokenizer", None)
     if tokenizer is not None:                          # text: what the prompts' ids depend on
         meta["tokenizer_sha256"] = tokenizer.fingerprint()

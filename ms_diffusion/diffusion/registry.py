@@ -21,7 +21,7 @@ from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer, To
 __all__ = ["DIFFUSIONS", "LATENT_TYPES", "build_latent_diffusion", "build_text_encoder", "build_tokenizer",
            "TEXT_DEFAULTS"]
 
-DIFFUSIONS = Registry("diffusion", build_only=("model", "first_stage_model"))
+DIFFUSIONS = Registry("diffusion", build_only=("model", "first_stage_model", "text_encoder"))
 
 
 _CLASS_CONDITIONINGS = (None, "crossattn", "adm")
@@ -31,8 +31,8 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
                            first_stage_model: Optional[AutoencoderKL] = None, conditioning_key: Optional[str] = None,
                            num_classes: Optional[int] = None, cond_drop_prob: float = 0.1, scale_factor: float = 1.0,
                            scale_by_std: bool = False, image_size: Optional[int] = None, auto_normalize: bool = True,
-                           text: Optional[Dict[str, Any]] = None, latent_class: type = LatentDiffusion,
-                           **diffusion_kwargs) -> LatentSpace:
+                           text: Optional[Dict[str, Any]] = None, text_encoder: Optional[CLIPTextModel] = None,
+                           latent_class: type = LatentDiffusion, **diffusion_kwargs) -> LatentSpace:
     """The ``latent`` diffusion type: ``LatentDiffusion`` around an ldm ``UNetModel`` and a frozen autoencoder
     (``latent_edm`` / ``latent_flow``: ``latent_class`` ``LatentEDM`` / ``LatentFlowMatching``, the same otherwise).
 
@@ -49,12 +49,14 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
 
     Text conditioning from the data's captions: ``conditioning_key: crossattn`` with a ``text:`` section
     (``TEXT_DEFAULTS``; see ``build_text_encoder``): a CLIP tokenizer and a CLIP text transformer of
-    width ``model.context_dim`` trained with the UNet (ldm's text-to-image recipe from scratch);
-    ``cond_drop_prob`` is then the prompt dropout.
+    width ``model.context_dim`` trained with the UNet (ldm's text-to-image recipe from scratch), or the
+    pretrained one ``text.encoder`` names, frozen (ldm's ``FrozenCLIPEmbedder``), handed in as
+    ``text_encoder`` by ``experiment.build_diffusion``, which loads it; ``cond_drop_prob`` is then the
+    prompt dropout.
     """
     if text is not None:
         return _build_text_latent(model, first_stage, first_stage_model, conditioning_key, num_classes,
-                                  cond_drop_prob, text, dict(scale_factor=scale_factor, scale_by_std=scale_by_std,
+                                  cond_drop_prob, text, text_encoder, dict(scale_factor=scale_factor, scale_by_std=scale_by_std,
                                                              image_size=image_size, auto_normalize=auto_normalize),
                                   latent_class, diffusion_kwargs)
     if conditioning_key not in _CLASS_CONDITIONINGS:
@@ -99,9 +101,14 @@ def _check_first_stage(model: UNetModel, first_stage: Optional[str], first_stage
 
 #: the ``diffusion.text`` section: tokenizer (a tokenizer/ folder with vocab.json + merges.txt, or OpenAI's
 #: bpe_simple_vocab_16e6.txt.gz; null: the one the open-clip-torch wheel ships), max_length (tokens incl.
-#: start and end), and the text transformer trained with the UNet (its width is model.context_dim).
+#: start and end), and either the text transformer trained with the UNet (layers, heads, mlp_ratio, act; its
+#: width is model.context_dim) or ``encoder``: a pretrained CLIP text encoder's network file
+#: (``convert_checkpoint.py from-diffusers PIPELINE OUT.safetensors --subfolder text_encoder``), ``frozen``
+#: unless set false.
 TEXT_DEFAULTS: Dict[str, Any] = {"tokenizer": None, "max_length": 77, "layers": 2, "heads": 4, "mlp_ratio": 4,
-                                 "act": "quick_gelu"}
+                                 "act": "quick_gelu", "encoder": None, "frozen": None}
+#: what a pretrained encoder's file decides (so a text section with ``encoder`` may not set them)
+_ARCHITECTURE_KEYS = ("layers", "heads", "mlp_ratio", "act")
 
 
 def build_tokenizer(spec: Optional[str], max_length: int) -> CLIPTokenizer:
@@ -125,8 +132,10 @@ def build_tokenizer(spec: Optional[str], max_length: int) -> CLIPTokenizer:
         raise ConfigError(f"diffusion.text.tokenizer: {err}") from None
 
 
-def build_text_encoder(text: Dict[str, Any], width: int) -> Tuple[CLIPTokenizer, CLIPTextEmbedder]:
-    """The tokenizer and the trainable text encoder (ids (B, L) -> context (B, L, width)) of ``diffusion.text``."""
+def build_text_encoder(text: Dict[str, Any], width: int, encoder: Optional[CLIPTextModel] = None
+                       ) -> Tuple[CLIPTokenizer, CLIPTextEmbedder]:
+    """The tokenizer and the text encoder (ids (B, L) -> context (B, L, width)) of ``diffusion.text``: a new
+    trainable transformer, or ``encoder`` (the pretrained one ``text.encoder`` names, loaded by the caller)."""
     unknown = sorted(set(text) - set(TEXT_DEFAULTS))
     if unknown:
         raise ConfigError(f"diffusion.text: unknown key(s) {unknown}; known: {sorted(TEXT_DEFAULTS)}")
@@ -134,18 +143,47 @@ def build_text_encoder(text: Dict[str, Any], width: int) -> Tuple[CLIPTokenizer,
     max_length = int(opts["max_length"])
     if max_length < 3:
         raise ConfigError(f"diffusion.text.max_length must be >= 3 (start, a token, end), got {max_length}")
-    if width % int(opts["heads"]):
-        raise ConfigError(f"diffusion.text.heads ({opts['heads']}) must divide the width, model.context_dim ({width})")
+    if opts["encoder"] is None:
+        if encoder is not None:
+            raise ConfigError("a pretrained text encoder was handed in but diffusion.text.encoder does not name one")
+        if opts["frozen"]:
+            raise ConfigError("diffusion.text.frozen: a new text transformer is trained with the UNet; to use a frozen "
+                              "pretrained one, set diffusion.text.encoder to its network file")
+        if width % int(opts["heads"]):
+            raise ConfigError(f"diffusion.text.heads ({opts['heads']}) must divide the width, model.context_dim "
+                              f"({width})")
+        tokenizer = build_tokenizer(opts["tokenizer"], max_length)
+        encoder = CLIPTextModel(vocab_size=tokenizer.vocab_size, hidden_size=width,
+                                intermediate_size=int(opts["mlp_ratio"]) * width,
+                                num_hidden_layers=int(opts["layers"]), num_attention_heads=int(opts["heads"]),
+                                max_position_embeddings=max_length, hidden_act=str(opts["act"]),
+                                eos_token_id=tokenizer.eos_id)
+        return tokenizer, CLIPTextEmbedder(encoder, frozen=False)
+    if encoder is None:
+        raise ConfigError(f"diffusion.text.encoder {opts['encoder']!r}: build a text diffusion from a config with "
+                          f"ms_diffusion.experiment.build_diffusion, which loads the encoder and hands it in")
+    fixed = sorted(k for k in _ARCHITECTURE_KEYS if k in text)
+    if fixed:
+        raise ConfigError(f"diffusion.text: {fixed} describe a new text transformer, but diffusion.text.encoder "
+                          f"names a pretrained one whose file fixes its architecture; remove them")
+    if encoder.hidden_size != width:
+        raise ConfigError(f"model.context_dim is {width} but the text encoder {opts['encoder']} is {encoder.hidden_size} "
+                          f"wide; set model.context_dim: {encoder.hidden_size}")
+    positions = encoder.config["max_position_embeddings"]
+    if max_length > positions:
+        raise ConfigError(f"diffusion.text.max_length {max_length} exceeds the text encoder's {positions} positions; "
+                          f"set it to at most {positions}")
     tokenizer = build_tokenizer(opts["tokenizer"], max_length)
-    encoder = CLIPTextModel(vocab_size=tokenizer.vocab_size, hidden_size=width,
-                            intermediate_size=int(opts["mlp_ratio"]) * width, num_hidden_layers=int(opts["layers"]),
-                            num_attention_heads=int(opts["heads"]), max_position_embeddings=max_length,
-                            hidden_act=str(opts["act"]), eos_token_id=tokenizer.eos_id)
-    return tokenizer, CLIPTextEmbedder(encoder, frozen=False)
+    if tokenizer.vocab_size != encoder.config["vocab_size"]:
+        raise ConfigError(f"diffusion.text.tokenizer has {tokenizer.vocab_size} tokens but the text encoder "
+                          f"{opts['encoder']} embeds {encoder.config['vocab_size']}: use the tokenizer it was "
+                          f"trained with (a pipeline's tokenizer/ folder)")
+    frozen = True if opts["frozen"] is None else bool(opts["frozen"])
+    return tokenizer, CLIPTextEmbedder(encoder, frozen=frozen)
 
 
 def _build_text_latent(model, first_stage, first_stage_model, conditioning_key, num_classes, cond_drop_prob, text,
-                       options, latent_class, diffusion_kwargs) -> LatentSpace:
+                       text_encoder, options, latent_class, diffusion_kwargs) -> LatentSpace:
     if conditioning_key != "crossattn":
         raise ConfigError(f"diffusion.text needs conditioning_key: crossattn (got {conditioning_key!r})")
     if num_classes is not None:
@@ -157,7 +195,7 @@ def _build_text_latent(model, first_stage, first_stage_model, conditioning_key, 
     if not isinstance(text, dict):
         raise ConfigError(f"diffusion.text must be a mapping (e.g. {{max_length: 16}}), got {text!r}")
     _check_first_stage(model, first_stage, first_stage_model)
-    tokenizer, encoder = build_text_encoder(text, model.context_dim)
+    tokenizer, encoder = build_text_encoder(text, model.context_dim, text_encoder)
     ldm = latent_class(first_stage_model, model, conditioning_key="crossattn", cond_stage_model=encoder, **options,
                        **diffusion_kwargs)
     return ldm.set_text_conditioning(tokenizer, cond_drop_prob)      # the prompt dropout (host side)

@@ -83,9 +83,11 @@ def autoencoder_experiment(section: Mapping[str, Any], loss: Optional[Mapping[st
     return config
 
 
-def build_from_config(config: Mapping[str, Any], first_stage: Optional[Mapping[str, Any]] = None):
+def build_from_config(config: Mapping[str, Any], first_stage: Optional[Mapping[str, Any]] = None,
+                      text_encoder: Optional[Mapping[str, Any]] = None):
     """(ExperimentConfig, built model) for an experiment config dict: the diffusion, or the autoencoder of an
-    autoencoder experiment. ``first_stage``: a latent diffusion's autoencoder section (built, not loaded)."""
+    autoencoder experiment. ``first_stage``: a latent diffusion's autoencoder section, ``text_encoder``: its
+    pretrained text encoder's (both built, not loaded)."""
     from ms_diffusion.config import config_from_dict
     from ms_diffusion.experiment import build_diffusion, build_model
 
@@ -93,6 +95,8 @@ def build_from_config(config: Mapping[str, Any], first_stage: Optional[Mapping[s
     if getattr(cfg, "is_autoencoder", False):
         return cfg, build_model(cfg)
     extra = {"first_stage_model": build_network_section(first_stage)} if first_stage else {}
+    if text_encoder:
+        extra["text_encoder"] = build_network_section(text_encoder)
     return cfg, build_diffusion(cfg, **extra)
 
 

@@ -13,6 +13,8 @@ diffusers class            ours                                    maps when the
 ``UNet2DModel``            ``UNetModel`` with AttentionBlocks      Attn/plain Down/Up blocks mirrored,
                            (``use_new_attention_order``)           UNetMidBlock2D with attention, same time
                                                                    embedding, conv up/downsampling
+``CLIPTextModel`` (a       ``CLIPTextModel`` (``interop.clip``)    a transformers config (``architectures``)
+pipeline's text_encoder/)                                          with quick-GELU or GELU
 =========================  ======================================  ==========================================
 
 Everything else is refused with the list of reasons (``unet_kwargs_from_diffusers``): SDXL
@@ -31,16 +33,19 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ms_diffusion.interop.checkpoints import (Converted, autoencoder_experiment, build_from_config, is_network_file,
                                               load_network, read_ms_checkpoint)
+from ms_diffusion.interop.clip import text_encoder_kwargs_from_transformers, text_encoder_plan
 from ms_diffusion.interop.names import (DIFFUSERS_ATTENTION_LAYOUT, DIFFUSERS_LEGACY_ATTENTION, DIFFUSERS_VAE_LAYOUT,
                                         TORCH_LEAVES, Spec, diffusers_unet_rules, diffusers_vae_rules)
 from ms_diffusion.interop.plan import Plan, build_plan
-from ms_diffusion.io.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
 from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write_weights
+from ms_diffusion.text import CLIPTextModel
 
 __all__ = ["vae_plan", "unet_plan", "autoencoder_config_from_diffusers", "unet_kwargs_from_diffusers",
            "diffusers_vae_config", "diffusers_unet_config", "diffusers_to_ms", "ms_to_diffusers", "DIFFUSERS_CLASSES"]
 
-DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel")
+DIFFUSERS_CLASSES = ("AutoencoderKL", "UNet2DConditionModel", "UNet2DModel", "CLIPTextModel",
+                     "CLIPTextModelWithProjection")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 #: the diffusers version whose config formats we write (and test against)
 DIFFUSERS_VERSION = "0.42.1"
@@ -371,9 +376,10 @@ def diffusers_unet_config(unet) -> Dict[str, Any]:
 def diffusers_to_ms(folder: PathLike, subfolder: Optional[str] = None,
                     experiment: Optional[Mapping[str, Any]] = None) -> Converted:
     """A diffusers model folder -> ``AutoencoderKL`` (an autoencoder experiment, usable as a latent diffusion's
-    ``first_stage``) or ``UNetModel`` (a network file)."""
+    ``first_stage``), ``UNetModel`` (a network file) or, from a transformers ``CLIPTextModel`` folder (a
+    pipeline's ``text_encoder/``), ``CLIPTextModel`` (a ``clip_text`` network file: ``diffusion.text.encoder``)."""
     config, state = read_diffusers_folder(folder, subfolder)
-    name = config.get("_class_name")
+    name = config.get("_class_name") or (config.get("architectures") or [None])[0]
     meta = {"source": "diffusers", "path": str(Path(folder) / (subfolder or "")), "class": name, "step": None,
             "diffusers_version": config.get("_diffusers_version"), "not_converted": {}}
     if name == "AutoencoderKL":
@@ -396,6 +402,13 @@ def diffusers_to_ms(folder: PathLike, subfolder: Optional[str] = None,
         online = unet_plan(UNetModel(**kwargs)).to_ms(state)
         meta["weights"] = "online"
         return Converted(config=None, online=online, meta=meta, network={"type": "unet_ldm", **kwargs})
+    if name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        kwargs, problems = text_encoder_kwargs_from_transformers(config)
+        if problems:
+            raise ConversionError("this CLIP text encoder does not map onto ours: " + "; ".join(problems))
+        online = text_encoder_plan(build_uninitialised(CLIPTextModel, **kwargs)).to_ms(state)
+        meta.update(weights="online", transformers_version=config.get("transformers_version"))
+        return Converted(config=None, online=online, meta=meta, network={"type": "clip_text", **kwargs})
     raise ConversionError(f"diffusers class {name!r} is not supported; convertible: {', '.join(DIFFUSERS_CLASSES)}")
 
 

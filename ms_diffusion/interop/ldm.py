@@ -417,7 +417,8 @@ def ms_to_ldm(path: PathLike, weights: str = "ema", prefix: Optional[str] = None
     if (config.get("diffusion") or {}).get("type") != "latent":
         raise ConversionError(f"{meta['path']} is not a latent diffusion, an autoencoder or an ldm UNet; "
                               f"GaussianDiffusion(Unet) checkpoints go to lucidrains (to-lucidrains)")
-    _, ldm = build_from_config(config, (meta.get("first_stage") or {}).get("model"))
+    _, ldm = build_from_config(config, (meta.get("first_stage") or {}).get("model"),
+                               (meta.get("text_encoder") or {}).get("network"))
     d = config["diffusion"]
     plan = latent_diffusion_plan(ldm, bool(d.get("learn_logvar")), bool(d.get("scale_by_std")))
     wanted = ("online", "ema") if weights == "both" else (weights,)
