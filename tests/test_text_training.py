@@ -310,6 +310,9 @@ def test_a_config_trains_with_a_frozen_pretrained_clip_text_encoder(text_runs, t
     assert built.model.cond_stage_model.frozen and built.text_encoder_info["sha256"] == file_sha256(encoder_file)
     assert not [p.name for p in built.trainable_params() if "cond_stage_model" in p.name]
     assert [p.name for p in built.trainable_params() if "model.diffusion_model" in p.name]
+    tuned = build_diffusion(config_from_dict(dict(cfg, diffusion=dict(cfg["diffusion"], text=dict(text, frozen=False)))))
+    assert not tuned.model.cond_stage_model.frozen       # frozen: false fine-tunes the pretrained encoder
+    assert len([p for p in tuned.trainable_params() if "cond_stage_model" in p.name]) == len(pretrained)
 
     def refused(text_section, match, **model):
         bad = dict(cfg, diffusion=dict(cfg["diffusion"], text=text_section), model=dict(cfg["model"], **model))
