@@ -19,7 +19,7 @@ from ms_diffusion.diffusion.latent import LatentSpace
 from ms_diffusion.diffusion.registry import DIFFUSIONS, LATENT_TYPES
 from ms_diffusion.io.checkpoint import CheckpointError, load_safetensors
 from ms_diffusion.io.hashing import file_sha256
-from ms_diffusion.io.state import ConversionError, load_arrays_into
+from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into, state_arrays
 from ms_diffusion.io.weights import read_weights
 from ms_diffusion.losses import LOSSES, LPIPSWithDiscriminator
 from ms_diffusion.models import MODELS, AutoencoderKL, build_network
@@ -80,18 +80,22 @@ def build_ema_copy(cfg: ExperimentConfig, diffusion: nn.Cell) -> nn.Cell:
     if not isinstance(diffusion, LatentSpace):
         return build_diffusion(cfg)
     online = diffusion.first_stage_model
-    first_stage = AutoencoderKL(ddconfig=dict(online.ddconfig), embed_dim=online.embed_dim)
-    load_arrays_into(first_stage, {name: p.asnumpy() for name, p in online.parameters_and_names()})
+    first_stage = _copy_of(online, AutoencoderKL, ddconfig=dict(online.ddconfig), embed_dim=online.embed_dim)
     for param in first_stage.get_parameters():
         param.requires_grad = False
-    first_stage.set_train(False)
     text_encoder = None
     if getattr(diffusion, "text_encoder_info", None):
         pretrained = diffusion.model.cond_stage_model.transformer
-        text_encoder = CLIPTextModel(**pretrained.config)
-        load_arrays_into(text_encoder, {name: p.asnumpy() for name, p in pretrained.parameters_and_names()})
-        text_encoder.set_train(False)
+        text_encoder = _copy_of(pretrained, CLIPTextModel, **pretrained.config)
     return build_diffusion(cfg, first_stage_model=first_stage, text_encoder=text_encoder)
+
+
+def _copy_of(cell: nn.Cell, factory, **kwargs) -> nn.Cell:
+    """``factory(**kwargs)`` (``cell``'s architecture) holding ``cell``'s weights, in evaluation mode."""
+    copy = build_uninitialised(factory, **kwargs)
+    load_arrays_into(copy, state_arrays(cell))
+    copy.set_train(False)
+    return copy
 
 
 def build_autoencoder_loss(cfg: ExperimentConfig) -> LPIPSWithDiscriminator:
@@ -232,7 +236,7 @@ def load_text_encoder(path: Union[str, Path]) -> Tuple[CLIPTextModel, Dict[str, 
                               f"scripts/convert_checkpoint.py from-diffusers PIPELINE_FOLDER OUT.safetensors "
                               f"--subfolder text_encoder")
     try:
-        encoder = build_network(network)
+        encoder = build_uninitialised(build_network, network)       # every weight is loaded next
     except ConfigError as err:
         raise CheckpointError(f"{str(p)!r}: its recorded network section does not build: {err}") from None
     load_weights_into(encoder, arrays, p)

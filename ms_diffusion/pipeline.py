@@ -2,8 +2,9 @@
 
 A latent-diffusion checkpoint holds its first stage's weights (``first_stage_model.*``) and its
 architecture (metadata ``first_stage``), so it loads without the autoencoder run it was trained on; a
-pretrained text encoder likewise (metadata ``text_encoder``). A text-conditional one takes its tokenizer from its run folder's ``tokenizer/`` copy (else from its config), and
-only if that tokenizer's fingerprint is the one recorded at training (metadata ``tokenizer_sha256``).
+pretrained text encoder likewise (metadata ``text_encoder``). A text-conditional one takes its tokenizer
+from its run folder's ``tokenizer/`` copy (else from its config), and only if that tokenizer's fingerprint
+is the one recorded at training (metadata ``tokenizer_sha256``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ms_diffusion.diffusion.registry import LATENT_TYPES
 from ms_diffusion.experiment import (build_diffusion, check_tokenizer, load_autoencoder, load_weights_into,
                                     use_run_tokenizer)
 from ms_diffusion.io.checkpoint import CheckpointError
+from ms_diffusion.io.state import build_uninitialised
 from ms_diffusion.io.weights import read_weights, resolve_checkpoint
 from ms_diffusion.models import build_network
 
@@ -67,9 +69,9 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
     build_args = {}
     if cfg.diffusion["type"] in LATENT_TYPES and meta.get("first_stage"):
         # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
-        build_args["first_stage_model"] = build_network(meta["first_stage"]["model"])
+        build_args["first_stage_model"] = build_uninitialised(build_network, meta["first_stage"]["model"])
     if meta.get("text_encoder"):      # a pretrained text encoder: its weights are here too
-        build_args["text_encoder"] = build_network(meta["text_encoder"]["network"])
+        build_args["text_encoder"] = build_uninitialised(build_network, meta["text_encoder"]["network"])
     use_run_tokenizer(cfg, p.parent.parent if p.parent.name == "checkpoints" else p.parent)
     diffusion = build_diffusion(cfg, **build_args)
     check_tokenizer(diffusion, meta, p)

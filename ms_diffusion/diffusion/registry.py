@@ -55,10 +55,10 @@ def build_latent_diffusion(model: UNetModel, *, first_stage: Optional[str] = Non
     prompt dropout.
     """
     if text is not None:
+        options = dict(scale_factor=scale_factor, scale_by_std=scale_by_std, image_size=image_size,
+                       auto_normalize=auto_normalize)
         return _build_text_latent(model, first_stage, first_stage_model, conditioning_key, num_classes,
-                                  cond_drop_prob, text, text_encoder, dict(scale_factor=scale_factor, scale_by_std=scale_by_std,
-                                                             image_size=image_size, auto_normalize=auto_normalize),
-                                  latent_class, diffusion_kwargs)
+                                  cond_drop_prob, text, text_encoder, options, latent_class, diffusion_kwargs)
     if conditioning_key not in _CLASS_CONDITIONINGS:
         raise ConfigError(f"diffusion.conditioning_key {conditioning_key!r}: a config trains on images and class "
                           f"labels, so choose one of {list(_CLASS_CONDITIONINGS)} (concat / hybrid conditionings "
@@ -167,8 +167,8 @@ def build_text_encoder(text: Dict[str, Any], width: int, encoder: Optional[CLIPT
         raise ConfigError(f"diffusion.text: {fixed} describe a new text transformer, but diffusion.text.encoder "
                           f"names a pretrained one whose file fixes its architecture; remove them")
     if encoder.hidden_size != width:
-        raise ConfigError(f"model.context_dim is {width} but the text encoder {opts['encoder']} is {encoder.hidden_size} "
-                          f"wide; set model.context_dim: {encoder.hidden_size}")
+        raise ConfigError(f"model.context_dim is {width} but the text encoder {opts['encoder']} is "
+                          f"{encoder.hidden_size} wide; set model.context_dim: {encoder.hidden_size}")
     positions = encoder.config["max_position_embeddings"]
     if max_length > positions:
         raise ConfigError(f"diffusion.text.max_length {max_length} exceeds the text encoder's {positions} positions; "

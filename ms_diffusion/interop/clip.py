@@ -23,7 +23,8 @@ from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arr
 from ms_diffusion.text.clip import CLIPTextModel
 
 __all__ = ["text_encoder_plan", "text_encoder_kwargs_from_transformers", "transformers_text_config",
-           "text_encoder_kwargs_from_open_clip", "text_encoder_from_transformers", "CLIP_TEXT_SOURCES"]
+           "text_encoder_kwargs_from_open_clip", "text_encoder_from_transformers",
+           "text_encoder_from_transformers_state", "CLIP_TEXT_SOURCES"]
 
 CLIP_TEXT_SOURCES = ("transformers", "open_clip")
 _TRANSFORMERS_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -107,16 +108,25 @@ def text_encoder_kwargs_from_open_clip(state: Mapping[str, np.ndarray], heads: O
     return kwargs
 
 
+def text_encoder_from_transformers_state(config: Mapping[str, Any], state: Mapping[str, np.ndarray], **overrides
+                                         ) -> Tuple[Dict[str, Any], CLIPTextModel, Dict[str, np.ndarray]]:
+    """A transformers CLIPTextModel's config.json and state dict -> (our constructor arguments, the model built
+    from them and ``overrides`` with its parameters uninitialised, the weights in its names); ConversionError
+    when it does not map."""
+    kwargs, problems = text_encoder_kwargs_from_transformers(config)
+    if problems:
+        raise ConversionError("this CLIP text encoder does not map onto ours: " + "; ".join(problems))
+    model = build_uninitialised(CLIPTextModel, **{**kwargs, **overrides})
+    return kwargs, model, text_encoder_plan(model).to_ms(state)
+
+
 def text_encoder_from_transformers(folder: PathLike, subfolder: Optional[str] = None,
                                    **overrides) -> CLIPTextModel:
     """A transformers CLIPTextModel folder (a diffusers pipeline's ``text_encoder/``) -> our model with its
     weights. ``overrides`` (e.g. ``skip_last_layers``) go to the constructor."""
     config, state = read_diffusers_folder(folder, subfolder)
-    kwargs, problems = text_encoder_kwargs_from_transformers(config)
-    if problems:
-        raise ConversionError("this CLIP text encoder does not map onto ours: " + "; ".join(problems))
-    model = build_uninitialised(CLIPTextModel, **{**kwargs, **overrides})
-    arrays, state = text_encoder_plan(model).to_ms(state), None
+    _, model, arrays = text_encoder_from_transformers_state(config, state, **overrides)
+    state = None                    # the converted dict alone holds the weights now
     load_arrays_into(model, arrays, consume=True)
     model.set_train(False)
     return model

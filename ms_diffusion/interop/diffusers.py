@@ -33,13 +33,12 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ms_diffusion.interop.checkpoints import (Converted, autoencoder_experiment, build_from_config, is_network_file,
                                               load_network, read_ms_checkpoint)
-from ms_diffusion.interop.clip import text_encoder_kwargs_from_transformers, text_encoder_plan
+from ms_diffusion.interop.clip import text_encoder_from_transformers_state
 from ms_diffusion.interop.names import (DIFFUSERS_ATTENTION_LAYOUT, DIFFUSERS_LEGACY_ATTENTION, DIFFUSERS_VAE_LAYOUT,
                                         TORCH_LEAVES, Spec, diffusers_unet_rules, diffusers_vae_rules)
 from ms_diffusion.interop.plan import Plan, build_plan
-from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
+from ms_diffusion.io.state import ConversionError, load_arrays_into
 from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write_weights
-from ms_diffusion.text import CLIPTextModel
 
 __all__ = ["vae_plan", "unet_plan", "autoencoder_config_from_diffusers", "unet_kwargs_from_diffusers",
            "diffusers_vae_config", "diffusers_unet_config", "diffusers_to_ms", "ms_to_diffusers", "DIFFUSERS_CLASSES"]
@@ -403,10 +402,7 @@ def diffusers_to_ms(folder: PathLike, subfolder: Optional[str] = None,
         meta["weights"] = "online"
         return Converted(config=None, online=online, meta=meta, network={"type": "unet_ldm", **kwargs})
     if name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
-        kwargs, problems = text_encoder_kwargs_from_transformers(config)
-        if problems:
-            raise ConversionError("this CLIP text encoder does not map onto ours: " + "; ".join(problems))
-        online = text_encoder_plan(build_uninitialised(CLIPTextModel, **kwargs)).to_ms(state)
+        kwargs, _, online = text_encoder_from_transformers_state(config, state)
         meta.update(weights="online", transformers_version=config.get("transformers_version"))
         return Converted(config=None, online=online, meta=meta, network={"type": "clip_text", **kwargs})
     raise ConversionError(f"diffusers class {name!r} is not supported; convertible: {', '.join(DIFFUSERS_CLASSES)}")
