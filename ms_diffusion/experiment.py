@@ -26,10 +26,10 @@ from ms_diffusion.models import MODELS, AutoencoderKL, build_network
 from ms_diffusion.registry import ConfigError
 from ms_diffusion.text import CLIPTextModel
 
-__all__ = ["build_network", "build_model", "build_diffusion", "build_ema_copy", "build_autoencoder_loss",
-           "build_data_source", "run_prompts", "TOKENIZER_DIR",
+__all__ = ["build_network", "build_model", "build_diffusion", "build_recorded_diffusion", "build_ema_copy",
+           "build_autoencoder_loss", "build_data_source", "run_prompts", "TOKENIZER_DIR",
            "run_tokenizer_folder", "use_run_tokenizer", "save_run_tokenizer", "check_tokenizer",
-           "data_geometry", "load_autoencoder", "load_text_encoder", "load_weights_into"]
+           "data_geometry", "load_autoencoder", "load_network_file", "load_text_encoder", "load_weights_into"]
 
 
 def build_model(cfg: ExperimentConfig) -> nn.Cell:
@@ -71,6 +71,24 @@ def build_diffusion(cfg: ExperimentConfig, model: Optional[nn.Cell] = None,
                                  text_encoder=text_encoder)
     diffusion.first_stage_info = info
     diffusion.text_encoder_info = text_info
+    return diffusion
+
+
+def build_recorded_diffusion(cfg: ExperimentConfig, meta: Mapping[str, Any]) -> nn.Cell:
+    """The diffusion of ``cfg`` whose pretrained parts are those a checkpoint's metadata ``meta`` records (a
+    latent diffusion's ``first_stage``, a ``text_encoder``), built from their recorded architectures and left
+    uninitialised: their weights are in that checkpoint, and the files they were first read from are not
+    needed. The records are kept as ``first_stage_info`` / ``text_encoder_info`` for the next checkpoints."""
+    parts = {}
+    if cfg.diffusion and cfg.diffusion["type"] in LATENT_TYPES and meta.get("first_stage"):
+        parts["first_stage_model"] = build_uninitialised(build_network, meta["first_stage"]["model"])
+    if meta.get("text_encoder"):
+        parts["text_encoder"] = build_uninitialised(build_network, meta["text_encoder"]["network"])
+    diffusion = build_diffusion(cfg, **parts)
+    if "first_stage_model" in parts:
+        diffusion.first_stage_info = dict(meta["first_stage"])
+    if "text_encoder" in parts:
+        diffusion.text_encoder_info = dict(meta["text_encoder"])
     return diffusion
 
 
@@ -218,27 +236,37 @@ def load_autoencoder(path: Union[str, Path]) -> Tuple[AutoencoderKL, Dict[str, A
 
 
 
+def load_network_file(path: Union[str, Path], kind: Optional[str] = None, fix: str = ""
+                      ) -> Tuple[nn.Cell, Dict[str, np.ndarray], Dict[str, Any]]:
+    """A network file (``.safetensors`` whose metadata has a ``network`` section, as ``convert_checkpoint.py``
+    writes) -> (the network that section builds, holding the file's weights, in eval mode; {name: array};
+    metadata). ``kind``: the network type required (else CheckpointError, ending with ``fix``). Every
+    problem raises CheckpointError naming the file."""
+    p = Path(path).expanduser()
+    arrays, meta = load_safetensors(p)
+    network = meta.get("network") or {}
+    if not network.get("type") or (kind and network["type"] != kind):
+        what = f"a {network['type']!r} network" if network.get("type") else "no network section (a model's export?)"
+        raise CheckpointError(f"{str(p)!r} holds {what}" + (f", not a {kind!r} network" if kind else "")
+                              + (f"; {fix}" if fix else ""))
+    try:
+        built = build_uninitialised(build_network, network)       # every weight is loaded next
+    except ConfigError as err:
+        raise CheckpointError(f"{str(p)!r}: its recorded network section does not build: {err}") from None
+    load_weights_into(built, arrays, p)
+    built.set_train(False)
+    return built, arrays, meta
+
+
 def load_text_encoder(path: Union[str, Path]) -> Tuple[CLIPTextModel, Dict[str, Any]]:
     """A pretrained CLIP text encoder's network file (``clip_text``, as ``convert_checkpoint.py from-diffusers
     --subfolder text_encoder`` writes it) -> (``CLIPTextModel`` in eval mode, info), info = {"path", "sha256",
     "network": its model section}: what a text diffusion records so that its checkpoints rebuild the encoder
     without this file."""
     p = Path(path).expanduser()
+    convert = (f"convert a CLIP text encoder with: python scripts/convert_checkpoint.py from-diffusers PIPELINE_FOLDER "
+               f"{p.with_suffix('.safetensors').name} --subfolder text_encoder")
     if p.suffix != ".safetensors":
-        raise CheckpointError(f"{str(p)!r} is not a text encoder's network file (.safetensors); convert a CLIP text "
-                              f"encoder with: python scripts/convert_checkpoint.py from-diffusers PIPELINE_FOLDER "
-                              f"{p.with_suffix('.safetensors').name} --subfolder text_encoder")
-    arrays, meta = load_safetensors(p)
-    network = meta.get("network") or {}
-    if network.get("type") != "clip_text":
-        what = f"a {network['type']!r} network" if network.get("type") else "no network section (a model's export?)"
-        raise CheckpointError(f"{str(p)!r} holds {what}, not a CLIP text encoder; convert one with: python "
-                              f"scripts/convert_checkpoint.py from-diffusers PIPELINE_FOLDER OUT.safetensors "
-                              f"--subfolder text_encoder")
-    try:
-        encoder = build_uninitialised(build_network, network)       # every weight is loaded next
-    except ConfigError as err:
-        raise CheckpointError(f"{str(p)!r}: its recorded network section does not build: {err}") from None
-    load_weights_into(encoder, arrays, p)
-    encoder.set_train(False)
-    return encoder, {"path": str(p), "sha256": file_sha256(p), "network": dict(network)}
+        raise CheckpointError(f"{str(p)!r} is not a text encoder's network file (.safetensors); {convert}")
+    encoder, _, meta = load_network_file(p, "clip_text", convert)
+    return encoder, {"path": str(p), "sha256": file_sha256(p), "network": dict(meta["network"])}

@@ -17,13 +17,10 @@ import numpy as np
 
 from ms_diffusion.config import ExperimentConfig, config_from_dict
 from ms_diffusion.diffusion.latent import LatentSpace
-from ms_diffusion.diffusion.registry import LATENT_TYPES
-from ms_diffusion.experiment import (build_diffusion, check_tokenizer, load_autoencoder, load_weights_into,
-                                    use_run_tokenizer)
+from ms_diffusion.experiment import (build_recorded_diffusion, check_tokenizer, load_autoencoder,
+                                    load_weights_into, use_run_tokenizer)
 from ms_diffusion.io.checkpoint import CheckpointError
-from ms_diffusion.io.state import build_uninitialised
 from ms_diffusion.io.weights import read_weights, resolve_checkpoint
-from ms_diffusion.models import build_network
 
 __all__ = ["resolve_checkpoint", "read_weights", "load_diffusion", "load_autoencoder", "describe_degenerate",
            "to_images", "generate", "Generated", "cycled_classes", "cycled_prompts"]
@@ -66,14 +63,8 @@ def load_diffusion(path: Union[str, Path], weights: str = "ema", log: Optional[C
     if cfg.is_autoencoder:
         raise CheckpointError(f"{p} is an autoencoder checkpoint, not a diffusion model: name its run as "
                               f"diffusion.first_stage of a `latent` config and train the latent diffusion")
-    build_args = {}
-    if cfg.diffusion["type"] in LATENT_TYPES and meta.get("first_stage"):
-        # the first stage's weights are in this checkpoint; only its architecture comes from the metadata
-        build_args["first_stage_model"] = build_uninitialised(build_network, meta["first_stage"]["model"])
-    if meta.get("text_encoder"):      # a pretrained text encoder: its weights are here too
-        build_args["text_encoder"] = build_uninitialised(build_network, meta["text_encoder"]["network"])
     use_run_tokenizer(cfg, p.parent.parent if p.parent.name == "checkpoints" else p.parent)
-    diffusion = build_diffusion(cfg, **build_args)
+    diffusion = build_recorded_diffusion(cfg, meta)
     check_tokenizer(diffusion, meta, p)
     load_weights_into(diffusion, selected, p)
     diffusion.set_train(False)

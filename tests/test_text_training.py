@@ -305,6 +305,8 @@ def test_a_config_trains_with_a_frozen_pretrained_clip_text_encoder(text_runs, t
     cfg = yaml.safe_load(config.read_text())
     text = {"tokenizer": cfg["diffusion"]["text"]["tokenizer"], "max_length": 8, "encoder": str(encoder_file)}
     cfg["diffusion"]["text"] = text
+    shutil.copytree(root / "ae", tmp_path / "ae")                # a first stage this test may delete
+    cfg["diffusion"]["first_stage"] = str(tmp_path / "ae")
     cfg["train"].update(num_steps=2, save_every=1, sample_every=0)
     built = build_diffusion(config_from_dict(cfg))
     assert built.model.cond_stage_model.frozen and built.text_encoder_info["sha256"] == file_sha256(encoder_file)
@@ -339,7 +341,19 @@ def test_a_config_trains_with_a_frozen_pretrained_clip_text_encoder(text_runs, t
             for name, value in pretrained.items():
                 np.testing.assert_array_equal(arrays[prefix + name], value)
 
+    _, before, records = read_weights(checkpoints[-1], "ema")
     encoder_file.unlink()                        # the run rebuilds the encoder from its own checkpoint
+    shutil.rmtree(tmp_path / "ae")               # and its first stage
+    cfg["train"]["num_steps"] = 3                # ... when it resumes, too
+    assert train_main(["--config", str(_write(tmp_path / "frozen.yaml", cfg)), "--out-dir", str(tmp_path / "run"),
+                       "--resume"]) == 0
+    _, after, meta = read_weights(tmp_path / "run" / "checkpoints" / "step_00000003.ckpt", "ema")
+    assert meta["step"] == 3
+    assert meta["first_stage"] == records["first_stage"] and meta["text_encoder"] == records["text_encoder"]
+    frozen = [k for k in before if k.startswith(("first_stage_model.", prefix)) or k == "scale_factor"]
+    assert len(frozen) > len(pretrained)
+    for name in frozen:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
     _, ldm, _ = load_diffusion(tmp_path / "run")
     ids = ldm.tokenize(["dark square", "a light square, upside down", ""])
     with torch.no_grad():

@@ -10,7 +10,8 @@ from mindspore.amp import DynamicLossScaler
 
 from ms_diffusion.training import EMA, TrainStep, build_lr_schedule
 from ms_diffusion.io.checkpoint import (CheckpointError, export_safetensors, list_checkpoints, load_checkpoint,
-                                              load_safetensors, prune_checkpoints, save_checkpoint)
+                                              load_safetensors, prune_checkpoints, read_checkpoint_meta,
+                                              save_checkpoint)
 from ms_diffusion.training.optim import current_lr
 
 
@@ -270,6 +271,10 @@ def test_checkpoint_listing_pruning_and_errors(tmp_path):
         load_checkpoint(tmp_path / "broken.ckpt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
+    assert read_checkpoint_meta(tmp_path / "step_00000030.ckpt") == {"step": 30}    # the metadata alone
+    for bad, match in (("broken.ckpt", "corrupt or not a MindSpore checkpoint"), ("missing.ckpt", "does not exist")):
+        with pytest.raises(CheckpointError, match=match):
+            read_checkpoint_meta(tmp_path / bad)
 
 
 class FixedBatches:

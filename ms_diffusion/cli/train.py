@@ -143,11 +143,30 @@ def _measure_latent_scale(cfg, diffusion, source) -> float:
     return diffusion.measure_scale_factor(images, Tensor(noise.astype(np.float32)))
 
 
+def _resumed_meta(run_dir, resume) -> Optional[dict]:
+    """The metadata of the checkpoint ``--resume`` continues from (``"auto"``: the newest whose metadata reads);
+    None when there is none, or it does not read (the trainer says why when it loads it)."""
+    from pathlib import Path
+
+    from ms_diffusion.io.checkpoint import CheckpointError, list_checkpoints, read_checkpoint_meta
+
+    if resume == "auto":
+        candidates = [p for _, p in reversed(list_checkpoints(Path(run_dir) / "checkpoints"))]
+    else:
+        candidates = [Path(resume)]
+    for path in candidates:
+        try:
+            return read_checkpoint_meta(path)
+        except CheckpointError:
+            continue
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
     from ms_diffusion import runtime
     from ms_diffusion.config import load_config
-    from ms_diffusion.experiment import (build_data_source, build_diffusion, build_ema_copy, run_prompts,
-                                        use_run_tokenizer)
+    from ms_diffusion.experiment import (build_data_source, build_diffusion, build_ema_copy,
+                                        build_recorded_diffusion, run_prompts, use_run_tokenizer)
     from ms_diffusion.training.distributed import init_data_parallel
 
     if args.overwrite and args.resume:
@@ -159,9 +178,12 @@ def _run(args: argparse.Namespace) -> int:
     folder = _run_folder(cfg, args, dist)
     if cfg.is_autoencoder:
         return _train_autoencoder(cfg, args, info, dist, folder)
+    resumed = None
     if args.resume:
         use_run_tokenizer(cfg, cfg.run_dir)   # a text run goes on with the tokenizer it was trained with
-    diffusion = build_diffusion(cfg)
+        resumed = _resumed_meta(cfg.run_dir, args.resume)
+    # a resumed run's pretrained parts (first stage, text encoder) come from its checkpoint, not their files
+    diffusion = build_recorded_diffusion(cfg, resumed) if resumed else build_diffusion(cfg)
     ema_diffusion = build_ema_copy(cfg, diffusion)
     source = build_data_source(cfg, diffusion, shard_id=dist.rank, num_shards=dist.world_size)
     out_dir = cfg.run_dir
@@ -174,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     if tokenizer is not None:                          # text: what the prompts' ids depend on
         meta["tokenizer_sha256"] = tokenizer.fingerprint()
     notes = []
-    if getattr(diffusion, "scale_by_std", False):
+    if getattr(diffusion, "scale_by_std", False) and not resumed:   # else the checkpoint holds the scale
         scale = _measure_latent_scale(cfg, diffusion, source)
         notes.append(f"scale_by_std: scale_factor = {scale:.4f} (1 / std of the first batch's latents)")
 

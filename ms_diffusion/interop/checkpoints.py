@@ -161,16 +161,15 @@ def is_network_file(path: PathLike) -> bool:
 
 
 def load_network(path: PathLike) -> Tuple[nn.Cell, Dict[str, np.ndarray], Dict[str, Any]]:
-    """A network file -> (network with its weights loaded, {name: array}, metadata)."""
-    from ms_diffusion.io.checkpoint import load_safetensors
+    """A network file -> (network with its weights loaded, {name: array}, metadata); ``experiment.load_network_file``
+    with its errors as ConversionError."""
+    from ms_diffusion.experiment import load_network_file
+    from ms_diffusion.io.checkpoint import CheckpointError
 
-    arrays, meta = load_safetensors(path)
-    if "network" not in meta:
-        raise ConversionError(f"{path} is not a network file (its metadata has no 'network' section)")
-    network = build_network_section(meta["network"])
-    _check_loads(network, arrays, "network")
-    network.set_train(False)
-    return network, arrays, meta
+    try:
+        return load_network_file(path)
+    except CheckpointError as err:
+        raise ConversionError(str(err)) from None
 
 
 def read_ms_checkpoint(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, Dict[str, np.ndarray]], Dict[str, Any]]:

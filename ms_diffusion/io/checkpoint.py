@@ -17,8 +17,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 import mindspore as ms
 import numpy as np
 
-__all__ = ["CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint", "list_checkpoints",
-           "latest_checkpoint", "newest_readable_checkpoint", "skipped_checkpoint_line", "remove_temporaries",
+__all__ = ["CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
+           "read_checkpoint_meta", "list_checkpoints", "latest_checkpoint", "newest_readable_checkpoint",
+           "skipped_checkpoint_line", "remove_temporaries",
            "prune_checkpoints", "checkpoint_path", "export_safetensors", "load_safetensors", "META_KEY"]
 
 META_KEY = "ms_diffusion_meta"
@@ -119,11 +120,23 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Union[ms.Parameter, ms
 
 def load_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict]:
     """Read a checkpoint written by ``save_checkpoint``: ({name: array}, meta)."""
-    path = Path(path)
+    raw = _read(Path(path))
+    meta = json.loads(str(raw.pop(META_KEY)))
+    arrays = {name: (value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)) for name, value in raw.items()}
+    return arrays, meta
+
+
+def read_checkpoint_meta(path: PathLike) -> Dict:
+    """Only the metadata of a checkpoint written by ``save_checkpoint`` (no tensor is converted)."""
+    return json.loads(str(_read(Path(path), choice_func=lambda name: name == META_KEY)[META_KEY]))
+
+
+def _read(path: Path, choice_func: Optional[Callable[[str], bool]] = None) -> Dict:
+    """MindSpore's reading of an ms_diffusion checkpoint (the entries ``choice_func`` keeps), with our errors."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        raw = ms.load_checkpoint(str(path))
+        raw = ms.load_checkpoint(str(path), choice_func=choice_func)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError with long messages
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UnreadableCheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a MindSpore "
@@ -131,9 +144,7 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict]:
     if META_KEY not in raw:
         raise CheckpointError(f"{str(path)!r} is a MindSpore checkpoint but not an ms_diffusion one (no metadata); "
                               f"convert foreign weights with scripts/convert_checkpoint.py")
-    meta = json.loads(str(raw.pop(META_KEY)))
-    arrays = {name: (value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)) for name, value in raw.items()}
-    return arrays, meta
+    return raw
 
 
 def list_checkpoints(directory: PathLike) -> List[Tuple[int, Path]]:
