@@ -51,12 +51,29 @@ from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write
 from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
 from ms_diffusion.models import AutoencoderKL, UNetModel
 from ms_diffusion.nn.attention import set_attention_slicing
+from ms_diffusion.nn.layers import KernelSwitch
 from ms_diffusion.samplers import resolve_sampler, sampler_grid, sampler_options
 from ms_diffusion.samplers.base import make_rng
 from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer
 from ms_diffusion.text.tokenizer import EOS
+from ms_diffusion.training.amp import apply_amp
 
-__all__ = ["StableDiffusion", "diffusion_kwargs_from_scheduler", "sampler_defaults_from_scheduler"]
+__all__ = ["StableDiffusion", "diffusion_kwargs_from_scheduler", "sampler_defaults_from_scheduler", "PRECISIONS",
+           "resolve_precision"]
+
+#: compute precisions of ``StableDiffusion.set_precision``
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_precision(precision: str, device: Optional[str] = None) -> str:
+    """``"auto"`` -> ``"fp16"`` on Ascend and GPU, ``"fp32"`` on CPU (``device``: MindSpore's device target,
+    default the current one); other names are checked and returned."""
+    if precision == "auto":
+        device = device or ms.get_context("device_target")
+        return "fp32" if device == "CPU" else "fp16"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of auto, {', '.join(PRECISIONS)}")
+    return precision
 
 _PREDICTIONS = {"epsilon": "pred_noise", "v_prediction": "pred_v", "sample": "pred_x0"}
 _BETAS = {"scaled_linear": "scaled_linear", "linear": "linear", "squaredcos_cap_v2": "cosine"}
@@ -117,6 +134,7 @@ class StableDiffusion:
     sampler_defaults: Dict[str, Any] = field(default_factory=dict)
     scheduler_config: Dict[str, Any] = field(default_factory=dict)
     source: Dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
 
     @property
     def text_encoder(self) -> CLIPTextModel:
@@ -241,6 +259,30 @@ class StableDiffusion:
         (default: the model's native size) tile by tile, blended across ``overlap`` as diffusers'
         ``enable_vae_tiling`` (the images differ slightly at the seams)."""
         self.vae.enable_tiling(tile_size or self.ldm.pixel_size[0], overlap)
+        return self
+
+    def set_precision(self, precision: str = "fp32") -> "StableDiffusion":
+        """Compute the text encoder, UNet and VAE in ``precision``: ``"fp32"``, or ``"fp16"`` / ``"bf16"`` (for Ascend
+        and GPU; mindone's and diffusers' half-precision inference): convolutions, matmuls and activations in half
+        precision, normalisation layers and attention softmax in float32, weights kept float32 (amp O2). The
+        sampler's arithmetic, the latents and the decoded images stay float32. On CPU float16 runs (more slowly
+        than float32) and bfloat16 is refused. Call before the first generation (compiled graphs keep theirs)."""
+        precision = resolve_precision(precision)
+        if precision == self.precision:
+            return self
+        if precision == "fp32":
+            raise ValueError(f"this pipeline already computes in {self.precision}; load it again for fp32")
+        if precision == "bf16" and ms.get_context("device_target") == "CPU":
+            raise ValueError("bf16 does not run on CPU: MindSpore's CPU backend has no bfloat16 convolution or matmul "
+                             "kernels; use fp32 (or fp16) on CPU")
+        for network in (self.text_encoder, self.unet, self.vae):
+            apply_amp(network, "O2", PRECISIONS[precision])
+            # amp O2 switches our float32 CPU kernels back on in the float32 normalisation layers, and a kernel
+            # inside a to_float cell dies with SIGFPE in PyNative (CPU). They are off on Ascend / GPU anyway.
+            for _, cell in network.cells_and_names():
+                if isinstance(cell, KernelSwitch):
+                    cell.use_kernel = False
+        self.precision = precision
         return self
 
     # ------------------------------------------------------------------ saving

@@ -234,6 +234,31 @@ def test_attention_slicing_and_vae_tiling(pipelines):
         pipe.vae.disable_tiling()
 
 
+def test_half_precision_stays_close_to_float32(pipelines):
+    """--precision fp16: the text encoder, UNet and VAE compute in float16 (norms and softmax in float32); the
+    images are float32 and close to the float32 ones (themselves equal to diffusers'). bf16 is refused on CPU."""
+    from ms_diffusion.stable_diffusion import resolve_precision
+
+    assert [resolve_precision("auto", d) for d in ("CPU", "GPU", "Ascend")] == ["fp32", "fp16", "fp16"]
+    folder, _ = pipelines["sd2"]                               # v-prediction
+    latents, image = _latents(41), _images(43)
+    full = StableDiffusion.from_diffusers(folder)
+    half = StableDiffusion.from_diffusers(folder).set_precision("fp16")
+    assert half.precision == "fp16"
+    x, t, context = ms.Tensor(latents.numpy()), ms.Tensor(np.array([10, 10], np.int32)), full.encode_prompt(PROMPTS)
+    assert half.unet(x, t, context).dtype == ms.float16 and full.unet(x, t, context).dtype == ms.float32
+    for call in (lambda sd: sd(PROMPTS, negative_prompt=NEGATIVE, steps=3, guidance_scale=5.0,
+                               latents=ms.Tensor(latents.numpy())),
+                 lambda sd: sd.img2img(PROMPTS, image.numpy(), strength=0.7, steps=4, guidance_scale=3.0, seed=5)):
+        ref, ours = call(full).asnumpy(), call(half)
+        assert ours.dtype == ms.float32
+        err = np.abs(ours.asnumpy() - ref).max()
+        print(f"fp16 vs fp32: max |difference| {err:.2g}")
+        assert 0 < err < 2e-2                                # float16 really computed, and close
+    with pytest.raises(ValueError, match="bf16 does not run on CPU"):
+        StableDiffusion.from_diffusers(folder).set_precision("bf16")
+
+
 def test_user_errors_are_clear(pipelines, tmp_path):
     sd = StableDiffusion.from_diffusers(pipelines["sd1"][0])
     with pytest.raises(ValueError, match="multiples of 4"):
@@ -271,6 +296,11 @@ def test_sample_cli_text_to_image(pipelines, tmp_path):
     proc = run("--prompt", "a cat", "--mask", tmp_path / "grid.png", "--out", tmp_path / "x.png")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "sample.py: error: --mask needs --init-image (the image to inpaint)"]
+    proc = run("--prompt", "a cat", "--precision", "bf16", "--out", tmp_path / "y.png")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "sample.py: error: --precision bf16: bf16 does not run on CPU: MindSpore's CPU backend has no bfloat16 "
+        "convolution or matmul kernels; use fp32 (or fp16) on CPU"]
+    assert not (tmp_path / "y.png").exists()
 
 
 def test_load_image_reads_rgb_and_masks(tmp_path):

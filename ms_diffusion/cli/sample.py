@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "beside it, else read off the weights)")
     text.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
                       help="an original SD 2.x checkpoint without YAML: noise (512 px models) or v (768 px)")
+    text.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                      help="compute precision of the text encoder, UNet and VAE (auto: fp16 on Ascend and GPU, fp32 "
+                           "on CPU; bf16 not on CPU)")
     p.add_argument("--attention-slicing", type=int, default=0, metavar="N",
                    help="compute attention for N queries at a time (less memory, same images; 0: off)")
     p.add_argument("--vae-tiling", action="store_true",
@@ -121,6 +124,10 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
             raise UsageError(f"--ckpt {args.ckpt} does not exist")
         sd = StableDiffusion.from_single_file(args.ckpt, config=args.sd_config, prediction_type=args.prediction_type,
                                               use_ema=args.weights == "ema", clip_skip=args.clip_skip)
+    try:
+        sd.set_precision(args.precision)
+    except ValueError as err:
+        raise UsageError(f"--precision {args.precision}: {err}") from None
     if args.attention_slicing:
         sd.enable_attention_slicing(args.attention_slicing)
     if args.vae_tiling:
@@ -165,6 +172,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.vae_tiling:
         raise UsageError("--vae-tiling is for Stable Diffusion models, whose --height / --width can exceed the size "
                          "they were trained at")
+    if args.precision not in ("auto", "fp32"):
+        raise UsageError("--precision fp16 / bf16 is for Stable Diffusion models; our own runs sample in float32 "
+                         "(train.amp sets the precision they train in)")
     from ms_diffusion import runtime
     from ms_diffusion.imageio import save_gif, save_grid
     from ms_diffusion.pipeline import cycled_classes, describe_degenerate, generate, load_diffusion

@@ -55,6 +55,7 @@ from ms_diffusion.diffusion.gaussian import GaussianDiffusion
 from ms_diffusion.models.autoencoder import AutoencoderKL
 from ms_diffusion.models.distributions import DiagonalGaussianDistribution, gaussian_sample, split_moments
 from ms_diffusion.models.unet_ldm import UNetModel
+from ms_diffusion.nn.layers import to_float32
 from ms_diffusion.runtime import maybe_jit
 
 __all__ = ["LatentSpace", "LatentDiffusion", "LatentEDM", "LatentFlowMatching", "LatentDenoiser", "ClassEmbedder",
@@ -341,8 +342,8 @@ class LatentSpace:
         return self.scale_factor * gaussian_sample(mean, logvar, noise)
 
     def decode_first_stage(self, z):
-        """Scaled latents (B, z, h, w) -> images (B, C, H, W), nominally [-1, 1]."""
-        return self.first_stage_model.decode(z / self.scale_factor)
+        """Scaled latents (B, z, h, w) -> images (B, C, H, W) float32, nominally [-1, 1]."""
+        return to_float32(self.first_stage_model.decode(z / self.scale_factor))
 
     def measure_scale_factor(self, images, noise=None) -> float:
         """Set ``scale_factor`` = 1 / std of the (unscaled) sampled latents of ``images``; return it.

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple
 import mindspore as ms
 from mindspore import ops
 
+from ms_diffusion.nn.layers import to_float32
+
 __all__ = ["DiagonalGaussianDistribution", "split_moments", "gaussian_sample", "gaussian_kl", "gaussian_nll",
            "LOGVAR_MIN", "LOGVAR_MAX"]
 
@@ -23,8 +25,9 @@ _LOG_TWO_PI = math.log(2.0 * math.pi)
 
 
 def split_moments(moments) -> Tuple[ms.Tensor, ms.Tensor]:
-    """(B, 2z, ...) -> mean (B, z, ...), log-variance clamped to [-30, 20] (B, z, ...)."""
-    mean, logvar = ops.chunk(moments, 2, axis=1)
+    """(B, 2z, ...) -> mean (B, z, ...), log-variance clamped to [-30, 20] (B, z, ...), float32 (a half-precision
+    encoder's moments are cast)."""
+    mean, logvar = ops.chunk(to_float32(moments), 2, axis=1)
     return mean, ops.clamp(logvar, LOGVAR_MIN, LOGVAR_MAX)
 
 
