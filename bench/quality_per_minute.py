@@ -36,17 +36,21 @@ last update (the final checkpoint, the final evaluations).
 
 Our recipes use the cosine learning-rate schedule, which needs the number of updates up front. So each
 first runs a short calibration in a throwaway process (not counted: ``--calibration-steps`` updates after
-5 warm-up updates give seconds per update, and the time to the first update estimates the real run's
-start-up); the real run then gets ``train.num_steps = (budget - start-up) / seconds per update * 1.05``
-(``warmup_steps`` and ``ema_update_after_step`` are cut to 10 % of that when they exceed it). The budget is
-enforced after every update: when it is spent, training stops after that update. The 5 % surplus is there
-because the calibration tends to over-estimate the time per update (by 3-8 % here): with a margin below 1 a
-recipe ran out of planned updates minutes early (26.4 of 30 min); with the surplus the budget stops it, about
-5 % before the end of its cosine schedule when the calibration is exact (the learning rate is then within
-0.7 % of the schedule's range above its minimum). A recipe that still runs out of updates first ends early
-and the table says so. The anchor has a constant learning rate and simply trains until the budget is spent.
-Either way the last update is the one that reaches the budget, so a recipe may overrun it by up to one update
-(the minutes are reported).
+20 warm-up updates give seconds per update, and the time to the first update estimates the real run's
+start-up); the real run's first plan is ``(budget - start-up) / seconds per update`` updates (``warmup_steps``
+and ``ema_update_after_step`` are cut to 10 % of that when they exceed it). A calibration is not enough on its
+own: the seconds per update of one process differ from the next one's by up to 20 % on this 2-core machine
+(274 ms calibrated against 230 ms in the run, and 238 against 289 in another), so a schedule planned from it
+either ended minutes before the budget (26.3 of 30 min) or was cut off by the budget well before its end. So
+every ``--replan-every`` updates (50; 0 turns it off) the run re-plans the end of its cosine decay from its own
+seconds per update over the last 200 updates and the training clock left: ``total = step + (budget - clock) /
+seconds per update``. The schedule's end lives in a scalar Parameter of a stand-in for the trainer's schedule
+(``_replanned_schedule_builder``), so the compiled step reads the new value without recompiling; the learning
+rate reaches its minimum as the budget runs out. Without re-planning the plan has a 5 % surplus (``STEP_MARGIN``)
+and the budget stops the run. The budget is enforced after every update: when it is spent, training stops after
+that update. The anchor has a constant learning rate and simply trains until the budget is spent. Either way
+the last update is the one that reaches the budget, so a recipe may overrun it by up to one update (the
+minutes are reported).
 
 Evaluation
 ----------
@@ -104,9 +108,10 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                              "batch 32, lr 5e-4 cosine (the default until 2026-12-06)"},
     "edm": {"config": "fashion_mnist_edm", "periodic": ("heun", 10),
             "description": "configs/fashion_mnist_edm.yaml: same network and training, EDM objective"},
-    "flow": {"config": "fashion_mnist_fast", "periodic": ("flow_euler", 20),
+    "flow": {"config": "fashion_mnist_fast", "periodic": ("unipc", 20),
              "description": "configs/fashion_mnist_fast.yaml (the default): flow matching, the same U-Net with "
-                            "attention 2 x 16 wide instead of 4 x 32, lr 1e-3 (since 2026-12-07)"},
+                            "attention 2 x 16 wide instead of 4 x 32, lr 1e-3 (since 2026-12-07), no random flips, UniPC "
+                            "(since 2026-12-07, later)"},
     "flow32": {"config": "fashion_mnist_fast", "overrides": ["model.dim=32"], "periodic": ("flow_euler", 20),
                "extra": True, "description": "the default config with a wider U-Net (dim 32, 2.6 M weights)"},
     "lucidrains": {"config": None, "periodic": ("ddim", 20),
@@ -114,8 +119,9 @@ RECIPES: Dict[str, Dict[str, Any]] = {
                                   "defaults (pred_v, sigmoid, T=1000), Adam 2e-4, batch 64, EMA 0.995/10 (PyTorch)"},
 }
 DEFAULT_SAMPLERS = "ddim,dpmpp,euler,heun,unipc,flow_euler"
-WARMUP_UPDATES = 5         # calibration: updates before seconds per update are measured
-STEP_MARGIN = 1.05         # planned updates = budget / seconds per update * this
+WARMUP_UPDATES = 20        # calibration: updates before seconds per update are measured
+STEP_MARGIN = 1.05         # planned updates = budget / seconds per update * this (without --replan-every)
+REPLAN_WINDOW = 200        # re-planning: seconds per update measured over this many recent updates
 TORCH_BATCH = 64
 _TITLES = {"ddim": "DDIM", "dpmpp": "DPM-Solver++", "dpmpp_sde": "DPM-Solver++ SDE", "euler": "Euler",
            "euler_a": "Euler a", "heun": "Heun", "unipc": "UniPC", "flow_euler": "Flow Euler", "plms": "PLMS",
@@ -270,6 +276,38 @@ def _our_overrides(recipe: str, args, num_steps: int, out_dir: str, calibrate: b
     return out
 
 
+def _replanned_schedule_builder(planned: int, holder: Dict[str, Any]):
+    """A stand-in for the trainer's ``build_lr_schedule`` that returns the warm-up + cosine schedule with its end
+    movable (``replan(total_steps)``), first planned at ``planned`` updates; kept in ``holder["schedule"]``."""
+    import mindspore as ms
+    from mindspore import Tensor, ops
+
+    from ms_diffusion.training.optim import WarmupCosineLR
+
+    class ReplannedCosineLR(WarmupCosineLR):
+        def __init__(self, max_lr: float, min_lr: float, warmup_steps: int):
+            super().__init__(max_lr, min_lr, warmup_steps, planned)
+            self.planned_decay = ms.Parameter(Tensor(self.decay_steps, ms.float32), name="bench_decay_steps",
+                                              requires_grad=False)
+
+        def construct(self, global_step):
+            return self.lr_at(global_step, self.planned_decay)
+
+        def replan(self, total_steps: float) -> None:
+            # in place: a compiled graph does not see a Parameter's set_data (it keeps the old storage)
+            ops.assign(self.planned_decay, Tensor(max(float(total_steps) - self.warmup, 1.0), ms.float32))
+
+        def total_steps(self) -> float:
+            return float(self.planned_decay.asnumpy()) + self.warmup
+
+    def build(name: str, lr: float, *, warmup_steps: int = 0, total_steps: int = 1, min_lr: float = 0.0):
+        assert name == "cosine", name
+        holder["schedule"] = ReplannedCosineLR(lr, min_lr, warmup_steps)
+        return holder["schedule"]
+
+    return build
+
+
 def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
     """One of our recipes in this process: ``calibrate`` (seconds per update) or ``train`` (the budgeted run)."""
     from ms_diffusion import runtime
@@ -277,6 +315,7 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
     from ms_diffusion.evaluation import SampleEvaluator
     from ms_diffusion.experiment import build_data_source, build_diffusion, build_ema_copy
     from ms_diffusion.training import Trainer
+    from ms_diffusion.training import trainer as trainer_module
 
     spec = RECIPES[recipe]
     calibrate = phase == "calibrate"
@@ -311,6 +350,9 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
             if not calibrate and value > 0.1 * planned:   # a short budget: at most 10 % of the updates
                 scaled[key] = (value, int(0.1 * planned))
                 overrides.append(f"train.{key}={int(0.1 * planned)}")
+        replan = bool(args.replan_every) and not calibrate and shipped.lr_schedule == "cosine"
+        if replan:   # the budget, not the step count, ends the run; the schedule's end follows the clock
+            overrides.append(f"train.num_steps={2 * planned + 100}")
         cfg = load_config(spec["config"], overrides)
         diffusion = build_diffusion(cfg)
         ema_diffusion = build_ema_copy(cfg, diffusion)
@@ -321,7 +363,13 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
                 super()._after_update()   # the EMA update
                 if clock.tick(self.step):
                     self.cfg.num_steps = self.step   # TrainerBase.fit ends after this update
+                elif replan and self.step % args.replan_every == 0 and len(clock.times) > REPLAN_WINDOW:
+                    times = clock.times
+                    per_update = (times[-1] - times[-1 - REPLAN_WINDOW]) / REPLAN_WINDOW
+                    holder["schedule"].replan(self.step + (clock.budget_s - times[-1]) / per_update)
 
+        if replan:
+            trainer_module.build_lr_schedule = _replanned_schedule_builder(planned, holder)
         trainer = BudgetTrainer(diffusion, ema_diffusion, source, cfg.train, tmp, meta={"config": cfg.to_dict()},
                                 seed=cfg.seed, log=lambda *_: None)
         holder["trainer"] = trainer
@@ -329,9 +377,12 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
         fit = trainer.fit()
         # ---- the clock has stopped (the last tick); what follows is not training
         stats = clock.summary(cfg.train.batch_size)
+        if replan:
+            stats["replanned_total"] = holder["schedule"].total_steps()
         out = {"recipe": recipe, "phase": phase, "config": spec["config"], "description": spec["description"],
                "device": info.device, "params": int(sum(int(p.size) for p in diffusion.trainable_params())),
-               "batch_size": cfg.train.batch_size, "planned_steps": planned, "build_s": build_s,
+               "batch_size": cfg.train.batch_size, "calibrated_plan": planned, "build_s": build_s,
+               "planned_steps": round(stats["replanned_total"]) if replan else planned,
                "final_loss": fit.get("loss"), "overrides": overrides,
                "scaled": {k: {"config": a, "used": b} for k, (a, b) in scaled.items()},
                "lr": cfg.train.lr, "lr_schedule": cfg.train.lr_schedule, **stats}
@@ -343,8 +394,8 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
             print(f"[{recipe}] calibration: {out['s_per_step'] * 1000:.0f} ms per update after "
                   f"{WARMUP_UPDATES} warm-up updates; {out['startup_s']:.1f} s to the first update", flush=True)
             return out
-        print(f"[{recipe}] trained {stats['steps']} of {planned} planned updates in {stats['train_seconds'] / 60:.2f} "
-              f"min of training clock (stopped by {stats['stopped_by']})", flush=True)
+        print(f"[{recipe}] trained {stats['steps']} of {out['planned_steps']} planned updates in "
+              f"{stats['train_seconds'] / 60:.2f} min of training clock (stopped by {stats['stopped_by']})", flush=True)
         end = clock.run_eval(trainer.step, mark_s=None)
         out["curve"] = clock.curve
         reuse = {(periodic[0], periodic[1]): {"fd": end["fd"]}} if end.get("fd") is not None else {}
@@ -540,8 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-samplers", default=DEFAULT_SAMPLERS,
                    help=f"samplers of the final evaluations, our recipes (default {DEFAULT_SAMPLERS}); the "
                         f"lucidrains anchor always uses its own DDIM")
-    p.add_argument("--calibration-steps", type=int, default=30,
+    p.add_argument("--calibration-steps", type=int, default=120,
                    help=f"updates timed (after {WARMUP_UPDATES} warm-up updates) to plan our recipes' num_steps")
+    p.add_argument("--replan-every", type=int, default=50, metavar="N",
+                   help="every N updates re-plan a cosine schedule's end from the run's own recent seconds per "
+                        "update, so that it ends with the budget (0: keep the calibration's plan)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a config override for each of our recipes (repeatable), e.g. --set train.batch_size=64; "
                         "applied after the recipe's own, before the bench's (num_steps, out_dir, ...)")
@@ -583,7 +637,7 @@ def _worker_argv(args, recipe: str, phase: str, out: str, num_steps: Optional[in
             "--minutes", repr(args.minutes), "--eval-every", repr(args.eval_every), "--eval-num", str(args.eval_num),
             "--eval-batch", str(args.eval_batch), "--final-nfe", ",".join(map(str, args.final_nfe)),
             "--final-samplers", ",".join(args.final_samplers), "--calibration-steps", str(args.calibration_steps),
-            "--torch-lr", repr(args.torch_lr), "--seed", str(args.seed)]
+            "--torch-lr", repr(args.torch_lr), "--seed", str(args.seed), "--replan-every", str(args.replan_every)]
     if args.data_dir:
         argv += ["--data-dir", str(args.data_dir)]
     for item in args.set or []:
@@ -663,9 +717,11 @@ def _run(args) -> int:
                 _write_json(json_path, args, results, None, started)
                 continue
             left = budget_s - cal["startup_s"]
-            num_steps = max(10, int(left / cal["s_per_step"] * STEP_MARGIN))
+            margin = 1.0 if args.replan_every else STEP_MARGIN
+            num_steps = max(10, int(left / cal["s_per_step"] * margin))
             print(f"[{recipe}] plan: train.num_steps = ({budget_s:.0f} s - {cal['startup_s']:.1f} s start-up) / "
-                  f"{cal['s_per_step'] * 1000:.0f} ms * {STEP_MARGIN} = {num_steps}", flush=True)
+                  f"{cal['s_per_step'] * 1000:.0f} ms * {margin} = {num_steps}"
+                  + (f", re-planned every {args.replan_every} updates" if args.replan_every else ""), flush=True)
             result = _run_worker(args, recipe, "train", num_steps=num_steps)
             result["calibration"] = {k: cal.get(k) for k in ("s_per_step", "startup_s", "build_s", "steps",
                                                              "img_per_s", "wall_s")}

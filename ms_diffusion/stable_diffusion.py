@@ -51,7 +51,6 @@ from ms_diffusion.interop.torch_io import PathLike, read_diffusers_folder, write
 from ms_diffusion.io.state import ConversionError, build_uninitialised, load_arrays_into
 from ms_diffusion.models import AutoencoderKL, UNetModel
 from ms_diffusion.nn.attention import set_attention_slicing
-from ms_diffusion.nn.layers import KernelSwitch
 from ms_diffusion.samplers import resolve_sampler, sampler_grid, sampler_options
 from ms_diffusion.samplers.base import make_rng
 from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer
@@ -277,11 +276,6 @@ class StableDiffusion:
                              "kernels; use fp32 (or fp16) on CPU")
         for network in (self.text_encoder, self.unet, self.vae):
             apply_amp(network, "O2", PRECISIONS[precision])
-            # amp O2 switches our float32 CPU kernels back on in the float32 normalisation layers, and a kernel
-            # inside a to_float cell dies with SIGFPE in PyNative (CPU). They are off on Ascend / GPU anyway.
-            for _, cell in network.cells_and_names():
-                if isinstance(cell, KernelSwitch):
-                    cell.use_kernel = False
         self.precision = precision
         return self
 

@@ -277,6 +277,48 @@ def test_a_train_step_with_kernels_equals_the_builtin_ops(block_type):
     assert worst < 1e-5, worst
 
 
+class _ConvNormAttention(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = conv2d(4, 8, 3)
+        self.norm = GroupNorm(2, 8)
+        self.attn = LinearAttention(8, heads=2, dim_head=4)
+
+    def construct(self, x):
+        return self.attn(self.norm(self.conv(x)))
+
+
+def _conv_norm_attention(use_kernels: bool, monkeypatch) -> nn.Cell:
+    monkeypatch.setenv(kernels.ENV, "1" if use_kernels else "0")
+    ms.set_seed(0)
+    net = _ConvNormAttention()
+    monkeypatch.delenv(kernels.ENV)
+    return net
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_kernels_inside_mixed_precision_cells(mode, monkeypatch):
+    """``to_float`` casts the floating-point tensors inside a cell, the kernels' settings included: a float64
+    settings tensor arrived as float32 and the GroupNorm kernel died with SIGFPE (amp O2's float32 norms,
+    Stable Diffusion's fp16). Settings are int64 now; a cell under ``to_float(float32)`` and amp O2's float32
+    norms inside a float16 network run our kernels and match the built-in ops."""
+    from ms_diffusion.training import apply_amp
+    x = Tensor(np.random.default_rng(0).standard_normal((2, 4, 6, 6)).astype(np.float32))
+    outputs = {}
+    for use_kernels in (True, False):
+        fp32, o2 = _conv_norm_attention(use_kernels, monkeypatch), _conv_norm_attention(use_kernels, monkeypatch)
+        fp32.to_float(ms.float32)
+        apply_amp(o2, "O2", "float16")
+        assert fp32.norm.use_kernel == fp32.attn.use_kernel == fp32.conv.use_kernel == use_kernels
+        assert o2.norm.use_kernel == use_kernels and not o2.conv.use_kernel and not o2.attn.use_kernel
+        run = [ms.jit(n) if mode == "graph" else n for n in (fp32, o2)]
+        outputs[use_kernels] = [f(x).astype(ms.float32).asnumpy() for f in run]
+    (fp32_on, o2_on), (fp32_off, o2_off) = outputs[True], outputs[False]
+    assert _rel(fp32_on, fp32_off) < 1e-5
+    assert np.isfinite(o2_on).all() and _rel(o2_on, o2_off) < 1e-2   # float16 rounding after the norms
+    assert _rel(o2_on, fp32_on) < 1e-2
+
+
 def test_conv2d_layer_keeps_nn_conv2d_names_and_falls_back_for_float16(monkeypatch):
     layer = conv2d(4, 8, 3)
     assert isinstance(layer, nn.Conv2d) and layer.use_kernel

@@ -10,8 +10,8 @@ from mindspore.amp import DynamicLossScaler
 
 from ms_diffusion.training import EMA, TrainStep, build_lr_schedule
 from ms_diffusion.io.checkpoint import (CheckpointError, export_safetensors, list_checkpoints, load_checkpoint,
-                                              load_safetensors, prune_checkpoints, read_checkpoint_meta,
-                                              save_checkpoint)
+                                              load_safetensors, newest_readable_checkpoint, newest_readable_meta,
+                                              prune_checkpoints, read_checkpoint_meta, save_checkpoint)
 from ms_diffusion.training.optim import current_lr
 
 
@@ -275,6 +275,21 @@ def test_checkpoint_listing_pruning_and_errors(tmp_path):
     for bad, match in (("broken.ckpt", "corrupt or not a MindSpore checkpoint"), ("missing.ckpt", "does not exist")):
         with pytest.raises(CheckpointError, match=match):
             read_checkpoint_meta(tmp_path / bad)
+    # the newest that reads, a truncated newer one passed over: with its tensors (and one line saying so), or
+    # its metadata alone
+    good = (tmp_path / "step_00000030.ckpt").read_bytes()
+    (tmp_path / "step_00000040.ckpt").write_bytes(good[: len(good) // 2])
+    lines = []
+    path, arrays, meta = newest_readable_checkpoint(tmp_path, log=lines.append)
+    assert (path.name, meta, arrays["w"].tolist()) == ("step_00000030.ckpt", {"step": 30}, [30.0, 30.0])
+    assert len(lines) == 1 and "step_00000040.ckpt is unreadable" in lines[0] and "(step 30)" in lines[0]
+    assert newest_readable_meta(tmp_path) == {"step": 30}
+    assert newest_readable_meta(tmp_path / "empty") is None and newest_readable_checkpoint(tmp_path / "empty") is None
+    for step in (12, 30):
+        (tmp_path / f"step_{step:08d}.ckpt").write_bytes(b"truncated")
+    assert newest_readable_meta(tmp_path) is None
+    with pytest.raises(CheckpointError, match="step_00000040.ckpt"):   # none reads: the newest one's error
+        newest_readable_checkpoint(tmp_path)
 
 
 class FixedBatches:

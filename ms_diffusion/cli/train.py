@@ -148,18 +148,14 @@ def _resumed_meta(run_dir, resume) -> Optional[dict]:
     None when there is none, or it does not read (the trainer says why when it loads it)."""
     from pathlib import Path
 
-    from ms_diffusion.io.checkpoint import CheckpointError, list_checkpoints, read_checkpoint_meta
+    from ms_diffusion.io.checkpoint import CheckpointError, newest_readable_meta, read_checkpoint_meta
 
     if resume == "auto":
-        candidates = [p for _, p in reversed(list_checkpoints(Path(run_dir) / "checkpoints"))]
-    else:
-        candidates = [Path(resume)]
-    for path in candidates:
-        try:
-            return read_checkpoint_meta(path)
-        except CheckpointError:
-            continue
-    return None
+        return newest_readable_meta(Path(run_dir) / "checkpoints")
+    try:
+        return read_checkpoint_meta(resume)
+    except CheckpointError:
+        return None
 
 
 def _run(args: argparse.Namespace) -> int:

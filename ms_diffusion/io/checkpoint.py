@@ -12,13 +12,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import mindspore as ms
 import numpy as np
 
 __all__ = ["CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
            "read_checkpoint_meta", "list_checkpoints", "latest_checkpoint", "newest_readable_checkpoint",
+           "newest_readable_meta",
            "skipped_checkpoint_line", "remove_temporaries",
            "prune_checkpoints", "checkpoint_path", "export_safetensors", "load_safetensors", "META_KEY"]
 
@@ -165,6 +166,19 @@ def latest_checkpoint(directory: PathLike) -> Optional[Path]:
     return found[-1][1] if found else None
 
 
+def _newest_that_reads(directory: PathLike, read: Callable[[Path], Any]
+                       ) -> Tuple[Optional[Path], Any, List[Tuple[Path, CheckpointError]]]:
+    """(path, read(path)) of the newest step checkpoint in ``directory`` that ``read`` reads ((None, None) if
+    none does), and the newer files that did not read, newest first, with their errors."""
+    bad: List[Tuple[Path, CheckpointError]] = []
+    for _, path in reversed(list_checkpoints(directory)):
+        try:
+            return path, read(path), bad
+        except CheckpointError as err:
+            bad.append((path, err))
+    return None, None, bad
+
+
 def newest_readable_checkpoint(directory: PathLike, log: Callable[[str], None] = print
                                ) -> Optional[Tuple[Path, Dict[str, np.ndarray], Dict]]:
     """(path, arrays, meta) of the newest step checkpoint in ``directory`` that reads, None if there is none.
@@ -172,22 +186,21 @@ def newest_readable_checkpoint(directory: PathLike, log: Callable[[str], None] =
     A newer file that does not read (truncated by a full disk, a copy cut short) is skipped with one line
     through ``log`` naming it and the one used instead; if none reads, the newest one's error is raised.
     """
-    found = list_checkpoints(directory)
-    first_error: Optional[CheckpointError] = None
-    bad: List[Tuple[Path, CheckpointError]] = []
-    for _, path in reversed(found):
-        try:
-            arrays, meta = load_checkpoint(path)
-        except CheckpointError as err:
-            first_error = first_error or err
-            bad.append((path, err))
-            continue
-        for bad_path, err in bad:
-            log(skipped_checkpoint_line(bad_path, err, path, meta.get("step")))
-        return path, arrays, meta
-    if first_error is not None:
-        raise first_error
-    return None
+    path, loaded, bad = _newest_that_reads(directory, load_checkpoint)
+    if path is None:
+        if bad:
+            raise bad[0][1]
+        return None
+    arrays, meta = loaded
+    for bad_path, err in bad:
+        log(skipped_checkpoint_line(bad_path, err, path, meta.get("step")))
+    return path, arrays, meta
+
+
+def newest_readable_meta(directory: PathLike) -> Optional[Dict]:
+    """The metadata of the newest step checkpoint in ``directory`` whose metadata reads (no tensor is converted),
+    None if there is none: what ``newest_readable_checkpoint`` will most likely resume from."""
+    return _newest_that_reads(directory, read_checkpoint_meta)[1]
 
 
 def skipped_checkpoint_line(bad: PathLike, err: CheckpointError, used: PathLike, step) -> str:

@@ -15,11 +15,13 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
+
+import numpy as np
 
 from ms_diffusion.kernels.build import ABI, BuildError, build_library
 
-__all__ = ["enabled", "library", "require_library", "disabled_reason", "reset", "BuildError", "ENV"]
+__all__ = ["enabled", "library", "require_library", "disabled_reason", "reset", "float_settings", "BuildError", "ENV"]
 
 ENV = "MS_DIFFUSION_CPU_KERNELS"
 _X86 = {"x86_64", "amd64"}
@@ -105,3 +107,12 @@ def disabled_reason() -> Optional[str]:
 def reset() -> None:
     """Forget the cached decision (tests change the environment between cases)."""
     _state.clear()
+
+
+def float_settings(values: Sequence[float]) -> "mindspore.Tensor":
+    """A kernel's settings that hold non-integers (a GroupNorm's eps, an attention's scale) as the int64 tensor
+    carrying their float64 bit patterns, which the kernels read back as doubles. Mixed precision
+    (``Cell.to_float``, amp O2 keeps norms in float32 with it) casts the floating-point tensors inside a cell: a
+    float64 settings tensor arrived as float32, was read as doubles, and its group count came out 0 (SIGFPE)."""
+    from mindspore import Tensor
+    return Tensor(np.asarray(values, np.float64).view(np.int64))

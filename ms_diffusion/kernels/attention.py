@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
 import mindspore as ms
-from mindspore import Tensor, ops
+from mindspore import ops
 
-from ms_diffusion.kernels import require_library
+from ms_diffusion.kernels import float_settings, require_library
 
 __all__ = ["LinearAttentionOp"]
 
@@ -31,7 +29,7 @@ class LinearAttentionOp:
     def __init__(self, heads: int, scale: float, v_by_positions: bool = False, memory: bool = True,
                  lib: Optional[str] = None):
         lib = require_library(lib)
-        self.spec = Tensor(np.array([heads, scale, float(v_by_positions)], np.float64))
+        self.spec = float_settings([heads, scale, float(v_by_positions)])
         f32 = ms.float32
 
         def out_shape(qkv, *rest):

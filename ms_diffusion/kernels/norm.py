@@ -15,7 +15,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from ms_diffusion.kernels import require_library
+from ms_diffusion.kernels import float_settings, require_library
 
 __all__ = ["GroupNormOp", "RmsNormOp"]
 
@@ -27,7 +27,7 @@ class GroupNormOp:
 
     def __init__(self, num_groups: int, eps: float = 1e-5, lib: Optional[str] = None):
         lib = require_library(lib)
-        self.spec = Tensor(np.array([num_groups, eps], np.float64))
+        self.spec = float_settings([num_groups, eps])
         f32 = ms.float32
 
         backward = ops.Custom(f"{lib}:GroupNormBackward",

@@ -51,8 +51,13 @@ class WarmupCosineLR(LearningRateSchedule):
         self.decay_steps = float(total_steps - self.warmup)
 
     def construct(self, global_step):
+        return self.lr_at(global_step, self.decay_steps)
+
+    def lr_at(self, global_step, decay_steps):
+        """The learning rate at ``global_step`` with the cosine decay spread over ``decay_steps`` (a float, or a
+        scalar Parameter that can be changed between steps)."""
         s = global_step.astype(ms.float32)
-        progress = ops.clamp((s - self.warmup) / self.decay_steps, 0.0, 1.0)
+        progress = ops.clamp((s - self.warmup) / decay_steps, 0.0, 1.0)
         cosine = self.min_lr + 0.5 * (self.max_lr - self.min_lr) * (1.0 + ops.cos(math.pi * progress))
         if self.warmup == 0:
             return cosine

@@ -901,7 +901,7 @@ void LinAttnBackward(const LinAttnShape &s, const float *dout, const float *qkv,
 extern "C" {
 
 // The library's version of the interface: Python checks it matches what it was written for.
-int MsdKernelsAbi() { return 1; }
+int MsdKernelsAbi() { return 2; }
 
 // An entry point with MindSpore's aot signature whose body is one expression: it is timed
 // (MS_DIFFUSION_KERNEL_PROFILE) and names itself in error messages.
@@ -979,12 +979,20 @@ static int Conv2dBackwardWeightsEntry(int nparam, void **params, int64_t **shape
 MSD_ENTRY(Conv2dBackwardWeightsBias, Conv2dBackwardWeightsEntry(nparam, params, shapes, true))
 MSD_ENTRY(Conv2dBackwardWeights, Conv2dBackwardWeightsEntry(nparam, params, shapes, false))
 
-// GroupNorm forward. inputs: x (N, C, *), gamma (C), beta (C), spec float64 [groups, eps];
+// Settings that hold non-integers ([groups, eps], [heads, scale, ...]) arrive as int64 tensors carrying float64
+// bit patterns (kernels.float_settings): mixed precision (to_float) casts floating-point tensors inside a cell,
+// which turned a float64 spec into float32 and read as doubles gave garbage (a zero divisor: SIGFPE).
+static const double *FloatSpec(void *param, const char *dtype) {
+  if (std::strcmp(dtype, "int64") != 0) throw std::runtime_error("kernel settings must be int64 (float64 bits)");
+  return static_cast<const double *>(param);
+}
+
+// GroupNorm forward. inputs: x (N, C, *), gamma (C), beta (C), spec [groups, eps] (FloatSpec);
 // outputs: y (x's shape), mean (N, C), rstd (N, C) (each group's statistics repeated over its channels)
 static int GroupNormEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 7 || std::strcmp(dtypes[0], "float32") != 0) return 1;
   return Guard([&] {
-    const double *spec = static_cast<const double *>(params[3]);
+    const double *spec = FloatSpec(params[3], dtypes[3]);
     GnShape s(shapes[0], ndims[0], static_cast<int64_t>(spec[0]));
     GnForward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
                      static_cast<const float *>(params[2]), static_cast<float>(spec[1]),
@@ -999,7 +1007,7 @@ MSD_ENTRY(GroupNorm, GroupNormEntry(nparam, params, ndims, shapes, dtypes))
 static int GroupNormBackwardEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 9 || std::strcmp(dtypes[0], "float32") != 0) return 1;
   return Guard([&] {
-    const double *spec = static_cast<const double *>(params[5]);
+    const double *spec = FloatSpec(params[5], dtypes[5]);
     GnShape s(shapes[1], ndims[1], static_cast<int64_t>(spec[0]));
     GnBackward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
                       static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
@@ -1044,15 +1052,15 @@ MSD_ENTRY(RmsNormMod, RmsForwardEntry(nparam, params, shapes, ndims, dtypes, tru
 MSD_ENTRY(RmsNormBackward, RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, false))
 MSD_ENTRY(RmsNormModBackward, RmsBackwardEntry(nparam, params, shapes, ndims, dtypes, true))
 
-// Linear attention core. inputs: qkv (B, 3 H D, h, w), [mem (2, H, D, M)], spec float64 [heads, scale,
-// v by positions (0 / 1)]; output: out (B, H D, h, w). LinearAttentionMem takes the memory key/values.
+// Linear attention core. inputs: qkv (B, 3 H D, h, w), [mem (2, H, D, M)], spec [heads, scale,
+// v by positions (0 / 1)] (FloatSpec); output: out (B, H D, h, w). LinearAttentionMem takes the memory key/values.
 static int LinAttnEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, bool mem,
                         bool backward) {
   const int inputs = (mem ? 3 : 2) + (backward ? 1 : 0), outputs = backward ? (mem ? 2 : 1) : 1;
   if (nparam != inputs + outputs || std::strcmp(dtypes[0], "float32") != 0) return 1;
   return Guard([&] {
     const int x = backward ? 1 : 0;   // the backward's first input is dout
-    const double *spec = static_cast<const double *>(params[inputs - 1]);
+    const double *spec = FloatSpec(params[inputs - 1], dtypes[inputs - 1]);
     LinAttnShape s;
     s.b = shapes[x][0];
     s.heads = static_cast<int64_t>(spec[0]);
