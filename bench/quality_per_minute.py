@@ -341,18 +341,18 @@ def _run_ours(args, recipe: str, phase: str) -> Dict[str, Any]:
         clock = BudgetClock(budget_s, 0 if calibrate else args.eval_every * 60,
                             None if calibrate else (lambda: evaluator(*periodic)), label=recipe)
         # ---- the clock runs from here: config, networks, data pipeline, compile, updates
-        overrides = (list(spec.get("overrides", [])) + list(args.set or [])
-                     + _our_overrides(recipe, args, planned, tmp, calibrate))
-        shipped = load_config(spec["config"], list(spec.get("overrides", [])) + list(args.set or [])).train
+        recipe_overrides = list(spec.get("overrides", [])) + list(args.set or [])
+        shipped = load_config(spec["config"], recipe_overrides).train
+        replan = bool(args.replan_every) and not calibrate and shipped.lr_schedule == "cosine"
+        # re-planned, the budget and not the step count ends the run (the schedule's end follows the clock)
+        overrides = recipe_overrides + _our_overrides(recipe, args, 2 * planned + 100 if replan else planned, tmp,
+                                                      calibrate)
         scaled = {}
         for key in ("warmup_steps", "ema_update_after_step"):
             value = getattr(shipped, key)
             if not calibrate and value > 0.1 * planned:   # a short budget: at most 10 % of the updates
                 scaled[key] = (value, int(0.1 * planned))
                 overrides.append(f"train.{key}={int(0.1 * planned)}")
-        replan = bool(args.replan_every) and not calibrate and shipped.lr_schedule == "cosine"
-        if replan:   # the budget, not the step count, ends the run; the schedule's end follows the clock
-            overrides.append(f"train.num_steps={2 * planned + 100}")
         cfg = load_config(spec["config"], overrides)
         diffusion = build_diffusion(cfg)
         ema_diffusion = build_ema_copy(cfg, diffusion)
