@@ -10,11 +10,14 @@ weights, fp32) with random weights, built once by diffusers and saved as a pipel
 folder with ``StableDiffusion.from_diffusers``; diffusers: ``StableDiffusionPipeline.from_pretrained``),
 and its peak resident set is the kernel's high-water mark of that process (``VmHWM``, as
 bench/eval_memory.py). Cases: ``ours`` / ``diffusers`` (plain), ``-sliced`` (ours: 1024 queries per
-softmax; diffusers: ``enable_attention_slicing()``), ``-sliced-tiled`` (+ VAE tiles of ``--tile`` px).
+softmax, what ``sample.py`` does on CPU by default; diffusers: ``enable_attention_slicing()``), ``-sliced-tiled``
+(+ VAE tiles of ``--tile`` px), ``ours-sliced-pynative`` (sliced, without compiled graphs: ``--mode pynative``).
+``--workdir DIR --keep`` keeps the pipeline folder for the next run (built only when missing).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from eval_memory import measure  # noqa: E402
 
-CASES = ("ours", "ours-sliced", "ours-sliced-tiled", "diffusers", "diffusers-sliced", "diffusers-sliced-tiled")
+CASES = ("ours", "ours-sliced", "ours-sliced-tiled", "ours-sliced-pynative", "diffusers", "diffusers-sliced",
+         "diffusers-sliced-tiled")
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
@@ -71,7 +75,7 @@ def run_case(case: str, folder: Path, size: int, steps: int, tile: int) -> None:
         from ms_diffusion import runtime
         from ms_diffusion.stable_diffusion import StableDiffusion
 
-        runtime.setup("auto", "graph")
+        runtime.setup("auto", "pynative" if case.endswith("pynative") else "graph")
         start = time.perf_counter()
         sd = StableDiffusion.from_diffusers(folder)
         if sliced:
@@ -111,6 +115,7 @@ def main() -> int:
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     p.add_argument("--workdir", default=None, help="where the random pipeline folder is written (default: a "
                                                    "temporary folder, removed afterwards)")
+    p.add_argument("--keep", action="store_true", help="keep the pipeline folder under --workdir (and reuse it)")
     p.add_argument("--json", default=None, help="also write the table's numbers here")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)      # internal: run one case in this process
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
@@ -122,10 +127,15 @@ def main() -> int:
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         p.error(f"unknown cases {unknown}; choose from {', '.join(CASES)}")
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        start = time.perf_counter()
-        build_pipeline(Path(tmp))
-        print(f"built the random SD 1.5-shaped pipeline in {time.perf_counter() - start:.0f} s", flush=True)
+    if args.keep and not args.workdir:
+        p.error("--keep needs --workdir (where the pipeline folder is kept)")
+    kept = Path(args.workdir) / "sd_memory_pipeline" if args.keep else None
+    with contextlib.nullcontext(kept) if kept else tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        if not (Path(tmp) / "sd15-random" / "model_index.json").is_file():
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            build_pipeline(Path(tmp))
+            print(f"built the random SD 1.5-shaped pipeline in {time.perf_counter() - start:.0f} s", flush=True)
         rows = []
         for case in cases:
             code, peak, seconds, out = measure([Path(__file__), "--case", case, "--folder", Path(tmp) / "sd15-random",
@@ -146,7 +156,7 @@ def main() -> int:
         print(f"| {r['case']} | {r['peak_rss_gb']:.2f} | {r['load_s']:.1f} | {r['generate_s']:.1f} |")
     by = {r["case"]: r for r in rows}
     for ours, theirs in (("ours", "diffusers"), ("ours-sliced", "diffusers-sliced"),
-                         ("ours-sliced-tiled", "diffusers-sliced-tiled")):
+                         ("ours-sliced-tiled", "diffusers-sliced-tiled"), ("ours-sliced-pynative", "diffusers-sliced")):
         if ours in by and theirs in by:
             print(f"{ours} / {theirs}: peak RSS x{by[ours]['peak_rss_gb'] / by[theirs]['peak_rss_gb']:.2f}, "
                   f"time x{by[ours]['generate_s'] / by[theirs]['generate_s']:.2f}")

@@ -55,7 +55,7 @@ from ms_diffusion.samplers import resolve_sampler, sampler_grid, sampler_options
 from ms_diffusion.samplers.base import make_rng
 from ms_diffusion.text import CLIPTextEmbedder, CLIPTextModel, CLIPTokenizer
 from ms_diffusion.text.tokenizer import EOS
-from ms_diffusion.training.amp import apply_amp
+from ms_diffusion.training.amp import apply_amp, refuse_bfloat16_on_cpu
 
 __all__ = ["StableDiffusion", "diffusion_kwargs_from_scheduler", "sampler_defaults_from_scheduler", "PRECISIONS",
            "resolve_precision"]
@@ -271,9 +271,7 @@ class StableDiffusion:
             return self
         if precision == "fp32":
             raise ValueError(f"this pipeline already computes in {self.precision}; load it again for fp32")
-        if precision == "bf16" and ms.get_context("device_target") == "CPU":
-            raise ValueError("bf16 does not run on CPU: MindSpore's CPU backend has no bfloat16 convolution or matmul "
-                             "kernels; use fp32 (or fp16) on CPU")
+        refuse_bfloat16_on_cpu(PRECISIONS[precision], "use fp32 (or fp16) on CPU")
         for network in (self.text_encoder, self.unet, self.vae):
             apply_amp(network, "O2", PRECISIONS[precision])
         self.precision = precision

@@ -645,3 +645,46 @@ def test_whole_ldm_latent_diffusion_checkpoint(tmp_path):
                                                 "params": params}}))
     rc, _, err = _cli("from-ldm", ckpt, tmp_path / "x.ckpt", "--ldm-config", config)
     assert rc == 2 and "buffer 'betas' does not match" in err and "betas[1] =" in err
+
+
+def test_safetensors_reader_matches_safetensors_and_names_damage(tmp_path):
+    """Our plain-read safetensors reader (no mapping held twice) against the safetensors package itself: every
+    dtype, bfloat16 as float32 (as torch's .float()), empty and 0-d tensors, the metadata; then a file cut short,
+    a header that is not JSON and a float8 tensor, each named, through read_weights as ConversionError."""
+    import torch
+    from safetensors.torch import save_file
+
+    from ms_diffusion.interop.torch_io import read_weights
+    from ms_diffusion.io.safetensors_io import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"f32": torch.randn(3, 4, generator=g), "f64": torch.randn(5, generator=g).double(),
+               "f16": torch.randn(2, 2, generator=g).half(), "bf16": torch.randn(7, 3, generator=g).bfloat16(),
+               "i64": torch.arange(6).reshape(2, 3), "i32": torch.arange(4, dtype=torch.int32),
+               "i8": torch.arange(-2, 3, dtype=torch.int8), "u8": torch.arange(5, dtype=torch.uint8),
+               "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 3), "scalar": torch.tensor(3.5)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "note": "x"})
+    arrays, meta = read_safetensors(path)
+    assert meta == {"format": "pt", "note": "x"} and sorted(arrays) == sorted(tensors)
+    for name, t in tensors.items():
+        expected = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        assert arrays[name].dtype == expected.dtype and arrays[name].shape == expected.shape, name
+        np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
+    assert read_weights(path)[1] == meta
+
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-5])
+    with pytest.raises(ConversionError, match=r"cannot read safetensors file .*cut.safetensors: tensor '\w+' lies "
+                                              r"past the end of the file .*cut short"):
+        read_weights(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes((20).to_bytes(8, "little") + b"{not json" + b" " * 40)
+    with pytest.raises(ConversionError, match="the header is not JSON"):
+        read_weights(tmp_path / "junk.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(ValueError, match="too short for a safetensors header"):
+        read_safetensors(tmp_path / "tiny.safetensors")
+    if hasattr(torch, "float8_e4m3fn"):
+        save_file({"f8": torch.zeros(4).to(torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
+        with pytest.raises(ConversionError, match="F8_E4M3, which numpy cannot hold"):
+            read_weights(tmp_path / "f8.safetensors")

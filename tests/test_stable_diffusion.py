@@ -255,7 +255,7 @@ def test_half_precision_stays_close_to_float32(pipelines):
         err = np.abs(ours.asnumpy() - ref).max()
         print(f"fp16 vs fp32: max |difference| {err:.2g}")
         assert 0 < err < 2e-2                                # float16 really computed, and close
-    with pytest.raises(ValueError, match="bf16 does not run on CPU"):
+    with pytest.raises(ValueError, match="bfloat16 does not run on CPU.*use fp32 \\(or fp16\\) on CPU"):
         StableDiffusion.from_diffusers(folder).set_precision("bf16")
 
 
@@ -298,8 +298,9 @@ def test_sample_cli_text_to_image(pipelines, tmp_path):
         "sample.py: error: --mask needs --init-image (the image to inpaint)"]
     proc = run("--prompt", "a cat", "--precision", "bf16", "--out", tmp_path / "y.png")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        "sample.py: error: --precision bf16: bf16 does not run on CPU: MindSpore's CPU backend has no bfloat16 "
-        "convolution or matmul kernels; use fp32 (or fp16) on CPU"]
+        "sample.py: error: --precision bf16: bfloat16 does not run on CPU: MindSpore's CPU backend has no bfloat16 "
+        "kernels for Conv2D, MatMul, BiasAdd, Sigmoid or Softmax (it falls back to float32 kernels for float16 "
+        "only); use fp32 (or fp16) on CPU"]
     assert not (tmp_path / "y.png").exists()
 
 

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                       help="compute precision of the text encoder, UNet and VAE (auto: fp16 on Ascend and GPU, fp32 "
                            "on CPU; bf16 not on CPU)")
-    p.add_argument("--attention-slicing", type=int, default=0, metavar="N",
-                   help="compute attention for N queries at a time (less memory, same images; 0: off)")
+    p.add_argument("--attention-slicing", type=int, default=None, metavar="N",
+                   help="compute attention for N queries at a time (less memory, same images; 0: off; default: "
+                        "1024 for Stable Diffusion on CPU, where compiled graphs then need 1.2 GB less at 512x512, else off)")
     p.add_argument("--vae-tiling", action="store_true",
                    help="Stable Diffusion: decode / encode images larger than the model's size tile by tile "
                         "(less memory, slight seams)")
@@ -96,6 +97,17 @@ def _save_npz(path: str, **arrays) -> None:
     print(f"raw images -> {p}")
 
 
+def _attention_slicing(args: argparse.Namespace, cpu_default: int) -> int:
+    """--attention-slicing, or its default on this device (after runtime.setup): ``cpu_default`` on CPU, else 0."""
+    if args.attention_slicing is not None:
+        if args.attention_slicing < 0:
+            raise UsageError(f"--attention-slicing must be >= 0 (0: off), got {args.attention_slicing}")
+        return args.attention_slicing
+    import mindspore as ms
+
+    return cpu_default if ms.get_context("device_target") == "CPU" else 0
+
+
 def _run_text_to_image(args: argparse.Namespace) -> int:
     """--ckpt is a Stable Diffusion model (pipeline folder or original checkpoint): prompts -> a grid (and --npz)."""
     from ms_diffusion import runtime
@@ -128,8 +140,9 @@ def _run_text_to_image(args: argparse.Namespace) -> int:
         sd.set_precision(args.precision)
     except ValueError as err:
         raise UsageError(f"--precision {args.precision}: {err}") from None
-    if args.attention_slicing:
-        sd.enable_attention_slicing(args.attention_slicing)
+    slicing = _attention_slicing(args, cpu_default=1024)
+    if slicing:
+        sd.enable_attention_slicing(slicing)
     if args.vae_tiling:
         sd.enable_vae_tiling()
     per_prompt = args.num or 1
@@ -187,10 +200,11 @@ def _run(args: argparse.Namespace) -> int:
     runtime.setup(args.device or "auto", args.mode or "graph")
     cfg, diffusion, meta = load_diffusion(args.ckpt, args.weights,
                                           log=lambda line: print(f"sample.py: {line}", file=sys.stderr))
-    if args.attention_slicing:
+    slicing = _attention_slicing(args, cpu_default=0)
+    if slicing:
         from ms_diffusion.nn.attention import set_attention_slicing
 
-        set_attention_slicing(diffusion, args.attention_slicing)
+        set_attention_slicing(diffusion, slicing)
     s = cfg.sample
     num = args.num or s.num
     batch = args.batch_size or min(s.batch_size, num)

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
+from ms_diffusion.io.safetensors_io import read_safetensors
 from ms_diffusion.io.state import ConversionError
 
 __all__ = ["read_weights", "write_weights", "read_diffusers_folder", "flat_arrays", "contiguous", "PathLike"]
@@ -62,19 +63,10 @@ def read_weights(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, str]]:
                                    f"--from diffusers)")
     kind = _kind(p)
     if kind == "safetensors":
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(p), framework="numpy") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except Exception as err:  # bfloat16 cannot be read as numpy: go through torch
-            if "bfloat16" not in str(err) and "bf16" not in str(err).lower():
-                raise ConversionError(f"cannot read safetensors file {p}: {err}") from None
-        try:
-            from safetensors.torch import load_file  # needs torch
-        except ImportError:
-            raise ConversionError(f"{p} holds bfloat16 tensors, which need torch to read: pip install torch") from None
-        return _to_numpy(load_file(str(p))), {}
+            return read_safetensors(p)        # bfloat16 tensors come back as float32
+        except (OSError, ValueError) as err:
+            raise ConversionError(f"cannot read safetensors file {p}: {err}") from None
     try:
         import torch
     except ImportError:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import mindspore as ms
 import numpy as np
 
+from ms_diffusion.io.safetensors_io import read_safetensors
+
 __all__ = ["CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
            "read_checkpoint_meta", "list_checkpoints", "latest_checkpoint", "newest_readable_checkpoint",
            "newest_readable_meta",
@@ -249,16 +251,12 @@ def export_safetensors(path: PathLike, tensors: Mapping[str, np.ndarray], meta: 
 
 def load_safetensors(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict]:
     """Read a file written by ``export_safetensors``: ({name: array}, meta)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            header = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:
+        arrays, header = read_safetensors(path)
+    except (OSError, ValueError) as err:
         raise UnreadableCheckpointError(f"cannot read safetensors file {str(path)!r}: {err}") from err
     if META_KEY not in header:
         raise CheckpointError(f"{str(path)!r} has no ms_diffusion metadata; convert foreign weights with "

@@ -21,7 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from ms_diffusion.nn.layers import Identity, conv2d
+from ms_diffusion.nn.layers import Identity, conv2d, expand_as
 
 __all__ = ["LPIPS", "VGG16Features", "convert_lpips_state_dict", "LPIPS_CHANNELS", "VGG16_SLICES"]
 
@@ -86,7 +86,7 @@ class NetLinLayer(nn.Cell):
 
 
 def _normalize_channels(x, eps: float = 1e-10):
-    return x / (ops.sqrt((x * x).sum(axis=1, keepdims=True)) + eps)
+    return x / expand_as(ops.sqrt((x * x).sum(axis=1, keepdims=True)) + eps, x)
 
 
 class LPIPS(nn.Cell):
@@ -131,8 +131,9 @@ class LPIPS(nn.Cell):
             p.set_data(Tensor(value))
 
     def construct(self, in0, in1):
-        f0 = self.net((in0 - self.shift) / self.scale)
-        f1 = self.net((in1 - self.shift) / self.scale)
+        shift, scale = expand_as(self.shift, in0), expand_as(self.scale, in0)
+        f0 = self.net((in0 - shift) / scale)
+        f1 = self.net((in1 - shift) / scale)
         lins = (self.lin0, self.lin1, self.lin2, self.lin3, self.lin4)
         val = 0.0
         for k in range(len(LPIPS_CHANNELS)):

@@ -20,7 +20,7 @@ from mindspore import nn, ops
 from ms_diffusion.models.distributions import DiagonalGaussianDistribution, gaussian_sample, split_moments
 from ms_diffusion.models.unet_ldm import make_upsample
 from ms_diffusion.nn.attention import attention, flash_attention_available
-from ms_diffusion.nn.layers import Identity, SiLU, conv2d, dense
+from ms_diffusion.nn.layers import Identity, SiLU, conv2d, dense, expand_as
 from ms_diffusion.nn.norms import GroupNorm
 
 __all__ = ["Encoder", "Decoder", "AutoencoderKL", "ResnetBlock", "AttnBlock", "Downsample", "make_attn",
@@ -66,7 +66,7 @@ class ResnetBlock(nn.Cell):
     def construct(self, x, temb=None):
         h = self.conv1(self.act(self.norm1(x)))
         if self.has_temb and temb is not None:
-            h = h + self.temb_proj(self.act(temb))[:, :, None, None]
+            h = h + expand_as(self.temb_proj(self.act(temb))[:, :, None, None], h)
         h = self.conv2(self.dropout(self.act(self.norm2(h))))
         if self.shortcut_kind == "conv":
             x = self.conv_shortcut(x)

@@ -12,7 +12,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from ms_diffusion.nn.layers import conv2d
+from ms_diffusion.nn.layers import conv2d, expand_as
 
 __all__ = ["NLayerDiscriminator", "ActNorm", "weights_init"]
 
@@ -36,15 +36,15 @@ class ActNorm(nn.Cell):
             xs = ops.stop_gradient(x).astype(ms.float32)
             n = xs.shape[0] * xs.shape[2] * xs.shape[3]
             mean = xs.mean(axis=(0, 2, 3), keep_dims=True)
-            var = ((xs - mean) ** 2).sum(axis=(0, 2, 3), keepdims=True) / max(n - 1, 1)
+            var = ((xs - expand_as(mean, xs)) ** 2).sum(axis=(0, 2, 3), keepdims=True) / max(n - 1, 1)
             done = self.initialized > 0
             loc = ops.select(done, self.loc, -mean)
             scale = ops.select(done, self.scale, 1.0 / (ops.sqrt(var) + 1e-6))
             ops.assign(self.loc, loc)
             ops.assign(self.scale, scale)
             ops.assign(self.initialized, ops.ones_like(self.initialized))
-            return scale * (x + loc)
-        return self.scale * (x + self.loc)
+            return expand_as(scale, x) * (x + expand_as(loc, x))
+        return expand_as(self.scale, x) * (x + expand_as(self.loc, x))
 
 
 def weights_init(cell: nn.Cell) -> nn.Cell:

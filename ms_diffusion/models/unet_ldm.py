@@ -22,7 +22,7 @@ from mindspore import nn, ops
 
 from ms_diffusion.nn.attention import attention, flash_attention_available
 from ms_diffusion.nn.embeddings import SinusoidalPosEmb
-from ms_diffusion.nn.layers import Identity, SiLU, conv2d, dense
+from ms_diffusion.nn.layers import Identity, SiLU, conv2d, dense, expand_as
 from ms_diffusion.nn.norms import GroupNorm
 from ms_diffusion.nn.resample import Upsample as ConvUpsample
 from ms_diffusion.nn.resample import upsample_nearest2
@@ -112,10 +112,11 @@ class ResBlock(nn.Cell):
         emb_out = self.emb_layers(emb).astype(h.dtype)[:, :, None, None]
         if self.use_scale_shift_norm:
             scale, shift = ops.chunk(emb_out, 2, axis=1)
-            h = self.out_layers[0](h) * (1.0 + scale) + shift
+            h = self.out_layers[0](h)
+            h = h * expand_as(1.0 + scale, h) + expand_as(shift, h)
             h = self.out_layers[3](self.out_layers[2](self.out_layers[1](h)))
         else:
-            h = self.out_layers(h + emb_out)
+            h = self.out_layers(h + expand_as(emb_out, h))
         return self.skip_connection(x) + h
 
 

@@ -78,6 +78,10 @@ def attention(q, k, v, scale: float, use_flash: bool = False, channels_first: bo
         j = min(i + slice_size, n)
         part_bias = bias if bias is None or bias.shape[-2] == 1 else bias[..., i:j, :]
         part = q[..., i:j] if channels_first else q[..., i:j, :]
+        if outs:
+            # one slice after the other: a compiled graph would otherwise run the independent slices at once,
+            # holding all their scores together
+            part = ops.depend(part, outs[-1])
         outs.append(_matmul_attention(part, k, v, scale, channels_first, part_bias))
     return ops.cat(outs, axis=-1 if channels_first else -2)
 

@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from ms_diffusion.kernels.norm import RmsNormOp
-from ms_diffusion.nn.layers import GELU, Identity, KernelSwitch, SiLU, conv2d, dense, to_float32
+from ms_diffusion.nn.layers import GELU, Identity, KernelSwitch, SiLU, conv2d, dense, expand_as, to_float32
 from ms_diffusion.nn.norms import GroupNorm, RMSNorm
 
 __all__ = ["Block", "ResnetBlock", "ConvNextBlock"]
@@ -42,7 +42,7 @@ class Block(KernelSwitch, nn.Cell):
                                                self.fused_spec)[0])
         x = self.norm(x)
         if scale is not None:
-            x = x * (scale + 1) + shift
+            x = x * expand_as(scale + 1, x) + expand_as(shift, x)
         return self.dropout(self.act(x))
 
 
@@ -99,5 +99,5 @@ class ConvNextBlock(nn.Cell):
     def construct(self, x, emb=None):
         h = self.ds_conv(x)
         if self.has_mlp and emb is not None:
-            h = h + self.mlp(emb)[:, :, None, None]
+            h = h + expand_as(self.mlp(emb)[:, :, None, None], h)
         return self.net(h) + self.res_conv(x)

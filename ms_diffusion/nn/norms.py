@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_diffusion.kernels.norm import GroupNormOp, RmsNormOp
-from ms_diffusion.nn.layers import KernelSwitch, cast_like, to_float32
+from ms_diffusion.nn.layers import KernelSwitch, cast_like, expand_as, to_float32
 
 __all__ = ["RMSNorm", "ChannelLayerNorm", "GroupNorm"]
 
@@ -35,7 +35,7 @@ class RMSNorm(KernelSwitch, nn.Cell):
             return cast_like(self.kernel_op(h, self.g, self.kernel_spec)[0], x)
         # max(||x||, 1e-12) == sqrt(max(||x||^2, 1e-24)), as torch.nn.functional.normalize
         inv = ops.rsqrt(ops.maximum((h * h).sum(axis=1, keepdims=True), 1e-24))
-        return cast_like(h * inv * (self.g * self.scale), x)
+        return cast_like(h * expand_as(inv, h) * expand_as(self.g * self.scale, h), x)
 
 
 class ChannelLayerNorm(nn.Cell):
@@ -52,11 +52,11 @@ class ChannelLayerNorm(nn.Cell):
     def construct(self, x):
         h = to_float32(x)
         mean = h.mean(axis=1, keep_dims=True)
-        d = h - mean
+        d = h - expand_as(mean, h)
         var = (d * d).mean(axis=1, keep_dims=True)
-        out = d * ops.rsqrt(var + self.eps) * self.g
+        out = d * expand_as(ops.rsqrt(var + self.eps), d) * expand_as(self.g, d)
         if self.has_bias:
-            out = out + self.b
+            out = out + expand_as(self.b, out)
         return cast_like(out, x)
 
 

@@ -15,12 +15,20 @@ from mindspore import nn
 
 from ms_diffusion.nn.norms import ChannelLayerNorm, GroupNorm, RMSNorm
 
-__all__ = ["apply_amp", "AMP_LEVELS", "AMP_DTYPES"]
+__all__ = ["apply_amp", "refuse_bfloat16_on_cpu", "AMP_LEVELS", "AMP_DTYPES"]
 
 AMP_LEVELS = ("O0", "O1", "O2", "O3")
 AMP_DTYPES = {"float16": ms.float16, "bfloat16": ms.bfloat16}
 _NORMS = (RMSNorm, GroupNorm, ChannelLayerNorm, nn.GroupNorm, nn.LayerNorm, nn.BatchNorm2d)
 _MATMULS = (nn.Conv2d, nn.Conv2dTranspose, nn.Dense)
+
+
+def refuse_bfloat16_on_cpu(dtype: str, fix: str) -> None:
+    """ValueError (ending in ``fix``) when ``dtype`` is "bfloat16" and the device is the CPU."""
+    if dtype == "bfloat16" and ms.get_context("device_target") == "CPU":
+        raise ValueError("bfloat16 does not run on CPU: MindSpore's CPU backend has no bfloat16 kernels for Conv2D, "
+                         "MatMul, BiasAdd, Sigmoid or Softmax (it falls back to float32 kernels for float16 only); "
+                         + fix)
 
 
 def apply_amp(network: nn.Cell, level: str = "O0", dtype: str = "float16") -> nn.Cell:
@@ -32,10 +40,7 @@ def apply_amp(network: nn.Cell, level: str = "O0", dtype: str = "float16") -> nn
     if level == "O0":
         return network
     low = AMP_DTYPES[dtype]
-    if low == ms.bfloat16 and ms.get_context("device_target") == "CPU":
-        raise ValueError("bfloat16 mixed precision does not run on CPU: MindSpore's CPU backend has no bfloat16 "
-                         "kernels for Conv2D, MatMul, BiasAdd, Sigmoid or Softmax (it falls back to float32 kernels "
-                         "for float16 only); use amp_dtype float16 or amp O0 on CPU")
+    refuse_bfloat16_on_cpu(dtype, "use amp_dtype float16 or amp O0 on CPU")
     if level == "O1":
         for _, cell in network.cells_and_names():
             if isinstance(cell, _MATMULS):
