@@ -210,5 +210,5 @@ class CLIPTextEmbedder(nn.Cell):
         return self
 
     def construct(self, input_ids):
-        hidden, _ = self.transformer(input_ids)
-        return hidden
+        # [0], not `hidden, _ = ...`: the unused element would be an isolated node the graph compiler warns about
+        return self.transformer(input_ids)[0]

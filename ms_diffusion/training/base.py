@@ -35,6 +35,7 @@ from ms_diffusion.imageio import plot_losses
 from ms_diffusion.io.checkpoint import (CheckpointError, checkpoint_path, list_checkpoints, load_checkpoint,
                                               newest_readable_checkpoint, prune_checkpoints, remove_temporaries,
                                               save_checkpoint)
+from ms_diffusion.io.state import numpy_dtype
 from ms_diffusion.training.distributed import check_replicas, gather_rng_states, resume_position, rng_for_resume
 from ms_diffusion.training.interrupt import TrainingDiverged, TrainingInterrupted, graceful_stop, signal_name
 
@@ -146,7 +147,7 @@ class TrainerBase:
             raise CheckpointError(f"checkpoint {path} does not match this model/config: {shown}")
         for group, params in self._state_groups().items():
             for name, p in params.items():
-                p.set_data(Tensor(arrays[f"{group}.{name}"].astype(ms.dtype_to_nptype(p.dtype))))
+                p.set_data(Tensor(arrays[f"{group}.{name}"].astype(numpy_dtype(p), copy=False), dtype=p.dtype))
         self.step, self.overflows = int(meta["step"]), int(meta.get("overflows", 0))
         self.bad_streak = int(meta.get("bad_streak", 0))
         # another worker count or per-device batch: continue after the samples already consumed
