@@ -27,7 +27,7 @@ from typing import Iterator, List, Optional
 
 SOURCE = Path(__file__).resolve().parent / "src" / "msd_kernels.cc"
 LIB_NAME = "libmsd_kernels.so"
-ABI = 2   # must match MsdKernelsAbi() in the source
+ABI = 3   # must match MsdKernelsAbi() in the source
 # -fno-trapping-math / -fno-math-errno change no result; they let GCC vectorise loops with selects and sqrt.
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC",
          "-pthread")

@@ -13,8 +13,9 @@ from mindspore import nn, ops
 from ms_diffusion import kernels
 from ms_diffusion.kernels.conv import Conv2dOp
 from ms_diffusion.kernels.conv import available as conv_kernel_available
+from ms_diffusion.kernels.layout import SwapAxesOp
 
-__all__ = ["KernelSwitch", "Conv2d", "conv2d", "dense", "Identity", "GELU", "SiLU", "to_float32", "cast_like", "expand_as"]
+__all__ = ["KernelSwitch", "Conv2d", "conv2d", "dense", "Identity", "GELU", "SiLU", "to_float32", "cast_like", "expand_as", "SwapAxes12"]
 
 
 class KernelSwitch:
@@ -76,6 +77,27 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, stride: int = 
 
 def dense(in_features: int, out_features: int, bias: bool = True) -> nn.Dense:
     return nn.Dense(in_features, out_features, has_bias=bias)
+
+
+class SwapAxes12(KernelSwitch, nn.Cell):
+    """``x.swapaxes(1, 2)`` of a 3-d (A, N, M) or 4-d (A, N, M, D) tensor -> (A, M, N[, D]).
+
+    On CPU in float32 our kernel (``kernels.layout``): MindSpore's Transpose keeps 8 bytes per element while a
+    compiled graph lives. Elsewhere, and in half precision, MindSpore's swapaxes.
+    """
+
+    def __init__(self):
+        super().__init__()
+        if self._init_kernel():
+            self.kernel_op = SwapAxesOp().prim
+
+    def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            if x.ndim == 3:
+                a, n, m = x.shape
+                return self.kernel_op(x.reshape(a, n, m, 1)).reshape(a, m, n)
+            return self.kernel_op(x)
+        return x.swapaxes(1, 2)
 
 
 class Identity(nn.Cell):

@@ -12,7 +12,7 @@ from typing import Optional
 from mindspore import nn, ops
 
 from ms_diffusion.nn.attention import attention, flash_attention_available
-from ms_diffusion.nn.layers import GELU, Identity, conv2d, dense
+from ms_diffusion.nn.layers import GELU, Identity, SwapAxes12, conv2d, dense
 from ms_diffusion.nn.norms import GroupNorm
 
 __all__ = ["CrossAttention", "GEGLU", "FeedForward", "BasicTransformerBlock", "SpatialTransformer", "zero_init"]
@@ -51,10 +51,11 @@ class CrossAttention(nn.Cell):
         self.to_out = nn.SequentialCell([dense(inner, query_dim), _dropout(dropout)])
         self.use_flash = bool(flash) and flash_attention_available(dim_head)
         self.attention_slice = 0          # queries per softmax (0: all); see nn.attention.set_attention_slicing
+        self.swap = SwapAxes12()
 
     def _heads(self, t):
         b, n, _ = t.shape
-        return t.reshape(b, n, self.heads, self.dim_head).swapaxes(1, 2)  # (b, heads, n, d)
+        return self.swap(t.reshape(b, n, self.heads, self.dim_head))     # (b, heads, n, d)
 
     def construct(self, x, context=None):
         if context is None:
@@ -67,7 +68,7 @@ class CrossAttention(nn.Cell):
         v = self._heads(self.to_v(context))
         out = attention(q, k, v, self.scale, self.use_flash, slice_size=self.attention_slice)   # (b, heads, n, d)
         b, _, n, _ = out.shape
-        return self.to_out(out.swapaxes(1, 2).reshape(b, n, self.heads * self.dim_head))
+        return self.to_out(self.swap(out).reshape(b, n, self.heads * self.dim_head))
 
 
 class GEGLU(nn.Cell):
@@ -148,19 +149,20 @@ class SpatialTransformer(nn.Cell):
             for _ in range(depth)])
         proj_out = dense(inner, in_channels) if use_linear else conv2d(inner, in_channels, 1)
         self.proj_out = zero_init(proj_out)
+        self.swap = SwapAxes12()
 
     def construct(self, x, context=None):
         b, c, h, w = x.shape
         x_in = x
         x = self.norm(x)
         if self.use_linear:
-            x = self.proj_in(x.reshape(b, c, h * w).swapaxes(1, 2))
+            x = self.proj_in(self.swap(x.reshape(b, c, h * w)))
         else:
-            x = self.proj_in(x).reshape(b, self.inner_dim, h * w).swapaxes(1, 2)
+            x = self.swap(self.proj_in(x).reshape(b, self.inner_dim, h * w))
         for block in self.transformer_blocks:
             x = block(x, context)
         if self.use_linear:
-            x = self.proj_out(x).swapaxes(1, 2).reshape(b, c, h, w)
+            x = self.swap(self.proj_out(x)).reshape(b, c, h, w)
         else:
-            x = self.proj_out(x.swapaxes(1, 2).reshape(b, self.inner_dim, h, w))
+            x = self.proj_out(self.swap(x).reshape(b, self.inner_dim, h, w))
         return x + x_in

@@ -896,12 +896,44 @@ void LinAttnBackward(const LinAttnShape &s, const float *dout, const float *qkv,
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// y[a, m, n, :] = x[a, n, m, :]: the middle axes of a 4-d tensor (A, N, M, D) swapped -- attention's head split
+// and merge (D = head width), channels-first <-> channels-last (D = 1). Its own backward. MindSpore's Transpose
+// keeps 8 bytes per element for as long as a compiled graph lives; this keeps nothing.
+void SwapAxes12(const int64_t *s, const float *x, float *y) {
+  const int64_t a = s[0], n = s[1], m = s[2], d = s[3];
+  if (d > 1) {
+    ParallelRange(a * m, [&](int64_t lo, int64_t hi) {
+      for (int64_t am = lo; am < hi; ++am) {
+        const float *src = x + ((am / m) * n * m + am % m) * d;
+        float *dst = y + am * n * d;
+        for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * d, src + i * m * d, d * sizeof(float));
+      }
+    });
+    return;
+  }
+  constexpr int64_t T = 32;   // a plain 2-d transpose of each (N, M) matrix, tile by tile
+  const int64_t mt = (m + T - 1) / T;
+  ParallelRange(a * mt, [&](int64_t lo, int64_t hi) {
+    for (int64_t job = lo; job < hi; ++job) {
+      const int64_t ia = job / mt, m0 = (job % mt) * T, m1 = std::min(m, m0 + T);
+      const float *src = x + ia * n * m;
+      float *dst = y + ia * n * m;
+      for (int64_t n0 = 0; n0 < n; n0 += T) {
+        const int64_t n1 = std::min(n, n0 + T);
+        for (int64_t j = m0; j < m1; ++j)
+          for (int64_t i = n0; i < n1; ++i) dst[j * n + i] = src[i * m + j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 extern "C" {
 
 // The library's version of the interface: Python checks it matches what it was written for.
-int MsdKernelsAbi() { return 2; }
+int MsdKernelsAbi() { return 3; }
 
 // An entry point with MindSpore's aot signature whose body is one expression: it is timed
 // (MS_DIFFUSION_KERNEL_PROFILE) and names itself in error messages.
@@ -1084,5 +1116,12 @@ MSD_ENTRY(LinearAttention, LinAttnEntry(nparam, params, ndims, shapes, dtypes, f
 MSD_ENTRY(LinearAttentionMem, LinAttnEntry(nparam, params, ndims, shapes, dtypes, true, false))
 MSD_ENTRY(LinearAttentionBackward, LinAttnEntry(nparam, params, ndims, shapes, dtypes, false, true))
 MSD_ENTRY(LinearAttentionMemBackward, LinAttnEntry(nparam, params, ndims, shapes, dtypes, true, true))
+
+// inputs: x (A, N, M, D) float32; output: (A, M, N, D)
+static int SwapAxesEntry(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 2 || ndims[0] != 4 || std::strcmp(dtypes[0], "float32") != 0) return 1;
+  return Guard([&] { SwapAxes12(shapes[0], static_cast<const float *>(params[0]), static_cast<float *>(params[1])); });
+}
+MSD_ENTRY(SwapAxes12, SwapAxesEntry(nparam, params, ndims, shapes, dtypes))
 
 }  // extern "C"
