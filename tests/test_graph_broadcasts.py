@@ -58,6 +58,7 @@ def broadcasting_ops(ir_text: str) -> Counter:
 
 def test_no_broadcasting_arithmetic_in_network_graphs(tmp_path):
     env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=str(tmp_path / "ir"),
+               MS_DEV_DUMP_IR_PASSES="hwopt_comm_after_eliminate_nopnode",    # the final kernel graphs only
                MS_DIFFUSION_CPU_KERNELS="0")
     run = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=900)
