@@ -650,12 +650,14 @@ def test_whole_ldm_latent_diffusion_checkpoint(tmp_path):
 def test_safetensors_reader_matches_safetensors_and_names_damage(tmp_path):
     """Our plain-read safetensors reader (no mapping held twice) against the safetensors package itself: every
     dtype, bfloat16 as float32 (as torch's .float()), empty and 0-d tensors, the metadata; then a file cut short,
-    a header that is not JSON and a float8 tensor, each named, through read_weights as ConversionError."""
+    a header that is not JSON and a float8 tensor, each named, through read_weights as ConversionError. The
+    header-only metadata reader agrees with safe_open and with no metadata at all."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from ms_diffusion.interop.torch_io import read_weights
-    from ms_diffusion.io.safetensors_io import read_safetensors
+    from ms_diffusion.io.safetensors_io import read_safetensors, read_safetensors_metadata
 
     g = torch.Generator().manual_seed(0)
     tensors = {"f32": torch.randn(3, 4, generator=g), "f64": torch.randn(5, generator=g).double(),
@@ -672,6 +674,10 @@ def test_safetensors_reader_matches_safetensors_and_names_damage(tmp_path):
         assert arrays[name].dtype == expected.dtype and arrays[name].shape == expected.shape, name
         np.testing.assert_array_equal(arrays[name], expected, err_msg=name)
     assert read_weights(path)[1] == meta
+    with safe_open(str(path), framework="numpy") as f:
+        assert read_safetensors_metadata(path) == f.metadata() == meta
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "bare.safetensors"))
+    assert read_safetensors_metadata(tmp_path / "bare.safetensors") == {}
 
     data = path.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-5])
@@ -684,6 +690,8 @@ def test_safetensors_reader_matches_safetensors_and_names_damage(tmp_path):
     (tmp_path / "tiny.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(ValueError, match="too short for a safetensors header"):
         read_safetensors(tmp_path / "tiny.safetensors")
+    with pytest.raises(ValueError, match="the header is not JSON"):
+        read_safetensors_metadata(tmp_path / "junk.safetensors")
     if hasattr(torch, "float8_e4m3fn"):
         save_file({"f8": torch.zeros(4).to(torch.float8_e4m3fn)}, str(tmp_path / "f8.safetensors"))
         with pytest.raises(ConversionError, match="F8_E4M3, which numpy cannot hold"):

@@ -148,16 +148,16 @@ def save_converted(converted: Converted, path: PathLike, weights: str = "ema") -
 
 def is_network_file(path: PathLike) -> bool:
     """True for a ``.safetensors`` network file written by ``save_converted`` (metadata ``network``)."""
-    from safetensors import safe_open
-
     from ms_diffusion.io.checkpoint import META_KEY
+    from ms_diffusion.io.safetensors_io import read_safetensors_metadata
 
     p = Path(path)
     if p.suffix != ".safetensors" or not p.is_file():
         return False
-    with safe_open(str(p), framework="numpy") as f:
-        header = f.metadata() or {}
-    return "network" in json.loads(header.get(META_KEY, "{}"))
+    try:
+        return "network" in json.loads(read_safetensors_metadata(p).get(META_KEY, "{}"))
+    except (OSError, ValueError):
+        return False      # not readable as one: the checkpoint readers name the problem
 
 
 def load_network(path: PathLike) -> Tuple[nn.Cell, Dict[str, np.ndarray], Dict[str, Any]]:

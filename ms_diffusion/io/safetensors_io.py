@@ -15,12 +15,40 @@ from typing import Dict, Tuple, Union
 
 import numpy as np
 
-__all__ = ["read_safetensors"]
+__all__ = ["read_safetensors", "read_safetensors_metadata"]
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
            "U8": np.uint8, "BOOL": np.bool_}
 _MAX_HEADER = 100 * 2**20      # the format's own limit
+
+
+def _read_header(f, size: int) -> Tuple[dict, int]:
+    """(the header as a dict, the offset where the tensor data begins) of an open safetensors file."""
+    raw = f.read(8)
+    if len(raw) < 8:
+        raise ValueError(f"{size} bytes: too short for a safetensors header")
+    n = struct.unpack("<Q", raw)[0]
+    if n > min(size - 8, _MAX_HEADER):
+        raise ValueError(f"header length {n} does not fit the file's {size} bytes (not safetensors, or cut short)")
+    try:
+        header = json.loads(f.read(n))
+    except ValueError as err:
+        raise ValueError(f"the header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header, 8 + n
+
+
+def _metadata(header: dict) -> Dict[str, str]:
+    return {str(k): str(v) for k, v in (header.pop("__metadata__", None) or {}).items()}
+
+
+def read_safetensors_metadata(path: Union[str, Path]) -> Dict[str, str]:
+    """The ``__metadata__`` of a .safetensors file, reading only its header. Raises ValueError (or OSError) for a
+    file that is not one."""
+    with open(path, "rb") as f:
+        return _metadata(_read_header(f, os.fstat(f.fileno()).st_size)[0])
 
 
 def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
@@ -31,20 +59,9 @@ def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, np.ndarray], Dic
     """
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ValueError(f"{size} bytes: too short for a safetensors header")
-        n = struct.unpack("<Q", raw)[0]
-        if n > min(size - 8, _MAX_HEADER):
-            raise ValueError(f"header length {n} does not fit the file's {size} bytes (not safetensors, or cut short)")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as err:
-            raise ValueError(f"the header is not JSON ({err})") from None
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
-        meta = header.pop("__metadata__", None) or {}
-        base, arrays = 8 + n, {}
+        header, base = _read_header(f, size)
+        meta = _metadata(header)
+        arrays = {}
         for name, entry in header.items():
             try:
                 kind, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
@@ -66,4 +83,4 @@ def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, np.ndarray], Dic
             if kind == "BF16":
                 array = (array.astype(np.uint32) << 16).view(np.float32)
             arrays[name] = array
-    return arrays, {str(k): str(v) for k, v in meta.items()}
+    return arrays, meta

@@ -16,6 +16,7 @@ import numpy as np
 
 from ms_diffusion.io.checkpoint import (META_KEY, CheckpointError, latest_checkpoint, list_checkpoints,
                                         load_checkpoint, load_safetensors, skipped_checkpoint_line)
+from ms_diffusion.io.safetensors_io import read_safetensors_metadata
 
 __all__ = ["resolve_checkpoint", "read_weights", "read_weight_groups", "WEIGHT_GROUPS"]
 
@@ -94,11 +95,8 @@ def _read_weights(p: Path, weights: str) -> Tuple[Dict[str, np.ndarray], dict]:
 
 def _export_step(p: Path) -> int:
     """The step recorded in an export's header (-1 if it does not say or does not read), without its tensors."""
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(p), framework="numpy") as f:
-            return int(json.loads((f.metadata() or {})[META_KEY]).get("step", -1))
+        return int(json.loads(read_safetensors_metadata(p)[META_KEY]).get("step", -1))
     except Exception:
         return -1
 
@@ -108,12 +106,9 @@ def is_own_file(path: Union[str, Path]) -> bool:
     someone else's (a Stable Diffusion .safetensors / .ckpt), without reading its tensors."""
     p = Path(path)
     if p.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
         try:
-            with safe_open(str(p), framework="numpy") as f:
-                return META_KEY in (f.metadata() or {})
-        except Exception:
+            return META_KEY in read_safetensors_metadata(p)
+        except (OSError, ValueError):
             return False
     return p.suffix.lower() == ".ckpt" and p.is_file() and _pytorch_kind(p) is None
 
