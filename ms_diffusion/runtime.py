@@ -112,6 +112,8 @@ def setup(device: str = "auto", mode: str = "graph", seed: Optional[int] = None,
     if mode not in {"graph", "pynative"}:
         raise ValueError(f"unknown mode {mode!r}; choose graph or pynative")
     dev = available_device(device)
+    if mode == "graph" and dev == "CPU":
+        refuse_compile_cache()
     ms.set_device(dev)
     if num_threads:
         ms.set_context(runtime_num_threads=int(num_threads))
@@ -119,6 +121,19 @@ def setup(device: str = "auto", mode: str = "graph", seed: Optional[int] = None,
     if seed is not None:
         seed_everything(seed)
     return RuntimeInfo(device=dev, mode=mode, seed=seed, onednn_isa=os.environ.get(ONEDNN_ENV) or isa)
+
+
+COMPILE_CACHE_ENV = "MS_COMPILER_CACHE_ENABLE"
+
+
+def refuse_compile_cache() -> None:
+    """Raise ValueError if MindSpore's compile cache is on. On CPU (MindSpore 2.10) a graph loaded from the cache
+    runs with garbage in place of its parameters -- a second run of ``jit(nn.Dense)`` gives 1e36 where the first
+    gave 1 -- so training turns to inf / NaN and samples to noise, with no error from MindSpore."""
+    if os.environ.get(COMPILE_CACHE_ENV, "").strip().lower() in {"1", "true", "on", "yes"}:
+        raise ValueError(f"{COMPILE_CACHE_ENV} is set: MindSpore's compile cache runs cached CPU graphs with "
+                         f"uninitialised weights (losses become inf / NaN); unset {COMPILE_CACHE_ENV}, or use "
+                         f"--mode pynative")
 
 
 _JIT_ENABLED = True

@@ -73,3 +73,39 @@ def test_argparse_errors_stay_short(script, tmp_path):
     assert proc.returncode == 2
     lines = _error_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"{script}: error: "), proc.stderr
+
+
+_CACHED_DENSE = """
+import numpy as np, mindspore as ms
+from mindspore import nn
+ms.set_seed(0)
+net = nn.Dense(4, 3)
+
+
+@ms.jit
+def forward(x):
+    return net(x)
+
+
+print(float(np.abs(forward(ms.Tensor(np.ones((2, 4), np.float32))).asnumpy()).max()))
+"""
+
+
+def test_train_refuses_mindsporess_compile_cache_which_loses_the_weights(tmp_path):
+    """MindSpore's compile cache (MS_COMPILER_CACHE_ENABLE) on CPU: the second run of the same jit Dense loads its
+    graph from the cache and computes with garbage weights. train.py refuses the variable before it writes
+    anything."""
+    env = dict(os.environ, MS_COMPILER_CACHE_ENABLE="1", MS_COMPILER_CACHE_PATH=str(tmp_path / "cache"))
+    script = tmp_path / "dense.py"          # MindSpore compiles from source files, not from ``python -c``
+    script.write_text(_CACHED_DENSE)
+    first, second = (float(subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                                          timeout=300, check=True).stdout) for _ in range(2))
+    assert 0.1 < first < 10 and not (0.1 < second < 10), (first, second)   # the cached graph's output is garbage
+
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out-dir", str(tmp_path / "run")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc.stderr) == [
+        "train.py: error: MS_COMPILER_CACHE_ENABLE is set: MindSpore's compile cache runs cached CPU graphs with "
+        "uninitialised weights (losses become inf / NaN); unset MS_COMPILER_CACHE_ENABLE, or use --mode pynative"]
+    assert not (tmp_path / "run").exists()
