@@ -24,8 +24,9 @@ def _perturb(cell, scale=0.05, seed=0):
 
 
 def _build(key, n_classes=3, context_dim=16, concat_channels=2, **kw):
+    # one U-Net stage: the conditioning paths do not depend on the depth, and graphs compile ~20% faster
     unet_kw = dict(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
-                   attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2)
+                   attention_resolutions=(1,), channel_mult=(1,), num_heads=2)
     cond_stage = None
     if key in ("concat", "hybrid"):
         unet_kw["in_channels"] = 4 + concat_channels
@@ -217,7 +218,7 @@ def test_text_conditioning_token_ids_or_contexts_and_guidance_with_uncond():
                             num_attention_heads=2, max_position_embeddings=8, eos_token_id=63)
     embedder = CLIPTextEmbedder(encoder, frozen=False)
     unet = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
-                     attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_spatial_transformer=True,
+                     attention_resolutions=(1,), channel_mult=(1,), num_heads=2, use_spatial_transformer=True,
                      context_dim=16)
     _perturb(unet, 0.02, seed=5)
     ldm = LatentDiffusion(AutoencoderKL(DD, 4), unet, conditioning_key="crossattn", cond_stage_model=embedder,
@@ -281,7 +282,7 @@ def test_edm_and_flow_in_latent_space(kind):
     from ms_diffusion.diffusion.registry import DIFFUSIONS
 
     unet = UNetModel(image_size=8, in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
-                     attention_resolutions=(2,), channel_mult=(1, 2), num_heads=2, use_spatial_transformer=True,
+                     attention_resolutions=(1,), channel_mult=(1,), num_heads=2, use_spatial_transformer=True,
                      context_dim=16)
     _perturb(unet.out, seed=1)
     options = {"sigma_data": 1.0} if kind == "latent_edm" else {"shift": 2.0}

@@ -38,11 +38,13 @@ AE_CONFIG = {
               "progress": False},
 }
 
+# one U-Net stage (attention at full latent size): nothing here depends on the depth, and each train step
+# and sampling graph compiles ~20% faster than with two stages
 LDM_CONFIG = {
     "name": "tiny_ldm",
     "seed": 2,
     "model": {"type": "unet_ldm", "image_size": 8, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-              "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [2], "num_head_channels": 16,
+              "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [1], "num_head_channels": 16,
               "use_spatial_transformer": True, "context_dim": 16},
     "diffusion": {"type": "latent", "conditioning_key": "crossattn", "num_classes": 2, "cond_drop_prob": 0.2,
                   "scale_by_std": True, "timesteps": 50, "sampling_timesteps": 3},
