@@ -1,4 +1,5 @@
 """Train step, loss scaling, accumulation, clipping, LR schedules, EMA, atomic checkpoints, mixed precision."""
+import json
 import math
 import os
 
@@ -290,6 +291,54 @@ def test_checkpoint_listing_pruning_and_errors(tmp_path):
     assert newest_readable_meta(tmp_path) is None
     with pytest.raises(CheckpointError, match="step_00000040.ckpt"):   # none reads: the newest one's error
         newest_readable_checkpoint(tmp_path)
+
+
+def test_checkpoint_reader_equals_mindspores_and_skips_what_is_not_asked(tmp_path, monkeypatch):
+    """Our entry-by-entry .ckpt reader against ms.load_checkpoint: every dtype a checkpoint may hold (bfloat16 as
+    float32), a 0-d tensor, tensors split into slices (MindSpore's slice size made 1 KB here), a
+    unicode string, a file with a CRC tail; only the wanted entries; a file cut short, named."""
+    import mindspore.train.serialization as serialization
+
+    from ms_diffusion.io.ms_checkpoint_io import read_ms_checkpoint_entries
+
+    rng = np.random.default_rng(0)
+    values = {"f32": rng.standard_normal((3, 5)).astype(np.float32), "f16": rng.standard_normal(7).astype(np.float16),
+              "f64": rng.standard_normal((2, 2)), "i32": np.arange(-3, 3, dtype=np.int32).reshape(2, 3),
+              "i64": np.arange(4, dtype=np.int64), "u8": np.arange(9, dtype=np.uint8), "i8": np.arange(-4, 4, dtype=np.int8),
+              "bool": np.array([True, False, True]), "scalar": np.array(2.5, np.float32), "empty": np.zeros((0,), np.float32),
+              "big": rng.standard_normal((40, 30)).astype(np.float32), "big_i64": np.arange(700, dtype=np.int64)}
+    monkeypatch.setattr(serialization, "SLICE_SIZE", 1)          # KB: "big" and "big_i64" span several entries
+    items = [{"name": k, "data": ms.Parameter(ms.Tensor(v), name=k)} for k, v in values.items()]
+    items.append({"name": "bf16", "data": ms.Parameter(ms.Tensor(values["f32"], ms.bfloat16), name="bf16")})
+    meta = {"text": "ünïcode ✓", "step": 3}
+    for crc in (False, True):
+        path = tmp_path / f"crc_{crc}.ckpt"
+        ms.save_checkpoint(items, str(path), append_dict={"meta": json.dumps(meta)}, crc_check=crc)
+        ref = ms.load_checkpoint(str(path))
+        ours = read_ms_checkpoint_entries(path)
+        assert list(ours) == list(ref)
+        assert json.loads(ours["meta"]) == meta == json.loads(ref["meta"])
+        assert "empty" not in ref                               # MindSpore writes no zero-size tensor
+        for name in set(values) - {"empty"}:
+            want = ref[name].asnumpy()
+            assert ours[name].dtype == want.dtype and ours[name].shape == want.shape, name
+            np.testing.assert_array_equal(ours[name], want, err_msg=name)
+        np.testing.assert_array_equal(ours["bf16"], ref["bf16"].astype(ms.float32).asnumpy())
+        assert ours["bf16"].dtype == np.float32
+    assert set(read_ms_checkpoint_entries(path, want=lambda n: n in ("meta", "big"))) == {"big", "meta"}
+    data = path.read_bytes()
+    assert data.count(b"\n\x03big\x12") == 5                 # "big" (4800 bytes) was written as 5 slices
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut short"):
+        read_ms_checkpoint_entries(tmp_path / "cut.ckpt", want=lambda n: n == "meta")
+    from mindspore.train.checkpoint_pb2 import Checkpoint
+    damaged = Checkpoint()
+    entry = damaged.value.add()
+    entry.tag, entry.tensor.tensor_type, entry.tensor.tensor_content = "x", "Float32", b"\0" * 4
+    entry.tensor.dims.extend([10 ** 12])                          # dims no file this size can hold
+    (tmp_path / "dims.ckpt").write_bytes(damaged.SerializeToString())
+    with pytest.raises(ValueError, match=r"entry 'x': dims \[1000000000000\] of Float32 do not fit"):
+        read_ms_checkpoint_entries(tmp_path / "dims.ckpt")
 
 
 class FixedBatches:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import mindspore as ms
 import numpy as np
 
+from ms_diffusion.io.ms_checkpoint_io import read_ms_checkpoint_entries
 from ms_diffusion.io.safetensors_io import read_safetensors
 
 __all__ = ["CheckpointError", "UnreadableCheckpointError", "save_checkpoint", "load_checkpoint",
@@ -123,27 +124,24 @@ def save_checkpoint(path: PathLike, tensors: Mapping[str, Union[ms.Parameter, ms
 
 def load_checkpoint(path: PathLike) -> Tuple[Dict[str, np.ndarray], Dict]:
     """Read a checkpoint written by ``save_checkpoint``: ({name: array}, meta)."""
-    raw = _read(Path(path))
-    meta = json.loads(str(raw.pop(META_KEY)))
-    arrays = {name: (value.asnumpy() if hasattr(value, "asnumpy") else np.asarray(value)) for name, value in raw.items()}
-    return arrays, meta
+    arrays = _read(Path(path))
+    return arrays, json.loads(str(arrays.pop(META_KEY)))
 
 
 def read_checkpoint_meta(path: PathLike) -> Dict:
-    """Only the metadata of a checkpoint written by ``save_checkpoint`` (no tensor is converted)."""
-    return json.loads(str(_read(Path(path), choice_func=lambda name: name == META_KEY)[META_KEY]))
+    """Only the metadata of a checkpoint written by ``save_checkpoint`` (the tensors are skipped, not read)."""
+    return json.loads(str(_read(Path(path), want=lambda name: name == META_KEY)[META_KEY]))
 
 
-def _read(path: Path, choice_func: Optional[Callable[[str], bool]] = None) -> Dict:
-    """MindSpore's reading of an ms_diffusion checkpoint (the entries ``choice_func`` keeps), with our errors."""
+def _read(path: Path, want: Optional[Callable[[str], bool]] = None) -> Dict:
+    """The entries of an ms_diffusion checkpoint that ``want`` keeps, with our errors."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        raw = ms.load_checkpoint(str(path), choice_func=choice_func)
-    except Exception as err:  # MindSpore raises ValueError/RuntimeError with long messages
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raw = read_ms_checkpoint_entries(path, want)
+    except (ValueError, UnicodeDecodeError) as err:
         raise UnreadableCheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a MindSpore "
-                                        f"checkpoint): {first}") from err
+                                        f"checkpoint): {err}") from err
     if META_KEY not in raw:
         raise CheckpointError(f"{str(path)!r} is a MindSpore checkpoint but not an ms_diffusion one (no metadata); "
                               f"convert foreign weights with scripts/convert_checkpoint.py")

@@ -15,12 +15,17 @@ from typing import Dict, Tuple, Union
 
 import numpy as np
 
-__all__ = ["read_safetensors", "read_safetensors_metadata"]
+__all__ = ["read_safetensors", "read_safetensors_metadata", "bfloat16_to_float32"]
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64, "U32": np.uint32, "U16": np.uint16,
            "U8": np.uint8, "BOOL": np.bool_}
 _MAX_HEADER = 100 * 2**20      # the format's own limit
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values held as their uint16 bit patterns -> float32 (exact: bfloat16 is float32's top half)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def _read_header(f, size: int) -> Tuple[dict, int]:
@@ -81,6 +86,6 @@ def read_safetensors(path: Union[str, Path]) -> Tuple[Dict[str, np.ndarray], Dic
                 if f.readinto(memoryview(array.reshape(-1)).cast("B")) != array.nbytes:
                     raise ValueError(f"tensor {name!r}: short read (the file changed while being read?)")
             if kind == "BF16":
-                array = (array.astype(np.uint32) << 16).view(np.float32)
+                array = bfloat16_to_float32(array)
             arrays[name] = array
     return arrays, meta
