@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 ms.set_device("CPU")
+# runtime.setup(mode="pynative") makes every launch blocking for the rest of the process (MindSpore cannot undo it),
+# which slows compiled graphs: an in-process sample.py --mode pynative must not slow the rest of a worker's tests.
+# The real call is checked in fresh processes (test_runtime.py); notebooks and CLI subprocesses make it too.
+ms.runtime.launch_blocking = lambda: None
 
 #: In CI everything the suite needs is installed (README's test command), so a skip there is a failure.
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
