@@ -139,7 +139,7 @@ def _read(path: Path, want: Optional[Callable[[str], bool]] = None) -> Dict:
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
         raw = read_ms_checkpoint_entries(path, want)
-    except (ValueError, UnicodeDecodeError) as err:
+    except ValueError as err:          # UnicodeDecodeError included
         raise UnreadableCheckpointError(f"cannot read checkpoint {str(path)!r} (corrupt or not a MindSpore "
                                         f"checkpoint): {err}") from err
     if META_KEY not in raw:

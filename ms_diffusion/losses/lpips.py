@@ -17,10 +17,11 @@ import os
 from collections import OrderedDict
 from typing import Dict, Mapping
 
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ms_diffusion.io.ms_checkpoint_io import read_ms_checkpoint_entries
+from ms_diffusion.io.safetensors_io import read_safetensors
 from ms_diffusion.nn.layers import Identity, conv2d, expand_as
 
 __all__ = ["LPIPS", "VGG16Features", "convert_lpips_state_dict", "LPIPS_CHANNELS", "VGG16_SLICES"]
@@ -109,10 +110,12 @@ class LPIPS(nn.Cell):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"LPIPS checkpoint {path!r} not found; convert the lpips/VGG16 weights with "
                                     f"scripts/convert_lpips_weights.py")
-        fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
-        params = ms.load_checkpoint(path, format=fmt)
+        if path.endswith(".safetensors"):
+            arrays = read_safetensors(path)[0]
+        else:
+            arrays = read_ms_checkpoint_entries(path)
         model = cls()
-        model.load_arrays({k: v.asnumpy() for k, v in params.items()})
+        model.load_arrays(arrays)
         return model
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray]) -> None:
